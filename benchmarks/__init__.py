@@ -1,0 +1,1 @@
+"""Benchmarks of jaxattn's attention variants (see README, "Benchmarks")."""

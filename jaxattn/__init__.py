@@ -1,0 +1,3 @@
+"""jaxattn: transformer attention from first principles, in JAX and Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Telling attention where tokens are: sinusoidal positions and RoPE.
+
+Attention itself is permutation-invariant: shuffle the keys and values together and
+the output does not change. Position information therefore has to be added, either
+to the input embedding (sinusoidal, Vaswani et al. 2017, section 3.5) or by rotating
+queries and keys (RoPE, Su et al. 2021, arXiv 2104.09864), which makes ``q . k``
+depend only on the distance between the two tokens.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+ROPE_STYLES = ("half", "interleaved")
+
+
+def sinusoidal_positions(T: int, C: int, *, base: float = 10000.0):
+    """Fixed sinusoidal position table (Vaswani et al. 2017, section 3.5).
+
+    ``PE[t, 2i] = sin(t / base^(2i/C))``, ``PE[t, 2i+1] = cos(t / base^(2i/C))``.
+
+    Returns:
+      float32 ``[T, C]``.
+    """
+    if T < 0 or C < 1:
+        raise ValueError(f"sinusoidal_positions needs T >= 0 and C >= 1, got T={T}, C={C}")
+    pairs = (C + 1) // 2
+    inv_freq = base ** (-2.0 * jnp.arange(pairs, dtype=jnp.float32) / C)  # [C/2]
+    angles = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [T, C/2]
+    table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [T, C/2, 2]
+    return table.reshape(T, 2 * pairs)[:, :C]  # [T, C]
+
+
+def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
+    """Rotary position embedding (Su et al. 2021, RoFormer, section 3.4.2).
+
+    Splits the last axis of ``x`` into ``D/2`` pairs and rotates pair ``i`` of the
+    token at position ``m`` by the angle ``m * theta^(-2i/D)``. Because rotations
+    compose, ``rope(q, m) . rope(k, n)`` depends only on ``m - n``.
+
+    Args:
+      x: ``[..., D]`` with D even, e.g. ``[B, T, H, D]`` or ``[B, S, R]``.
+      positions: int array broadcastable to ``x.shape[:-1]``, e.g. ``[B, T, 1]``
+        for ``[B, T, H, D]`` (one position for all heads of a token).
+      theta: the base of the frequencies.
+      style: which elements form a pair.
+        ``"half"``: ``(i, i + D/2)``, the two halves of the head (GPT-NeoX,
+        Hugging Face Llama); ``"interleaved"``: ``(2i, 2i+1)`` (GPT-J, the original
+        Llama, DeepSeek).
+
+    Returns:
+      ``x`` rotated, same shape and dtype (the rotation is computed in float32).
+    """
+    if style not in ROPE_STYLES:
+        raise ValueError(f"rope style must be one of {ROPE_STYLES}, got {style!r}")
+    D = x.shape[-1]
+    if D % 2:
+        raise ValueError(f"rope needs an even last axis, got x.shape={x.shape}")
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
+    try:
+        jnp.broadcast_shapes(positions.shape, x.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"positions {positions.shape} do not broadcast to x.shape[:-1] = {x.shape[:-1]} "
+            "(for x [B, T, H, D] pass positions[..., None] of shape [B, T, 1])"
+        ) from None
+
+    inv_freq = theta ** (-2.0 * jnp.arange(D // 2, dtype=jnp.float32) / D)  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    if style == "half":
+        x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    else:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [..., D/2, 2]
+        out = out.reshape(xf.shape)
+    return out.astype(x.dtype)

@@ -1,0 +1,164 @@
+"""The guided tour: one sentence through every step of attention.
+
+``jaxattn tour`` runs ``run_tour``. Each step is a function that prints what it does
+and returns what it computed, so the tests can check the numbers the learner sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import viz
+from jaxattn.functional import attention, attention_weights, causal_mask, multi_head_attention, sinusoidal_positions
+
+DEFAULT_TEXT = "The next day is bright"
+
+
+def format_matrix(matrix, row_labels, col_labels, *, fmt="{:6.2f}") -> str:
+    """A small matrix as an aligned text table with row and column labels."""
+    matrix = np.asarray(matrix)
+    width = max(6, *(len(label) for label in col_labels))
+    label_width = max(len(label) for label in row_labels)
+    lines = [" " * label_width + " " + " ".join(label.rjust(width) for label in col_labels)]
+    for label, row in zip(row_labels, matrix):
+        cells = " ".join(fmt.format(value).rjust(width) for value in row)
+        lines.append(label.rjust(label_width) + " " + cells)
+    return "\n".join(lines)
+
+
+def _heading(say, title: str) -> None:
+    say("")
+    say(title)
+    say("-" * len(title))
+
+
+def _random_matrix(seed: int, shape):
+    """Seeded standard-normal numbers (NumPy: the tour needs no compiled sampler)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def embed_words(text: str, *, width: int, seed: int):
+    """Word tokens, a seeded random embedding table and sinusoidal positions.
+
+    Returns ``(words, x [T, C])`` with ``x = embedding[token] + sinusoidal_positions``.
+    """
+    words = text.split()
+    if not words:
+        raise ValueError("the tour needs a text with at least one word")
+    vocabulary = sorted(set(words))
+    token_ids = jnp.array([vocabulary.index(word) for word in words])
+    table = _random_matrix(seed, (len(vocabulary), width)) / np.sqrt(width)  # [V, C]
+    x = table[token_ids] + sinusoidal_positions(len(words), width)  # [T, C]
+    return words, vocabulary, token_ids, x
+
+
+def step_tokens(say, text: str, *, width: int, seed: int):
+    _heading(say, "Step 1. Tokens and embeddings")
+    words, vocabulary, token_ids, x = embed_words(text, width=width, seed=seed)
+    say(f"Text: {text!r}")
+    say(f"Tokenized into words (split on spaces): {words}")
+    say(f"Token ids (index in the sorted vocabulary {vocabulary}): {token_ids.tolist()}")
+    say(f"Each token becomes a row of a seeded random embedding table plus a sinusoidal")
+    say(f"position vector, so x has shape [T, C] = {list(x.shape)}.")
+    return words, x
+
+
+def step_self_attention(say, words, x, *, head_width: int, seed: int, out: Path):
+    _heading(say, "Step 2. Self-attention, one head")
+    C = x.shape[1]
+    wq, wk, wv = _random_matrix(seed + 1, (3, C, head_width)) / np.sqrt(C)  # [C, D] each
+    q, k, v = x @ wq, x @ wk, x @ wv  # [T, D]
+    say(f"Three learned matrices [C, D] = [{C}, {head_width}] project x into")
+    say(f"queries Q {list(q.shape)}, keys K {list(k.shape)} and values V {list(v.shape)}.")
+    scores = (q @ k.T) / np.sqrt(head_width)  # [T, S]
+    say("Scores Q K^T / sqrt(D): how well each query (row) matches each key (column):")
+    say(format_matrix(scores, words, words))
+    weights = attention_weights(q, k)  # [T, S]
+    say("Softmax turns each row into weights that are positive and sum to 1:")
+    say(format_matrix(weights, words, words))
+    output = attention(q, k, v)  # [T, D]
+    say(f"The output row of each token is its weighted sum of value rows: {list(output.shape)}.")
+    path = viz.attention_heatmap(weights, words, words, out / "self_attention.png", title="Self-attention weights (one head)")
+    say(f"Heatmap: {path}")
+    return q, k, v, weights
+
+
+def step_causal(say, words, q, k, *, out: Path):
+    _heading(say, "Step 3. Causal attention")
+    T = len(words)
+    positions = jnp.arange(T)
+    mask = causal_mask(positions, positions)  # [T, T]
+    say("A language model predicts the next token, so a token may only look at itself")
+    say("and the tokens before it. The causal mask (1 = may attend):")
+    say(format_matrix(mask.astype(int), words, words, fmt="{:d}"))
+    weights = attention_weights(q, k, mask=mask)  # [T, T]
+    say("Masked scores are pushed to a large negative number before the softmax, so")
+    say("their weight is exactly zero and every row still sums to 1:")
+    say(format_matrix(weights, words, words))
+    say(f"{words[0]!r} can only attend to itself; {words[-1]!r} sees the whole sentence.")
+    path = viz.attention_heatmap(weights, words, words, out / "causal_attention.png", title="Causal attention weights (one head)")
+    say(f"Heatmap: {path}")
+    return mask, weights
+
+
+def step_multi_head(say, words, x, *, heads: int, kv_heads: int, head_width: int, seed: int):
+    _heading(say, "Step 4. Multi-head attention")
+    C = x.shape[1]
+    wq = _random_matrix(seed + 2, (C, heads, head_width)) / np.sqrt(C)  # [C, H, D]
+    wk = _random_matrix(seed + 3, (C, kv_heads, head_width)) / np.sqrt(C)  # [C, K, D]
+    wv = _random_matrix(seed + 4, (C, kv_heads, head_width)) / np.sqrt(C)  # [C, K, D]
+    q = jnp.einsum("tc,chd->thd", x, wq)[None]  # [1, T, H, D]
+    k = jnp.einsum("tc,ckd->tkd", x, wk)[None]  # [1, T, K, D]
+    v = jnp.einsum("tc,ckd->tkd", x, wv)[None]  # [1, T, K, D]
+    group = heads // kv_heads
+    say(f"H = {heads} query heads each run the same one-head kernel on their own projection;")
+    say(f"here K = {kv_heads} key/value heads, so every {group} query heads share one K/V head (GQA).")
+    say(f"Shapes: q {list(q.shape)} = [B, T, H, D], k and v {list(k.shape)} = [B, S, K, D].")
+    together = multi_head_attention(q, k, v, is_causal=True)  # [1, T, H, D]
+    mask = causal_mask(jnp.arange(len(words)), jnp.arange(len(words)))
+    one_by_one = jnp.stack(
+        [attention(q[0, :, h], k[0, :, h // group], v[0, :, h // group], mask=mask) for h in range(heads)],
+        axis=1,
+    )  # [T, H, D]
+    difference = float(jnp.max(jnp.abs(together[0] - one_by_one)))
+    say("multi_head_attention is the one-head kernel jax.vmap-ed over heads and batch.")
+    say(f"Largest difference from running the kernel head by head: {difference:.2e}")
+    for h in range(heads):
+        weights = attention_weights(q[0, :, h], k[0, :, h // group], mask=mask)
+        focus = words[int(jnp.argmax(weights[-1]))]
+        say(f"  head {h} (K/V head {h // group}): {words[-1]!r} attends most to {focus!r}")
+    say(f"The heads' outputs are concatenated to [T, H*D] = [{len(words)}, {heads * head_width}]")
+    say("and projected back to the model width C.")
+    return together, one_by_one
+
+
+def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, say=print) -> dict:
+    """Walks ``text`` through attention, step by step; figures go to ``out``.
+
+    Returns the arrays each step computed, keyed by name.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"jaxattn tour: how attention inside an LLM works (figures in {out.resolve()})")
+    words, x = step_tokens(say, text, width=16, seed=seed)
+    q, k, v, weights = step_self_attention(say, words, x, head_width=8, seed=seed, out=out)
+    mask, causal_weights = step_causal(say, words, q, k, out=out)
+    together, one_by_one = step_multi_head(say, words, x, heads=4, kv_heads=2, head_width=4, seed=seed)
+    say("")
+    say(f"Done. Figures are in {out.resolve()}")
+    return {
+        "words": words,
+        "x": x,
+        "q": q,
+        "k": k,
+        "v": v,
+        "weights": weights,
+        "causal_mask": mask,
+        "causal_weights": causal_weights,
+        "multi_head": together,
+        "one_head_loop": one_by_one,
+    }

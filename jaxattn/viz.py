@@ -1,0 +1,63 @@
+"""Plots: attention heatmaps and line charts, written as PNG files.
+
+Uses matplotlib's non-interactive Agg backend, so it works without a screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def attention_heatmap(weights, query_labels, key_labels, path, *, title: str) -> Path:
+    """Saves a ``[T, S]`` weight matrix as a labelled heatmap with a colour bar.
+
+    Rows are queries (the token that looks), columns are keys (the token looked at).
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    T, S = weights.shape
+    if len(query_labels) != T or len(key_labels) != S:
+        raise ValueError(f"need {T} query and {S} key labels for weights {weights.shape}")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * S, 0.8 + 0.7 * T), constrained_layout=True)
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(1e-9, float(weights.max())))
+    ax.set_xticks(range(S), labels=key_labels, rotation=45, ha="right")
+    ax.set_yticks(range(T), labels=query_labels)
+    ax.set_xlabel("key (attended-to token)")
+    ax.set_ylabel("query (attending token)")
+    ax.set_title(title)
+    for i in range(T):
+        for j in range(S):
+            colour = "black" if weights[i, j] > 0.6 * weights.max() else "white"
+            ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    fig.colorbar(image, ax=ax, label="attention weight")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def line_chart(series, path, *, title: str, xlabel: str, ylabel: str, logx=False, logy=False) -> Path:
+    """Saves ``{label: (xs, ys)}`` as a labelled line chart with one legend."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
