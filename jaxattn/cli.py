@@ -1,15 +1,67 @@
-"""The ``jaxattn`` command."""
+"""The ``jaxattn`` command: tour, train, generate."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+DEFAULT_RUN = "runs/default"
 
 
 def _tour(args) -> int:
     from jaxattn.tour import run_tour
 
-    run_tour(args.text, out=args.out, seed=args.seed)
+    run_tour(args.text, out=args.out, seed=args.seed, checkpoint=args.checkpoint)
+    return 0
+
+
+def _train(args) -> int:
+    from jaxattn.lm.checkpoint import RunFolder
+    from jaxattn.lm.data import load_corpus
+    from jaxattn.lm.train import TrainConfig, default_model_config, train
+
+    run = RunFolder(args.out, overwrite=args.overwrite)
+    if args.resume:
+        saved = run.read_run()
+        config, train_config = run.model_config(), TrainConfig(**saved["train"])
+        data = None if saved["data"] == "pydoc_data.topics" else saved["data"]
+        if args.data is not None and args.data != data:
+            raise ValueError(f"--resume continues the run on its own data {saved['data']!r}, not {args.data!r}")
+    else:
+        config = default_model_config(args.attention)
+        overrides = {name: getattr(args, name) for name in ("layers", "width") if getattr(args, name) is not None}
+        overrides["attention_kernel"] = args.kernel
+        config = dataclasses.replace(config, **overrides)
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        train_config = TrainConfig(
+            **{name: value for name, value in vars(args).items() if name in train_fields and value is not None}
+        )
+        data = args.data
+    corpus = load_corpus(data)
+    print(f"Training on {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation bytes")
+    print(f"Model: {config}")
+    print(f"Optimisation: {train_config}")
+    train(config, train_config, corpus, run, resume=args.resume)
+    return 0
+
+
+def _generate(args) -> int:
+    from jaxattn.lm.checkpoint import RunFolder
+    from jaxattn.lm.generate import Sampling, generate
+    from jaxattn.lm.tokenizer import decode, encode
+
+    model = RunFolder(args.checkpoint).load_model()
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    tokens = generate(
+        model,
+        [encode(args.prompt)],
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    print(args.prompt + decode(tokens[0]))
     return 0
 
 
@@ -21,7 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--text", default="The next day is bright", help="the sentence to walk through")
     tour.add_argument("--out", default="jaxattn-tour", help="folder for the figures (default: ./jaxattn-tour)")
     tour.add_argument("--seed", type=int, default=0, help="seed of the random embeddings and projections")
+    tour.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"trained run to predict with (default: {DEFAULT_RUN} if it exists, else a small model trained in OUT)",
+    )
     tour.set_defaults(run=_tour)
+
+    train = commands.add_parser("train", help="train the byte-level language model")
+    train.add_argument("--data", default=None, help="UTF-8 text file (default: the stdlib's pydoc_data.topics)")
+    train.add_argument("--out", default=DEFAULT_RUN, help=f"run folder for checkpoints (default: {DEFAULT_RUN})")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    train.add_argument("--attention", default="gqa", choices=["mha", "gqa", "mqa", "mla"], help="attention family")
+    train.add_argument("--kernel", default="dense", choices=["dense", "flash"], help="attention kernel")
+    train.add_argument("--layers", type=int, default=None)
+    train.add_argument("--width", type=int, default=None)
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    train.add_argument("--seq-len", dest="seq_len", type=int, default=None)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float, default=None)
+    train.add_argument("--eval-every", dest="eval_every", type=int, default=None)
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="continue a prompt with a trained model")
+    generate.add_argument("--checkpoint", default=DEFAULT_RUN, help=f"run folder (default: {DEFAULT_RUN})")
+    generate.add_argument("--prompt", default="The next day is bright")
+    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", dest="top_k", type=int, default=None)
+    generate.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--no-cache", dest="no_cache", action="store_true", help="recompute the full pass per token")
+    generate.set_defaults(run=_generate)
     return parser
 
 

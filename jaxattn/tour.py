@@ -6,11 +6,13 @@ and returns what it computed, so the tests can check the numbers the learner see
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxattn import viz
 from jaxattn.functional import attention, attention_weights, causal_mask, multi_head_attention, sinusoidal_positions
@@ -136,7 +138,85 @@ def step_multi_head(say, words, x, *, heads: int, kv_heads: int, head_width: int
     return together, one_by_one
 
 
-def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, say=print) -> dict:
+def tour_model(say, checkpoint, out: Path):
+    """The trained model the last steps use: ``checkpoint``, else ``runs/default`` if it
+    holds a run, else a small model trained now (under two minutes) into ``out/model``."""
+    from jaxattn.lm.checkpoint import RunFolder
+
+    if checkpoint is not None:
+        return RunFolder(checkpoint).load_model(), Path(checkpoint)
+    for candidate in (Path("runs/default"), out / "model"):
+        run = RunFolder(candidate)
+        if run.holds_run() and run.latest_step() is not None:
+            return run.load_model(), candidate
+    from jaxattn.lm.data import load_corpus
+    from jaxattn.lm.train import TrainConfig, default_model_config, train
+
+    say("No trained model found (jaxattn train writes one to runs/default), so the tour trains a")
+    say(f"small one now, in under two minutes, into {out / 'model'}; the next tour reuses it.")
+    quick = TrainConfig(steps=110, batch_size=32, seq_len=128, learning_rate=4e-3, warmup_steps=20,
+                        eval_every=1000, checkpoint_every=1000)
+    train(default_model_config(), quick, load_corpus(), RunFolder(out / "model"), say=say)
+    return RunFolder(out / "model").load_model(), out / "model"
+
+
+def _timed(fn):
+    jax.block_until_ready(fn())  # compile and warm up
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def step_kv_cache(say, model, text: str):
+    from jaxattn.lm.generate import generate
+    from jaxattn.lm.tokenizer import encode
+
+    _heading(say, "Step 5. The KV cache")
+    tokens = jnp.asarray(encode(text))[None]  # [1, T]
+    T = tokens.shape[1]
+    say(f"The language model reads bytes: {text!r} is T = {T} tokens. To generate, it")
+    say("predicts one token, appends it, and predicts again. Without a cache every step")
+    say("recomputes the keys and values of all earlier tokens; with a KV cache each step")
+    say("computes them only for the new token and reads the rest from the cache.")
+    graphdef, params = nnx.split(model)
+    full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)  # [1, T, V]
+    step = jax.jit(lambda p, t, c: nnx.merge(graphdef, p)(t, cache=c))
+    cache = model.init_cache(1, max_length=T)
+    decoded = []
+    for t in range(T):
+        logits, cache = step(params, tokens[:, t : t + 1], cache)
+        decoded.append(logits)
+    difference = float(jnp.max(jnp.abs(jnp.concatenate(decoded, axis=1) - full)))
+    say(f"Decoding the sentence token by token with the cache reproduces the full pass's")
+    say(f"logits: largest difference {difference:.1e}.")
+    cache_layer = cache[0]
+    say(f"Cache per layer: k and v of shape {list(cache_layer.k.shape)} = [B, S_max, K, D], plus lengths {cache_layer.lengths.tolist()}.")
+    new = 200
+    prompt = [encode(text)]
+    with_cache = _timed(lambda: generate(model, prompt, max_new_tokens=new))
+    without = _timed(lambda: generate(model, prompt, max_new_tokens=new, use_cache=False))
+    say(f"Generating {new} tokens: {new / with_cache:,.0f} tokens/s with the cache, "
+        f"{new / without:,.0f} tokens/s recomputing everything ({without / with_cache:.1f}x slower).")
+    return difference, with_cache, without
+
+
+def step_next_token(say, model, text: str, source: Path):
+    from jaxattn.lm.generate import Sampling, generate
+    from jaxattn.lm.tokenizer import decode, encode, token_label
+
+    _heading(say, "Step 6. The next token")
+    tokens = jnp.asarray(encode(text))[None]
+    probabilities = jax.nn.softmax(jax.jit(model)(tokens)[0, -1])  # [V]
+    top = jnp.argsort(-probabilities)[:5]
+    say(f"The trained model ({source}) after {text!r}, top 5 next bytes:")
+    for rank, token in enumerate(top.tolist(), start=1):
+        say(f"  {rank}. {token_label(token):6} {float(probabilities[token]):6.1%}")
+    continuation = generate(model, [encode(text)], max_new_tokens=80, sampling=Sampling(temperature=0.7, top_p=0.95))
+    say(f"A sampled continuation (temperature 0.7): {text + decode(continuation[0])!r}")
+    return [(int(t), float(probabilities[t])) for t in top.tolist()]
+
+
+def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, checkpoint=None, say=print) -> dict:
     """Walks ``text`` through attention, step by step; figures go to ``out``.
 
     Returns the arrays each step computed, keyed by name.
@@ -148,9 +228,14 @@ def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, say
     q, k, v, weights = step_self_attention(say, words, x, head_width=8, seed=seed, out=out)
     mask, causal_weights = step_causal(say, words, q, k, out=out)
     together, one_by_one = step_multi_head(say, words, x, heads=4, kv_heads=2, head_width=4, seed=seed)
+    model, source = tour_model(say, checkpoint, out)
+    cache_difference, cached_s, uncached_s = step_kv_cache(say, model, text)
+    top5 = step_next_token(say, model, text, source)
     say("")
     say(f"Done. Figures are in {out.resolve()}")
     return {
+        "cache_difference": cache_difference,
+        "top5": top5,
         "words": words,
         "x": x,
         "q": q,

@@ -1,0 +1,303 @@
+"""Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, section 2.1, eqs. 9-19).
+
+MLA caches one small latent per token instead of H keys and H values:
+
+    c_kv  = h W_dkv                      (9)   [B, S, L]    the cached latent
+    k_c   = c_kv W_uk                    (10)  [B, S, H, D]
+    v_c   = c_kv W_uv                    (11)  [B, S, H, E]
+    c_q   = h W_dq                       (12)  [B, T, P]    (query compression)
+    q_c   = c_q W_uq                     (13)  [B, T, H, D]
+    q_r   = RoPE(c_q W_qr)               (14)  [B, T, H, R]
+    k_r   = RoPE(h W_kr)                 (15)  [B, S, R]    one RoPE key for all heads, cached
+    q     = [q_c; q_r],  k = [k_c; k_r]  (16, 17)
+    o     = softmax(q k^T / sqrt(D + R)) v_c       (18)
+    u     = o W_o                        (19)  [B, T, C]
+
+RoPE cannot live inside the latent (it would sit between W_uk and the query and block
+the absorption below), hence the separate, decoupled R-wide key ``k_r``.
+
+Three paths compute the same function, each a plain function:
+
+1. ``mla_naive``: decompress K and V for every head, run ``multi_head_attention``.
+2. ``mla_latent_cache``: cache only ``c_kv`` and ``k_r`` (L + R per token), decompress at use.
+3. ``mla_absorbed``: ``q_c . k_c = (q_c W_uk^T) . c_kv``, so W_uk folds into the query and
+   W_uv into the output: attention runs directly over the cached latents, as an MQA with
+   key width L + R and value width L. This is the decode path.
+
+Shape letters: B batch, T queries, S keys, C model width, H heads, D/E per-head key/value
+width, L latent width (d_c), P query latent width (d_c'), R RoPE width (d_h^R).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.functional.attention import multi_head_attention
+from jaxattn.functional.kv_cache import check_num_new, slot_positions, write_at_lengths
+from jaxattn.functional.positions import rope
+
+
+class MLAParams(NamedTuple):
+    """MLA weights, named and shaped as in the paper. Query compression is on when
+    ``w_dq`` is set (then ``w_uq``, ``w_qr [P, H, R]``), off when ``w_q`` is set (then
+    ``w_qr [C, H, R]`` acts on h directly). ``q_norm``/``kv_norm`` are the optional
+    RMSNorm scales on the latents of the released DeepSeek-V2 models."""
+
+    w_dkv: jax.Array  # [C, L]
+    w_kr: jax.Array  # [C, R]
+    w_uk: jax.Array  # [L, H, D]
+    w_uv: jax.Array  # [L, H, E]
+    w_o: jax.Array  # [H, E, C]
+    w_qr: jax.Array  # [P, H, R] or [C, H, R]
+    w_dq: jax.Array | None = None  # [C, P]
+    w_uq: jax.Array | None = None  # [P, H, D]
+    w_q: jax.Array | None = None  # [C, H, D]
+    q_norm: jax.Array | None = None  # [P]
+    kv_norm: jax.Array | None = None  # [L]
+
+
+class MLADims(NamedTuple):
+    C: int
+    H: int
+    D: int
+    E: int
+    L: int
+    R: int
+    P: int | None
+
+
+def check_mla_params(params: MLAParams) -> MLADims:
+    """Checks that every weight fits the others; returns the sizes. Errors name the shapes."""
+    C, L = params.w_dkv.shape
+    L_uk, H, D = params.w_uk.shape
+    L_uv, H_uv, E = params.w_uv.shape
+    shapes = {name: None if value is None else tuple(value.shape) for name, value in params._asdict().items()}
+    R = params.w_kr.shape[-1]
+    compressed = params.w_dq is not None
+    if compressed == (params.w_q is not None):
+        raise ValueError(f"set either w_dq and w_uq (query compression) or w_q (none), got {shapes}")
+    P = params.w_dq.shape[1] if compressed else None
+    expected = {
+        "w_dkv": (C, L),
+        "w_kr": (C, R),
+        "w_uk": (L, H, D),
+        "w_uv": (L, H, E),
+        "w_o": (H, E, C),
+        "w_qr": (P if compressed else C, H, R),
+    }
+    if compressed:
+        expected.update(w_dq=(C, P), w_uq=(P, H, D))
+        if params.q_norm is not None:
+            expected["q_norm"] = (P,)
+    else:
+        expected["w_q"] = (C, H, D)
+        if params.q_norm is not None:
+            raise ValueError("q_norm normalises the query latent: it needs query compression (w_dq)")
+    if params.kv_norm is not None:
+        expected["kv_norm"] = (L,)
+    wrong = {name: (shapes[name], shape) for name, shape in expected.items() if shapes[name] != shape}
+    if wrong or L_uk != L or L_uv != L or H_uv != H:
+        details = ", ".join(f"{name} is {got}, expected {want}" for name, (got, want) in wrong.items())
+        raise ValueError(f"MLA weights do not fit together (C={C}, L={L}, H={H}, D={D}, E={E}, R={R}, P={P}): {details or shapes}")
+    if R % 2:
+        raise ValueError(f"the decoupled RoPE width R must be even, got w_kr {params.w_kr.shape}")
+    return MLADims(C, H, D, E, L, R, P)
+
+
+def rms_norm(x, scale, epsilon: float):
+    """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * scale``, computed in float32."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
+    return (normed * scale).astype(x.dtype)
+
+
+def mla_queries(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6):
+    """Equations 12-14: h ``[B, T, C]`` -> ``(q_c [B, T, H, D], q_r [B, T, H, R])``.
+
+    ``positions`` int ``[B, T]`` or ``[T]``.
+    """
+    if params.w_dq is not None:
+        c_q = h @ params.w_dq  # [B, T, P]
+        if params.q_norm is not None:
+            c_q = rms_norm(c_q, params.q_norm, epsilon)
+        q_c = jnp.einsum("btp,phd->bthd", c_q, params.w_uq)  # [B, T, H, D]
+        q_r = jnp.einsum("btp,phr->bthr", c_q, params.w_qr)  # [B, T, H, R]
+    else:
+        q_c = jnp.einsum("btc,chd->bthd", h, params.w_q)
+        q_r = jnp.einsum("btc,chr->bthr", h, params.w_qr)
+    q_r = rope(q_r, jnp.asarray(positions)[..., None], theta=rope_theta, style=rope_style)
+    return q_c, q_r
+
+
+def mla_latents(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6):
+    """Equations 9 and 15: h ``[B, S, C]`` -> ``(c_kv [B, S, L], k_r [B, S, R])``, what MLA caches."""
+    c_kv = h @ params.w_dkv  # [B, S, L]
+    if params.kv_norm is not None:
+        c_kv = rms_norm(c_kv, params.kv_norm, epsilon)
+    k_r = rope(h @ params.w_kr, positions, theta=rope_theta, style=rope_style)  # [B, S, R]
+    return c_kv, k_r
+
+
+def mla_scale(dims: MLADims, scale):
+    return 1.0 / math.sqrt(dims.D + dims.R) if scale is None else scale
+
+
+def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, q_positions, kv_positions, scale):
+    """Equations 10, 11, 16-19 over latents: decompress K, V per head and attend."""
+    B, S = c_kv.shape[:2]
+    k_c = jnp.einsum("bsl,lhd->bshd", c_kv, params.w_uk)  # [B, S, H, D]
+    v_c = jnp.einsum("bsl,lhe->bshe", c_kv, params.w_uv)  # [B, S, H, E]
+    k = jnp.concatenate([k_c, jnp.broadcast_to(k_r[:, :, None, :], (B, S, dims.H, dims.R))], axis=-1)  # [B, S, H, D+R]
+    q = jnp.concatenate([q_c, q_r], axis=-1)  # [B, T, H, D+R]
+    o = multi_head_attention(
+        q, k, v_c, is_causal=True, q_positions=q_positions, kv_positions=kv_positions, scale=mla_scale(dims, scale)
+    )  # [B, T, H, E]
+    return jnp.einsum("bthe,hec->btc", o, params.w_o)  # [B, T, C]
+
+
+def mla_naive(params: MLAParams, h, positions=None, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6, scale=None):
+    """Path 1: causal MLA over ``h [B, T, C]`` with K and V decompressed for every head.
+
+    ``positions`` int ``[B, T]`` or ``[T]``, default ``arange(T)``. Returns ``[B, T, C]``.
+    """
+    dims = check_mla_params(params)
+    _check_hidden(h, dims)
+    positions = jnp.arange(h.shape[1]) if positions is None else jnp.asarray(positions)
+    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
+    q_c, q_r = mla_queries(params, h, positions, **kwargs)
+    c_kv, k_r = mla_latents(params, h, positions, **kwargs)
+    return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, positions, positions, scale)
+
+
+def _check_hidden(h, dims: MLADims):
+    if h.ndim != 3 or h.shape[-1] != dims.C:
+        raise ValueError(f"MLA takes h [B, T, C={dims.C}], got {h.shape}")
+
+
+# ------------------------------------------------------------------ the latent cache
+
+
+class LatentView(NamedTuple):
+    """What queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions ``[B, S]``."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+    positions: jax.Array
+
+
+class LatentCache(NamedTuple):
+    """MLA's cache: ``c_kv [B, S_max, L]`` and ``k_rope [B, S_max, R]`` (L + R numbers per
+    token and layer) plus lengths int32 ``[B]``. Same convention as ``KVCache``: slot j
+    holds position j, one write path for prefill and decode."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, *, batch: int, max_length: int, latent_dim: int, rope_dim: int, dtype=jnp.float32):
+        return cls(
+            c_kv=jnp.zeros((batch, max_length, latent_dim), dtype),
+            k_rope=jnp.zeros((batch, max_length, rope_dim), dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.c_kv.shape[1]
+
+    def overflowed(self):
+        """bool ``[B]``: rows asked to hold more than ``S_max`` tokens (see ``KVCache.update``)."""
+        return self.lengths > self.capacity
+
+    def update(self, c_kv_new, k_rope_new, num_new=None):
+        """Writes ``c_kv_new [B, T, L]``, ``k_rope_new [B, T, R]`` at each row's length;
+        returns ``(LatentView, new_cache)``. Overflow behaves as in ``KVCache.update``."""
+        B, T = c_kv_new.shape[:2]
+        if c_kv_new.shape[0] != self.c_kv.shape[0] or c_kv_new.shape[2:] != self.c_kv.shape[2:] or (
+            k_rope_new.shape != (B, T) + self.k_rope.shape[2:]
+        ):
+            raise ValueError(
+                f"new latents c_kv {c_kv_new.shape} / k_rope {k_rope_new.shape} do not fit the cache "
+                f"c_kv {self.c_kv.shape}, k_rope {self.k_rope.shape}"
+            )
+        if T > self.capacity:
+            raise ValueError(f"cannot write {T} tokens into a latent cache of capacity {self.capacity}")
+        num_new = check_num_new(num_new, B, T)
+        c_kv = write_at_lengths(self.c_kv, c_kv_new.astype(self.c_kv.dtype), self.lengths)
+        k_rope = write_at_lengths(self.k_rope, k_rope_new.astype(self.k_rope.dtype), self.lengths)
+        new_cache = LatentCache(c_kv, k_rope, self.lengths + num_new)
+        return LatentView(c_kv, k_rope, slot_positions(B, self.capacity)), new_cache
+
+
+def _cached_latents(params, h, cache, num_new, kwargs):
+    q_positions = cache.lengths[:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)  # [B, T]
+    q_c, q_r = mla_queries(params, h, q_positions, **kwargs)
+    c_kv, k_r = mla_latents(params, h, q_positions, **kwargs)
+    view, new_cache = cache.update(c_kv, k_r, num_new)
+    return q_c, q_r, q_positions, view, new_cache
+
+
+def mla_latent_cache(
+    params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
+    epsilon=1e-6, scale=None,
+):
+    """Path 2: store only the latents of the T new tokens, decompress the whole cache at use.
+
+    h ``[B, T, C]`` continues each sequence of ``cache``. Returns ``([B, T, C], new_cache)``.
+    """
+    dims = check_mla_params(params)
+    _check_hidden(h, dims)
+    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
+    q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
+    out = _decompressed_attention(params, dims, q_c, q_r, view.c_kv, view.k_rope, q_positions, view.positions, scale)
+    return out, new_cache
+
+
+def mla_absorbed(
+    params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
+    epsilon=1e-6, scale=None,
+):
+    """Path 3: attention directly over the cached latents, with W_uk and W_uv absorbed.
+
+    ``q_c . k_c = q_c . (c_kv W_uk) = (q_c W_uk^T) . c_kv``: each head's query moves into
+    the latent space, ``q_lat [B, T, H, L]``, and all heads share one key
+    ``[c_kv; k_r]`` (width L + R) and one value ``c_kv`` (width L): an MQA. The heads'
+    latent outputs go through W_uv, then W_o. The scale stays ``1/sqrt(D + R)``.
+
+    h ``[B, T, C]`` continues each sequence of ``cache``. Returns ``([B, T, C], new_cache)``.
+    """
+    dims = check_mla_params(params)
+    _check_hidden(h, dims)
+    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
+    q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
+    q_latent = jnp.einsum("bthd,lhd->bthl", q_c, params.w_uk)  # [B, T, H, L]
+    q = jnp.concatenate([q_latent, q_r], axis=-1)  # [B, T, H, L+R]
+    k = jnp.concatenate([view.c_kv, view.k_rope], axis=-1)[:, :, None, :]  # [B, S, 1, L+R]
+    v = view.c_kv[:, :, None, :]  # [B, S, 1, L]
+    o_latent = multi_head_attention(
+        q, k, v, is_causal=True, q_positions=q_positions, kv_positions=view.positions, scale=mla_scale(dims, scale)
+    )  # [B, T, H, L]
+    o = jnp.einsum("bthl,lhe->bthe", o_latent, params.w_uv)  # [B, T, H, E]
+    return jnp.einsum("bthe,hec->btc", o, params.w_o), new_cache  # [B, T, C]
+
+
+# ------------------------------------------------------------------ cache accounting
+
+
+def kv_cache_elements_per_token(*, kv_heads: int, head_dim: int, value_dim: int | None = None) -> int:
+    """Numbers a KV cache stores per token and layer: ``K (D + E)``.
+
+    MHA (K = H): ``2 H D``; GQA: ``2 K D``; MQA (K = 1): ``2 D`` (DeepSeek-V2, Table 1).
+    """
+    return kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
+
+
+def latent_cache_elements_per_token(*, latent_dim: int, rope_dim: int) -> int:
+    """Numbers MLA's cache stores per token and layer: ``L + R`` (DeepSeek-V2, Table 1,
+    written there as ``(d_c + d_h^R) l``, i.e. ``9/2 d_h`` per layer at d_c = 4 d_h, d_h^R = d_h / 2)."""
+    return latent_dim + rope_dim

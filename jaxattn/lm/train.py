@@ -1,0 +1,216 @@
+"""Training a ``TransformerLM`` on bytes: AdamW, warmup + cosine, clipping, bits per byte.
+
+The model's parameters travel as a plain nested dict (``nnx.to_pure_dict``), so the
+jitted step, optax and orbax all see one ordinary pytree; ``nnx.merge`` rebuilds the
+module inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxattn.lm.checkpoint import RunFolder
+from jaxattn.lm.data import Corpus, batch_at, evaluation_windows
+from jaxattn.nn import Config, TransformerLM
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation side of a run (the model side is ``Config``)."""
+
+    steps: int = 700
+    batch_size: int = 32
+    seq_len: int = 128
+    learning_rate: float = 4e-3
+    warmup_steps: int = 50
+    min_learning_rate_ratio: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = 48
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_model_config(attention: str = "gqa") -> Config:
+    """The default byte-level model (about 0.8M parameters): sized so that
+    ``jaxattn train`` reaches its validation target in about ten minutes on 2 CPU cores.
+
+    ``attention`` picks the family: ``"mha"`` (K = H), ``"gqa"`` (K = H / 2), ``"mqa"`` (K = 1),
+    or ``"mla"`` (latent width L = 64, decoupled RoPE width R = 16).
+    """
+    heads = 4
+    kv_heads = {"mha": heads, "gqa": heads // 2, "mqa": 1, "mla": heads}
+    if attention not in kv_heads:
+        raise ValueError(f"attention must be one of {sorted(kv_heads)}, got {attention!r}")
+    return Config(
+        width=128, layers=4, heads=heads, kv_heads=kv_heads[attention], head_dim=32, mlp_hidden=352, max_length=1024,
+        attention="mla" if attention == "mla" else "standard", latent_dim=64, rope_dim=16,
+    )
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine decay and global-norm clipping."""
+    warmup = min(tc.warmup_steps, tc.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(tc.steps, warmup + 1),
+        end_value=tc.learning_rate * tc.min_learning_rate_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=_decay_mask),
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not on norm scales)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def init_model(config: Config, seed: int) -> TransformerLM:
+    return TransformerLM(config, rngs=nnx.Rngs(seed))
+
+
+def init_state(model: TransformerLM, optimizer) -> TrainState:
+    params = nnx.to_pure_dict(nnx.state(model))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross entropy in nats. logits ``[B, T, V]``, targets ``[B, T]``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_steps(model: TransformerLM, optimizer):
+    """The jitted train step and evaluation loss for ``model``'s structure."""
+    graphdef = nnx.graphdef(model)
+
+    def loss_of(params, batch):  # batch int32 [B, T + 1]
+        return cross_entropy(nnx.merge(graphdef, params)(batch[:, :-1]), batch[:, 1:])
+
+    @jax.jit
+    def train_step(state: TrainState, batch):
+        loss, grads = jax.value_and_grad(loss_of)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), loss
+
+    eval_loss = jax.jit(loss_of)
+    return train_step, eval_loss
+
+
+def bits_per_byte(eval_loss, params, windows: np.ndarray, batch_size: int) -> float:
+    """Mean cross entropy over ``windows`` in bits (one token is one byte)."""
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        total += float(eval_loss(params, jnp.asarray(chunk))) * len(chunk)
+        count += len(chunk)
+    return total / count / math.log(2)
+
+
+def train(
+    config: Config,
+    tc: TrainConfig,
+    corpus: Corpus,
+    run: RunFolder,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    say=print,
+) -> dict:
+    """Trains, evaluates, checkpoints into ``run``; returns the final summary.
+
+    The batch of step s depends only on ``(tc.seed, s)``, so a run resumed from a
+    checkpoint continues exactly as an uninterrupted one would.
+    """
+    model = init_model(config, tc.seed)
+    optimizer = make_optimizer(tc)
+    state = init_state(model, optimizer)
+    train_step, eval_loss = make_steps(model, optimizer)
+    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": []}
+    if resume:
+        state, history = run.restore(state)
+        say(f"Resumed {run.path} at step {int(state.step)}")
+    else:
+        run.start(config, tc, corpus.name)
+    windows_now = evaluation_windows(corpus.validation, length=tc.seq_len, max_windows=tc.eval_windows)
+    all_windows = evaluation_windows(corpus.validation, length=tc.seq_len)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    first = int(state.step)
+    start_time = time.perf_counter()
+    bar = tqdm(range(first, tc.steps), initial=first, total=tc.steps, disable=not progress, unit="step", desc="train")
+    loss = float("nan")
+    try:
+        for step in bar:
+            batch = jnp.asarray(batch_at(corpus.train, step, batch=tc.batch_size, length=tc.seq_len, seed=tc.seed))
+            state, loss_array = train_step(state, batch)
+            done = step + 1
+            if done % 20 == 0 or done == tc.steps or done == first + 1:
+                loss = float(loss_array)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss} at step {done}; lower --learning-rate")
+                history["step"].append(done)
+                history["train_loss"].append(loss)
+                elapsed = time.perf_counter() - start_time
+                bar.set_postfix(loss=f"{loss:.3f}", tok_per_s=f"{(done - first) * tokens_per_step / elapsed:,.0f}")
+            if done % tc.eval_every == 0 and done < tc.steps:
+                bpb = bits_per_byte(eval_loss, state.params, windows_now, tc.batch_size)
+                history["val_step"].append(done)
+                history["val_bpb"].append(bpb)
+                bar.write(f"step {done}: validation {bpb:.3f} bits/byte ({len(windows_now)} windows spread over the text)")
+            if done % tc.checkpoint_every == 0 and done < tc.steps:
+                run.save(state, history)
+    except KeyboardInterrupt:
+        bar.close()
+        run.save(state, history)
+        say(f"Interrupted at step {int(state.step)}; checkpoint saved. Continue with --resume.")
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    final_bpb = bits_per_byte(eval_loss, state.params, all_windows, tc.batch_size)
+    history["val_step"].append(int(state.step))
+    history["val_bpb"].append(final_bpb)
+    run.save(state, history)
+    plot = run.plot_history(history)
+    summary = {
+        "steps": int(state.step),
+        "final_train_loss_nats": loss,
+        "validation_bits_per_byte": final_bpb,
+        "seconds": round(elapsed, 1),
+        "tokens_per_second": round((int(state.step) - first) * tokens_per_step / max(elapsed, 1e-9)),
+        "run": str(run.path),
+        "loss_curve": str(plot),
+    }
+    say(
+        f"Trained {summary['steps']} steps in {elapsed:.0f} s ({summary['tokens_per_second']:,} tokens/s): "
+        f"validation {final_bpb:.3f} bits/byte on {corpus.name}; checkpoint in {run.path}"
+    )
+    return summary

@@ -1,0 +1,25 @@
+"""Flax NNX modules that hold parameters and call ``jaxattn.functional``."""
+
+from jaxattn.nn.attention import MultiHeadAttention
+from jaxattn.nn.layers import Mlp, SwiGluMlp, make_norm
+from jaxattn.nn.mla import MultiHeadLatentAttention
+from jaxattn.nn.transformer import (
+    Config,
+    TransformerBlock,
+    TransformerLM,
+    cache_bytes_per_token,
+    cache_elements_per_token,
+)
+
+__all__ = [
+    "Config",
+    "Mlp",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "SwiGluMlp",
+    "TransformerBlock",
+    "TransformerLM",
+    "cache_bytes_per_token",
+    "cache_elements_per_token",
+    "make_norm",
+]

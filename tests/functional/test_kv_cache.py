@@ -1,0 +1,100 @@
+"""KV caches: what they store, and attention over them equals attention over everything."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.functional import EMPTY_POSITION, KVCache, SlidingKVCache, multi_head_attention
+
+B, H, K, D, E = 2, 6, 3, 5, 7
+
+
+def normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def attend_through_cache(cache, q, k, v, chunks, window=None):
+    """Feeds the sequence through ``cache`` in chunks; returns the outputs and the cache."""
+    outputs, start = [], 0
+    for size in chunks:
+        sl = slice(start, start + size)
+        q_positions = cache.lengths[:, None] + jnp.arange(size)
+        view, cache = cache.update(k[:, sl], v[:, sl])
+        outputs.append(
+            multi_head_attention(
+                q[:, sl], view.k, view.v, is_causal=True, q_positions=q_positions,
+                kv_positions=view.positions, window=window,
+            )
+        )
+        start += size
+    return jnp.concatenate(outputs, axis=1), cache
+
+
+class KVCacheTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_prefill_then_decode_equals_full_causal_attention(self):
+        T = 9
+        q, k, v = normal((B, T, H, D), 0), normal((B, T, K, D), 1), normal((B, T, K, E), 2)
+        cache = KVCache.create(batch=B, max_length=12, kv_heads=K, head_dim=D, value_dim=E)
+        run = self.variant(lambda c, q, k, v: attend_through_cache(c, q, k, v, [4, 1, 1, 3]))
+        out, cache = run(cache, q, k, v)
+        chex.assert_trees_all_close(out, multi_head_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cache.lengths, [T, T])
+        np.testing.assert_array_equal(cache.k[:, :T], k)  # stored where the positions say
+        np.testing.assert_array_equal(cache.k[:, T:], 0.0)
+
+    def test_ragged_rows_write_at_their_own_length(self):
+        cache = KVCache.create(batch=2, max_length=6, kv_heads=1, head_dim=1)
+        new = jnp.arange(1, 4, dtype=jnp.float32).reshape(1, 3, 1, 1).repeat(2, 0)  # tokens 1, 2, 3
+        _, cache = cache.update(new, new, num_new=jnp.array([1, 3]))
+        np.testing.assert_array_equal(cache.lengths, [1, 3])
+        _, cache = cache.update(new[:, :1] * 10, new[:, :1] * 10)
+        np.testing.assert_array_equal(cache.k[:, :, 0, 0], [[1, 10, 3, 0, 0, 0], [1, 2, 3, 10, 0, 0]])
+        np.testing.assert_array_equal(cache.lengths, [2, 4])
+
+    def test_writing_more_than_capacity_is_a_value_error(self):
+        cache = KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=2)
+        with self.assertRaisesRegex(ValueError, r"cannot write 5 tokens into a KV cache of capacity 4"):
+            cache.update(jnp.zeros((1, 5, 1, 2)), jnp.zeros((1, 5, 1, 2)))
+        with self.assertRaisesRegex(ValueError, r"do not fit the cache.*need \[B=1, T, K=1, D=2\]"):
+            cache.update(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 2)))
+        with self.assertRaisesRegex(ValueError, "cache dtype float32"):
+            cache.update(jnp.zeros((1, 2, 1, 2), jnp.bfloat16), jnp.zeros((1, 2, 1, 2), jnp.bfloat16))
+
+    def test_traced_overflow_is_clamped_and_reported(self):
+        # Documented behaviour when lengths are traced: the write is clamped to end at
+        # the last slot, lengths keep counting, overflowed() reports the row.
+        cache = KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=1)
+        ones = jnp.ones((1, 3, 1, 1))
+
+        @jax.jit
+        def write(cache, new):
+            return cache.update(new, new)[1]
+
+        cache = write(cache, ones)
+        cache = write(cache, 2 * ones)
+        np.testing.assert_array_equal(cache.k[0, :, 0, 0], [1, 2, 2, 2])
+        np.testing.assert_array_equal(cache.lengths, [6])
+        np.testing.assert_array_equal(cache.overflowed(), [True])
+
+
+class SlidingKVCacheTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equals_windowed_attention_and_keeps_only_the_window(self):
+        T, W = 11, 3
+        q, k, v = normal((B, T, H, D), 3), normal((B, T, K, D), 4), normal((B, T, K, E), 5)
+        cache = SlidingKVCache.create(batch=B, window=W, kv_heads=K, head_dim=D, value_dim=E)
+        run = self.variant(lambda c, q, k, v: attend_through_cache(c, q, k, v, [5, 1, 1, 4], window=W))
+        out, cache = run(cache, q, k, v)
+        expected = multi_head_attention(q, k, v, is_causal=True, window=W)
+        chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+        chex.assert_shape(cache.k, (B, W, K, D))  # memory is the window, not the sequence
+        np.testing.assert_array_equal(cache.k, k[:, T - W :])
+
+    def test_short_sequences_hide_empty_slots(self):
+        cache = SlidingKVCache.create(batch=1, window=4, kv_heads=1, head_dim=2)
+        view, cache = cache.update(jnp.ones((1, 2, 1, 2)), jnp.ones((1, 2, 1, 2)))
+        np.testing.assert_array_equal(view.positions[0, :4], [EMPTY_POSITION] * 4)
+        np.testing.assert_array_equal(view.positions[0, 4:], [0, 1])
+        np.testing.assert_array_equal(cache.lengths, [2])

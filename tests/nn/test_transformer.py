@@ -1,0 +1,134 @@
+"""The NNX model: cached decoding equals the full forward pass, for every attention family."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.functional import multi_head_attention
+from jaxattn.lm.generate import make_decode_step
+from jaxattn.nn import Config, MultiHeadAttention, TransformerLM, cache_bytes_per_token, cache_elements_per_token
+
+SMALL = dict(vocab_size=61, width=24, layers=2, heads=4, kv_heads=4, head_dim=6, mlp_hidden=40, max_length=32)
+
+
+def tokens_for(B, T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 61, (B, T)), jnp.int32)
+
+
+def jitted(model):
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def full(params, tokens):
+        return nnx.merge(graphdef, params)(tokens)
+
+    @jax.jit
+    def cached(params, tokens, cache, num_new=None):
+        return nnx.merge(graphdef, params)(tokens, cache=cache, num_new=num_new)
+
+    return params, full, cached
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # MHA, RoPE
+        dict(kv_heads=2, mlp="gelu", norm="layer"),  # GQA
+        dict(kv_heads=1, positions="learned", tied_embeddings=False),  # MQA
+        dict(kv_heads=2, positions="sinusoidal", rope_style="interleaved"),
+        dict(kv_heads=2, window=3),  # sliding window with the window-sized cache
+        dict(attention="mla", latent_dim=10, rope_dim=4, query_latent_dim=8),  # MLA: latent cache, absorbed decode
+    ],
+    ids=["mha-rope", "gqa-gelu-layernorm", "mqa-learned", "gqa-sinusoidal", "window-sliding-cache", "mla"],
+)
+def test_prefill_then_decode_equals_full_forward(overrides):
+    config = Config(**{**SMALL, **overrides, "positions": overrides.get("positions", "rope")})
+    model = TransformerLM(config, rngs=nnx.Rngs(1))
+    params, full, cached = jitted(model)
+    B, T, prompt = 2, 11, 4
+    tokens = tokens_for(B, T)
+    expected = full(params, tokens)
+    cache = model.init_cache(B, max_length=16)
+    logits, cache = cached(params, tokens[:, :prompt], cache)
+    steps = [logits]
+    for t in range(prompt, T):
+        logits, cache = cached(params, tokens[:, t : t + 1], cache)
+        steps.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache[0].lengths, [T, T])
+    if config.window is not None:
+        chex.assert_shape(cache[0].k, (B, config.window, config.kv_heads, config.head_dim))
+    if config.attention == "mla":
+        chex.assert_shape(cache[0].c_kv, (B, 16, config.latent_dim))
+
+
+def test_cache_accounting_matches_the_real_cache_arrays():
+    for overrides in (dict(), dict(kv_heads=2), dict(kv_heads=1), dict(attention="mla", latent_dim=10, rope_dim=4)):
+        config = Config(**{**SMALL, **overrides})
+        cache = TransformerLM(config, rngs=nnx.Rngs(0)).init_cache(3, max_length=7)
+        buffers = [leaf for layer in cache for leaf in layer[:2]]  # k, v or c_kv, k_rope; not lengths
+        measured = sum(leaf.nbytes for leaf in buffers) / (3 * 7 * config.layers)
+        assert measured == cache_bytes_per_token(config) == 4 * cache_elements_per_token(config)
+    assert cache_elements_per_token(Config(**SMALL)) == 2 * 4 * 6  # MHA: 2 H D
+    assert cache_elements_per_token(Config(**{**SMALL, "attention": "mla", "latent_dim": 10, "rope_dim": 4})) == 14
+
+
+def test_ragged_prompts_decode_like_each_prompt_alone():
+    model = TransformerLM(Config(**{**SMALL, "kv_heads": 2}), rngs=nnx.Rngs(2))
+    params, full, cached = jitted(model)
+    lengths = jnp.array([3, 6])
+    tokens = tokens_for(2, 9, seed=3)
+    padded = tokens[:, :6].at[0, 3:].set(0)
+    cache = model.init_cache(2, max_length=12)
+    logits, cache = cached(params, padded, cache, lengths)
+    np.testing.assert_array_equal(cache[0].lengths, [3, 6])
+    follow = [tokens[0, 3:6], tokens[1, 6:9]]  # three more tokens for each row
+    decoded = []
+    for step in range(3):
+        step_logits, cache = cached(params, jnp.stack([follow[0][step], follow[1][step]])[:, None], cache)
+        decoded.append(step_logits[:, 0])
+    for row, length in enumerate([3, 6]):
+        sequence = jnp.concatenate([tokens[row, :length], follow[row]])[None]
+        expected = full(params, sequence)[0]
+        chex.assert_trees_all_close(logits[row, :length], expected[:length], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(jnp.stack([d[row] for d in decoded]), expected[length:], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_traces_once_over_64_tokens():
+    model = TransformerLM(Config(**{**SMALL, "max_length": 80}), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    step = jax.jit(chex.assert_max_traces(make_decode_step(graphdef), n=1))
+    cache = model.init_cache(1, max_length=70)
+    token = jnp.array([5], jnp.int32)
+    for _ in range(64):
+        logits, cache = step(params, token, cache)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    np.testing.assert_array_equal(cache[0].lengths, [64])
+    chex.clear_trace_counter()
+
+
+def test_attention_fn_is_swappable():
+    calls = []
+
+    def recording_kernel(q, k, v, **kwargs):
+        calls.append(q.shape)
+        return multi_head_attention(q, k, v, **kwargs)
+
+    layer = MultiHeadAttention(24, heads=4, kv_heads=2, head_dim=6, attention_fn=recording_kernel, rngs=nnx.Rngs(0))
+    reference = MultiHeadAttention(24, heads=4, kv_heads=2, head_dim=6, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 24)), jnp.float32)
+    chex.assert_trees_all_close(layer(x, jnp.arange(5)), reference(x, jnp.arange(5)), rtol=1e-6)
+    assert calls == [(2, 5, 4, 6)]
+
+
+def test_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="heads=6 must be a positive multiple of kv_heads=4"):
+        Config(heads=6, kv_heads=4)
+    with pytest.raises(ValueError, match="positions must be one of"):
+        Config(positions="alibi")
+    model = TransformerLM(Config(**SMALL), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="33 tokens exceed the context length max_length=32"):
+        model(tokens_for(1, 33))
