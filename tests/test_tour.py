@@ -40,6 +40,9 @@ def test_tour_numbers_follow_from_its_own_inputs(tmp_path, tiny_run):
     probabilities = [p for _, p in result["top5"]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
     assert any("Step 6. The next token" in line for line in lines)
+    assert result["mla_difference"] < 1e-4  # the absorbed path gives the naive path's logits
+    (T1, dense1, flash1), _, (T3, dense3, flash3) = result["memory"]
+    assert dense3 / dense1 > 100 and flash3 / flash1 < 40  # T grows 16x: quadratic vs linear
 
 
 def test_cli_reports_missing_checkpoint(tmp_path, capsys):

@@ -8,10 +8,8 @@ module inside the step.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import jax

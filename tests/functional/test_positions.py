@@ -1,8 +1,6 @@
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import parameterized
 
 from jaxattn.functional import rope, sinusoidal_positions

@@ -132,3 +132,12 @@ def test_bad_configs_and_inputs():
     model = TransformerLM(Config(**SMALL), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="33 tokens exceed the context length max_length=32"):
         model(tokens_for(1, 33))
+
+
+def test_flash_kernel_model_equals_dense_model():
+    dense = TransformerLM(Config(**{**SMALL, "kv_heads": 2}), rngs=nnx.Rngs(4))
+    flash = TransformerLM(Config(**{**SMALL, "kv_heads": 2, "attention_kernel": "flash"}), rngs=nnx.Rngs(4))
+    tokens = tokens_for(2, 19)
+    chex.assert_trees_all_close(jax.jit(flash)(tokens), jax.jit(dense)(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        Config(attention_kernel="pallas")

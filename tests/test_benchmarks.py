@@ -1,0 +1,40 @@
+"""The benchmark suite runs end to end, and its Markdown table says what the results say."""
+
+import json
+from pathlib import Path
+
+from benchmarks.suite import main
+from benchmarks.table import markdown
+
+FIXTURE = Path(__file__).parent / "data" / "bench_results.json"
+
+
+def test_table_from_a_fixed_results_file():
+    text = markdown(json.loads(FIXTURE.read_text()))
+    assert "Device: **cpu** (cpu); float32; batch 1, 8 heads of width 64; jax 0.10.2, jaxlib 0.10.2, flax 0.12.8" in text
+    assert "Ceiling: float32 matmul 116.3 GFLOP/s, copy 9.5 GB/s." in text
+    assert "| 1024 | causal | forward | flash_attention | 29.2 | 20.6 | 36.7 | 32% |" in text
+    assert "| 1024 | MLA absorbed | 12.3 | 0.450 | 1152 | 1.1 |" in text
+    assert "4201 tokens/s with the KV cache, 35 tokens/s recomputing the full pass" in text
+    assert "Left out: jax.nn (cudnn): needs an NVIDIA GPU." in text
+
+
+def test_suite_smoke_run_writes_every_field(tmp_path):
+    results = main([
+        "--quick", "--seq-lens", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+        "--prompt", "4", "--new-tokens", "3", "--results", str(tmp_path), "--img", str(tmp_path),
+    ])
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["device_kind"] == results["device_kind"]
+    for field in ("platform", "versions", "dtype", "shapes", "mode", "date", "ceiling", "prefill", "families",
+                  "decoding", "seconds", "plots", "left_out"):
+        assert field in saved, field
+    kernels = {row["kernel"] for row in saved["prefill"]}
+    assert {"flash_attention", "multi_head_attention", "jax.nn (xla)"} <= kernels
+    families = {row["family"] for row in saved["families"]}
+    assert {"MHA", "GQA", "MQA", "MLA naive (latent cache)", "MLA absorbed"} <= families
+    assert any(name.startswith("sliding window") for name in families)
+    for row in saved["prefill"]:
+        assert row["median_s"] > 0 and row["flops_per_s"] > 0
+    assert saved["decoding"]["cached_tokens_per_s"] > 0
+    assert all(Path(path).stat().st_size > 1000 for path in saved["plots"])
