@@ -193,6 +193,11 @@ class TransformerLM(nnx.Module):
         ``LatentCache``."""
         c = self.config
         max_length = c.max_length if max_length is None else max_length
+        if max_length > c.max_length and c.positions != "rope":
+            raise ValueError(
+                f"a cache of {max_length} tokens exceeds the context max_length={c.max_length}: "
+                f"{c.positions} positions exist only up to {c.max_length - 1}"
+            )
         if c.attention == "mla":
             return tuple(
                 LatentCache.create(

@@ -132,6 +132,9 @@ def test_bad_configs_and_inputs():
     model = TransformerLM(Config(**SMALL), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="33 tokens exceed the context length max_length=32"):
         model(tokens_for(1, 33))
+    learned = TransformerLM(Config(**{**SMALL, "positions": "learned"}), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="a cache of 40 tokens exceeds the context max_length=32"):
+        learned.init_cache(1, max_length=40)
 
 
 def test_flash_kernel_model_equals_dense_model():
