@@ -54,7 +54,6 @@ class _Static(NamedTuple):
     scale: float
     block_q: int
     block_kv: int
-    T: int
     S: int
 
 
@@ -369,7 +368,6 @@ def flash_attention(
         scale=1.0 / math.sqrt(shapes.D) if scale is None else float(scale),
         block_q=min(block_q, shapes.T),
         block_kv=min(block_kv, shapes.S),
-        T=shapes.T,
         S=shapes.S,
     )
     q_pos, kv_pos = (None, None) if positions is None else positions
