@@ -12,28 +12,22 @@ checkpoint is optional.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import device_kind
+from benchmarks.timing import device_kind, time_calls
 from jaxattn import viz
 from jaxattn.lm.generate import generate, make_decode_step
 from jaxattn.lm.train import default_model_config, init_model
 
 
 def time_generation(model, prompt, new_tokens, *, use_cache, repeats=3):
-    run = lambda: generate(model, [prompt], max_new_tokens=new_tokens, use_cache=use_cache)  # noqa: E731
-    jax.block_until_ready(run())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return min(times), float(np.median(times))
+    """Min and median seconds of a whole compiled generation (prefill + decode loop)."""
+    timing = time_calls(lambda: generate(model, [prompt], max_new_tokens=new_tokens, use_cache=use_cache), repeats=repeats)
+    return timing.min_s, timing.median_s
 
 
 def decode_step_times(model, positions, capacity, repeats=20):
@@ -45,13 +39,7 @@ def decode_step_times(model, positions, capacity, repeats=20):
     for position in positions:
         cache = model.init_cache(1, max_length=capacity)
         cache = tuple(layer._replace(lengths=jnp.full((1,), position, jnp.int32)) for layer in cache)
-        jax.block_until_ready(step(params, token, cache))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(step(params, token, cache))
-            times.append(time.perf_counter() - start)
-        results[position] = float(np.median(times))
+        results[position] = time_calls(lambda cache=cache: step(params, token, cache), repeats=repeats).median_s
     return results
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import device_kind, measure
+from benchmarks.timing import device_kind, measure, time_calls
 from jaxattn import viz
 from jaxattn.functional import flash_attention, multi_head_attention
 
@@ -89,9 +88,7 @@ def long_run(T: int, heads: int, head_dim: int) -> dict:
     fn = jax.jit(forward_and_backward(flash_attention, is_causal=True))
     compiled = fn.lower(q, k, v).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v))
-    seconds = time.perf_counter() - start
+    seconds = time_calls(lambda: compiled(q, k, v), repeats=1, warm_up=False).min_s
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {"T": T, "seconds": seconds, "temp_bytes": temp, "peak_rss_bytes": peak}
 

@@ -11,25 +11,23 @@ Prints time per step and cache bytes per layer, writes ``img/mla.png``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import device_kind
+from benchmarks.timing import device_kind, time_calls
 from jaxattn import viz
 from jaxattn.functional import (
+    AttentionParams,
     KVCache,
     LatentCache,
     MLAParams,
+    causal_self_attention,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
     mla_absorbed,
-    mla_latent_cache,
-    multi_head_attention,
-    rope,
+    mla_decompressed,
 )
 
 C, H, D, L, R = 1024, 16, 64, 256, 32
@@ -39,38 +37,23 @@ def normal(rng, shape, fan_in):
     return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), jnp.float32)
 
 
-def standard_step(weights, x, cache, window=None):
-    """An MHA/GQA/MQA decode step: project the new tokens, append them to the cache
-    (``KVCache`` or ``SlidingKVCache``), attend. weights: w_q ``[C, H, D]``,
-    w_k and w_v ``[C, K, D]``, w_o ``[H, D, C]``; x ``[B, T, C]``."""
-    w_q, w_k, w_v, w_o = weights
-    positions = cache.lengths[:, None] + jnp.arange(x.shape[1])  # [B, T]
-    q = rope(jnp.einsum("btc,chd->bthd", x, w_q), positions[..., None])  # [B, T, H, D]
-    k = rope(jnp.einsum("btc,ckd->btkd", x, w_k), positions[..., None])  # [B, T, K, D]
-    v = jnp.einsum("btc,ckd->btkd", x, w_v)
-    view, cache = cache.update(k, v)
-    o = multi_head_attention(
-        q, view.k, view.v, is_causal=True, q_positions=positions, kv_positions=view.positions, window=window
-    )
-    return jnp.einsum("bthd,hdc->btc", o, w_o), cache
-
-
 def time_step(step, weights, x, cache, *, repeats):
-    """Min and median seconds of one decode step at a fixed context. The step updates a
-    copy of ``cache`` in place (donated), as it would inside a decode loop."""
+    """Min and median seconds of one decode step ``step(weights, x, cache) -> (out, cache)``
+    at a fixed context. The step updates the cache in place (donated), as it would inside
+    a decode loop; the lengths are reset before every call."""
     step = jax.jit(step, donate_argnums=2)
-    cache = jax.tree.map(jnp.copy, cache)
     fixed_lengths = np.asarray(cache.lengths)  # a host copy: the device buffer is donated
-    out, cache = step(weights, x, cache)  # compile + warm up
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        cache = cache._replace(lengths=jnp.asarray(fixed_lengths))
-        start = time.perf_counter()
-        out, cache = step(weights, x, cache)
-        jax.block_until_ready((out, cache))
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+    state = {"cache": jax.tree.map(jnp.copy, cache)}
+
+    def reset():
+        state["cache"] = state["cache"]._replace(lengths=jnp.asarray(fixed_lengths))
+
+    def call():
+        out, state["cache"] = step(weights, x, state["cache"])
+        return out, state["cache"]
+
+    timing = time_calls(call, repeats=repeats, before=reset)
+    return timing.min_s, timing.median_s
 
 
 def cache_bytes(cache) -> int:
@@ -85,7 +68,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    mha_weights = (normal(rng, (C, H, D), C), normal(rng, (C, H, D), C), normal(rng, (C, H, D), C), normal(rng, (H, D, C), H * D))
+    mha_weights = AttentionParams(w_q=normal(rng, (C, H, D), C), w_k=normal(rng, (C, H, D), C), w_v=normal(rng, (C, H, D), C),
+                                  w_o=normal(rng, (H, D, C), H * D))
     mla_weights = MLAParams(
         w_dkv=normal(rng, (C, L), C), w_kr=normal(rng, (C, R), C), w_uk=normal(rng, (L, H, D), L),
         w_uv=normal(rng, (L, H, D), L), w_o=normal(rng, (H, D, C), H * D), w_q=normal(rng, (C, H, D), C),
@@ -106,8 +90,9 @@ def main(argv=None) -> list[dict]:
         latent = latent._replace(c_kv=jnp.asarray(rng.standard_normal(latent.c_kv.shape), jnp.float32),
                                  k_rope=jnp.asarray(rng.standard_normal(latent.k_rope.shape), jnp.float32), lengths=filled)
         row = {"S": S, "mha_bytes": cache_bytes(kv), "mla_bytes": cache_bytes(latent)}
-        row["mha_s"] = time_step(standard_step, mha_weights, x, kv, repeats=args.repeats)[1]
-        row["mla_latent_s"] = time_step(lambda p, x, c: mla_latent_cache(p, x, c), mla_weights, x, latent, repeats=args.repeats)[1]
+        mha_step = lambda p, x, c: causal_self_attention(p, x, cache=c, rope_theta=10000.0)  # noqa: E731
+        row["mha_s"] = time_step(mha_step, mha_weights, x, kv, repeats=args.repeats)[1]
+        row["mla_latent_s"] = time_step(lambda p, x, c: mla_decompressed(p, x, c), mla_weights, x, latent, repeats=args.repeats)[1]
         row["mla_absorbed_s"] = time_step(lambda p, x, c: mla_absorbed(p, x, c), mla_weights, x, latent, repeats=args.repeats)[1]
         rows.append(row)
         print(f"{S:>6} {row['mha_s'] * 1e3:>8.2f} {row['mla_latent_s'] * 1e3:>14.2f} {row['mla_absorbed_s'] * 1e3:>16.2f} "

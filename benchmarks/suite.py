@@ -29,18 +29,20 @@ import numpy as np
 
 from benchmarks.decode import time_generation
 from benchmarks.flash import KERNELS, jax_nn_cudnn, matmul_flops_per_second, prefill_rows
-from benchmarks.mla import standard_step, time_step
+from benchmarks.mla import time_step
 from benchmarks.timing import device_kind, measure
 from jaxattn import viz
 from jaxattn.functional import (
+    AttentionParams,
     KVCache,
     LatentCache,
     MLAParams,
     SlidingKVCache,
+    causal_self_attention,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
     mla_absorbed,
-    mla_latent_cache,
+    mla_decompressed,
     mla_naive,
 )
 from jaxattn.lm.train import default_model_config, init_model
@@ -87,15 +89,18 @@ def families(mode, dtype, say) -> list[dict]:
         filled = jnp.full((B,), S - 1, jnp.int32)
         for name, spec in standard.items():
             K, win = spec["K"], spec["window"]
-            weights = (w(C, H, D), w(C, K, D), w(C, K, D), w(H, D, C))
+            weights = AttentionParams(w_q=w(C, H, D), w_k=w(C, K, D), w_v=w(C, K, D), w_o=w(H, D, C))
             if win is None:
                 empty = KVCache.create(batch=B, max_length=S, kv_heads=K, head_dim=D, dtype=dtype)
             else:
                 empty = SlidingKVCache.create(batch=B, window=win, kv_heads=K, head_dim=D, dtype=dtype)
+
+            def layer(p, h, c, win=win):
+                return causal_self_attention(p, h, cache=c, rope_theta=10000.0, window=win)
+
             # forward: a prefill of all S tokens through the layer, into an empty cache
-            forward = measure(lambda p, h, c: standard_step(p, h, c, win)[0], weights, h, empty, repeats=mode.repeats)
-            decode = time_step(lambda p, x, c: standard_step(p, x, c, win), weights, x, empty._replace(lengths=filled),
-                               repeats=mode.repeats)
+            forward = measure(lambda p, h, c: layer(p, h, c)[0], weights, h, empty, repeats=mode.repeats)
+            decode = time_step(layer, weights, x, empty._replace(lengths=filled), repeats=mode.repeats)
             per_token = kv_cache_elements_per_token(kv_heads=K, head_dim=D) * jnp.dtype(dtype).itemsize
             cache_bytes = per_token * (S if win is None else win) * B
             rows.append(dict(S=S, family=name, forward_s=forward.median_s, decode_s=decode[1],
@@ -104,7 +109,7 @@ def families(mode, dtype, say) -> list[dict]:
         per_token = latent_cache_elements_per_token(latent_dim=L, rope_dim=R) * jnp.dtype(dtype).itemsize
         naive_forward = measure(mla_naive, mla, h, repeats=mode.repeats)
         absorbed_forward = measure(lambda p, h, c: mla_absorbed(p, h, c)[0], mla, h, latent, repeats=mode.repeats)
-        for name, step, fwd in (("MLA naive (latent cache)", mla_latent_cache, naive_forward),
+        for name, step, fwd in (("MLA naive (latent cache)", mla_decompressed, naive_forward),
                                 ("MLA absorbed", mla_absorbed, absorbed_forward)):
             decode = time_step(lambda p, x, c, step=step: step(p, x, c), mla, x, latent._replace(lengths=filled),
                                repeats=mode.repeats)

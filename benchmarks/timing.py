@@ -3,7 +3,8 @@
 Method (DESIGN.md, "Measuring"): ``jax.jit(f).lower(...).compile()``, one warm-up
 call, then ``repeats`` timed calls each ended by ``jax.block_until_ready``; report the
 minimum and the median. Memory is the compiled program's temporary buffers,
-``compiled.memory_analysis().temp_size_in_bytes``.
+``compiled.memory_analysis().temp_size_in_bytes``. ``time_calls`` is the one timing
+loop; ``measure`` compiles a function and times it with that loop.
 """
 
 from __future__ import annotations
@@ -19,21 +20,35 @@ import jax
 class Timing:
     min_s: float
     median_s: float
-    temp_bytes: int | None
+    temp_bytes: int | None = None
+
+
+def time_calls(call, *, repeats: int = 5, before=None, warm_up: bool = True) -> Timing:
+    """Times ``call()`` (a function of no arguments): one warm-up call, then ``repeats``
+    timed calls, each waited for with ``jax.block_until_ready``. ``before()``, if given,
+    runs untimed before every call (e.g. to reset a donated cache). ``warm_up=False``
+    for a call that is already compiled and too long to run twice."""
+    if warm_up:
+        if before is not None:
+            before()
+        jax.block_until_ready(call())  # compile (if needed) and warm up
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return Timing(min(times), statistics.median(times))
 
 
 def measure(fn, *args, repeats: int = 5, **static_kwargs) -> Timing:
-    """Compiles ``fn(*args)``, warms it up, and times ``repeats`` calls."""
+    """Compiles ``fn(*args, **static_kwargs)``, reads its temporary memory, and times it."""
     compiled = jax.jit(lambda *a: fn(*a, **static_kwargs)).lower(*args).compile()
     analysis = compiled.memory_analysis()
     temp_bytes = None if analysis is None else int(analysis.temp_size_in_bytes)
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return Timing(min(times), statistics.median(times), temp_bytes)
+    timing = time_calls(lambda: compiled(*args), repeats=repeats)
+    return Timing(timing.min_s, timing.median_s, temp_bytes)
 
 
 def device_kind() -> str:

@@ -42,7 +42,10 @@ def _train(args) -> int:
     print(f"Training on {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation bytes")
     print(f"Model: {config}")
     print(f"Optimisation: {train_config}")
-    train(config, train_config, corpus, run, resume=args.resume)
+    summary = train(config, train_config, corpus, run, resume=args.resume)
+    from jaxattn import viz
+
+    print(f"Loss curve: {viz.training_curve(summary['history'], run.path / 'loss.png')}")
     return 0
 
 
@@ -115,9 +118,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         print(f"jaxattn {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # whatever was interrupted has said what it saved
+        print(f"jaxattn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

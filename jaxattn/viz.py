@@ -61,3 +61,16 @@ def line_chart(series, path, *, title: str, xlabel: str, ylabel: str, logx=False
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def training_curve(history: dict, path) -> Path:
+    """The loss curve of a run: train loss and validation, both in bits per byte.
+
+    ``history`` as ``jaxattn.lm.train`` keeps it: ``step``, ``train_loss`` (nats),
+    ``val_step``, ``val_bpb`` (bits per byte).
+    """
+    bits = [loss / np.log(2) for loss in history["train_loss"]]
+    series = {"train loss (bits/byte)": (history["step"], bits)}
+    if history["val_step"]:
+        series["validation (bits/byte)"] = (history["val_step"], history["val_bpb"])
+    return line_chart(series, path, title="Training", xlabel="step", ylabel="bits per byte")

@@ -1,4 +1,7 @@
-"""Shared test helpers: an independent float64 NumPy reference for attention."""
+"""Shared test helpers: random inputs and an independent float64 NumPy reference for attention.
+
+Import them as ``from tests.conftest import normal, reference_attention``.
+"""
 
 import os
 
@@ -8,38 +11,119 @@ import numpy as np
 # passes (the HLO, and so the numerics, are unchanged). Must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-def reference_attention(q, k, v, *, q_positions=None, kv_positions=None, kv_lengths=None, window=None, mask=None, scale=None):
-    """Float64 loop over batch and heads: the textbook formula, written independently.
 
-    q [B, T, H, D], k [B, S, K, D], v [B, S, K, E] -> [B, T, H, E]. Causal when positions
-    are given. Rows with nothing to attend to are zeros.
+def normal(shape, dtype=jnp.float32, seed=0, scale=1.0):
+    """Seeded standard-normal numbers. NumPy draws: jax.random would compile a sampler
+    for every new shape, and the suite is compile-bound."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype)
+
+
+def value_and_grads(fn, q, k, v, cotangent=None, **kwargs):
+    """``fn(q, k, v, **kwargs)`` and the gradients of ``sum(out * cotangent)`` w.r.t. q, k, v."""
+    if cotangent is None:
+        cotangent = normal((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), seed=9)
+
+    def loss(q, k, v):
+        out = fn(q, k, v, **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+def _allowed(b, h, i, B, T, S, H, *, q_positions, kv_positions, kv_lengths, window, mask, q_segment_ids, kv_segment_ids):
+    """Which keys query i of row b, head h may see: the rule, written out token by token."""
+    allowed = np.ones(S, dtype=bool)
+    if q_positions is not None:
+        qp = np.broadcast_to(np.asarray(q_positions), (B, T))[b, i]
+        kp = np.broadcast_to(np.asarray(kv_positions), (B, S))[b]
+        allowed &= kp <= qp
+        if window is not None:
+            allowed &= qp - kp < window
+    if kv_lengths is not None:
+        allowed &= np.arange(S) < np.asarray(kv_lengths)[b]
+    if q_segment_ids is not None:
+        qs = np.broadcast_to(np.asarray(q_segment_ids), (B, T))[b, i]
+        allowed &= np.broadcast_to(np.asarray(kv_segment_ids), (B, S))[b] == qs
+    if mask is not None:
+        allowed &= np.broadcast_to(np.asarray(mask), (B, H, T, S))[b, h, i]
+    return allowed
+
+
+def reference_attention(
+    q, k, v, *, q_positions=None, kv_positions=None, kv_lengths=None, window=None, mask=None, scale=None,
+    q_segment_ids=None, kv_segment_ids=None, cotangent=None,
+):
+    """Float64 loop over batch, heads and queries: the textbook formula, written independently.
+
+    q [B, T, H, D], k [B, S, K, D], v [B, S, K, E] -> out [B, T, H, E]. Causal when
+    positions are given. Rows with nothing to attend to are zeros. With ``cotangent``
+    [B, T, H, E] it also returns the gradients of ``sum(out * cotangent)``, by the
+    softmax's backward written out by hand: ``(out, dq, dk, dv)``.
     """
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     B, T, H, D = q.shape
     S, K, E = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
+    g = None if cotangent is None else np.asarray(cotangent, np.float64)
     out = np.zeros((B, T, H, E))
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    rule = dict(q_positions=q_positions, kv_positions=kv_positions, kv_lengths=kv_lengths, window=window, mask=mask,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     for b in range(B):
         for h in range(H):
             kv_head = h // (H // K)
             for i in range(T):
-                allowed = np.ones(S, dtype=bool)
-                if q_positions is not None:
-                    qp = np.broadcast_to(np.asarray(q_positions), (B, T))[b, i]
-                    kp = np.broadcast_to(np.asarray(kv_positions), (B, S))[b]
-                    allowed &= kp <= qp
-                    if window is not None:
-                        allowed &= qp - kp < window
-                if kv_lengths is not None:
-                    allowed &= np.arange(S) < kv_lengths[b]
-                if mask is not None:
-                    allowed &= np.broadcast_to(np.asarray(mask), (B, H, T, S))[b, h, i]
+                allowed = _allowed(b, h, i, B, T, S, H, **rule)
                 if not allowed.any():
                     continue
                 logits = scale * k[b, :, kv_head] @ q[b, i, h]
                 logits = np.where(allowed, logits, -np.inf)
-                weights = np.exp(logits - logits.max())
-                weights /= weights.sum()
-                out[b, i, h] = weights @ v[b, :, kv_head]
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                out[b, i, h] = p @ v[b, :, kv_head]
+                if g is not None:
+                    dv[b, :, kv_head] += np.outer(p, g[b, i, h])
+                    dp = v[b, :, kv_head] @ g[b, i, h]  # [S]
+                    ds = p * (dp - p @ dp)  # the softmax's Jacobian applied to dp
+                    dq[b, i, h] += scale * ds @ k[b, :, kv_head]
+                    dk[b, :, kv_head] += scale * np.outer(ds, q[b, i, h])
+    return out if g is None else (out, dq, dk, dv)
+
+
+def reference_rope(x, positions, style, theta=10000.0):
+    """Explicit 2x2 rotation of each pair, float64. x [T, D], positions [T]."""
+    x = np.asarray(x, np.float64)
+    D = x.shape[-1]
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        for i in range(D // 2):
+            a, b = (i, i + D // 2) if style == "half" else (2 * i, 2 * i + 1)
+            angle = positions[t] * theta ** (-2 * i / D)
+            c, s = np.cos(angle), np.sin(angle)
+            out[t, a] = c * x[t, a] - s * x[t, b]
+            out[t, b] = s * x[t, a] + c * x[t, b]
     return out
+
+
+def reference_layer(params, x, positions, *, rope_theta, style="half", window=None):
+    """Float64 attention layer from ``AttentionParams``-shaped weights: projections, RoPE
+    per head, the reference attention (causal on ``positions [B, T]``), output projection."""
+    params = params if isinstance(params, dict) else params._asdict()
+    p = {name: None if value is None else np.asarray(value, np.float64) for name, value in params.items()}
+    p = {name: p.get(name) for name in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")}
+    x = np.asarray(x, np.float64)
+    q = np.einsum("btc,chd->bthd", x, p["w_q"]) + (0 if p["b_q"] is None else p["b_q"])
+    k = np.einsum("btc,ckd->btkd", x, p["w_k"]) + (0 if p["b_k"] is None else p["b_k"])
+    v = np.einsum("btc,cke->btke", x, p["w_v"]) + (0 if p["b_v"] is None else p["b_v"])
+    positions = np.broadcast_to(positions, x.shape[:2])
+    if rope_theta is not None:
+        q = np.stack([np.stack([reference_rope(q[b, :, h], positions[b], style, rope_theta) for h in range(q.shape[2])], 1)
+                      for b in range(x.shape[0])])
+        k = np.stack([np.stack([reference_rope(k[b, :, h], positions[b], style, rope_theta) for h in range(k.shape[2])], 1)
+                      for b in range(x.shape[0])])
+    o = reference_attention(q, k, v, q_positions=positions, kv_positions=positions, window=window)
+    return np.einsum("bthe,hec->btc", o, p["w_o"]) + (0 if p["b_o"] is None else p["b_o"])

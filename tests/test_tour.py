@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 
-from jaxattn.cli import main
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.data import Corpus
 from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, train
-from jaxattn.nn import Config
+from jaxattn.nn import TransformerConfig
 from jaxattn.tour import run_tour
 
 
@@ -15,7 +14,7 @@ def tiny_run(tmp_path_factory):
     """A briefly trained tiny model, so the tour's model steps never train a real one here."""
     tokens = encode("The next day is bright and the sky is clear. " * 30)
     path = tmp_path_factory.mktemp("tour") / "run"
-    config = Config(width=16, layers=1, heads=2, kv_heads=1, head_dim=8, mlp_hidden=32, max_length=320)
+    config = TransformerConfig(width=16, layers=1, heads=2, kv_heads=1, head_dim=8, mlp_hidden=32, max_length=320)
     tc = TrainConfig(steps=3, batch_size=2, seq_len=16, eval_windows=1)
     train(config, tc, Corpus(tokens[:1000], tokens[1000:], "sky"), RunFolder(path), progress=False, say=lambda *_: None)
     return path
@@ -43,13 +42,3 @@ def test_tour_numbers_follow_from_its_own_inputs(tmp_path, tiny_run):
     assert result["mla_difference"] < 1e-4  # the absorbed path gives the naive path's logits
     (T1, dense1, flash1), _, (T3, dense3, flash3) = result["memory"]
     assert dense3 / dense1 > 100 and flash3 / flash1 < 40  # T grows 16x: quadratic vs linear
-
-
-def test_cli_reports_missing_checkpoint(tmp_path, capsys):
-    assert main(["tour", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_cli_reports_bad_text(tmp_path, capsys):
-    assert main(["tour", "--text", "   ", "--out", str(tmp_path)]) == 2
-    assert "at least one word" in capsys.readouterr().err

@@ -1,51 +1,51 @@
-"""Pure JAX attention: masks, positions and kernels. No Flax, no I/O."""
+"""Pure JAX attention: masks, positions, kernels, caches and layers. No Flax, no I/O.
 
-from jaxattn.functional.attention import (
-    MASK_VALUE,
-    attention,
-    attention_weights,
-    default_positions,
-    multi_head_attention,
-    multi_head_mask,
-)
-from jaxattn.functional.flash import flash_attention
-from jaxattn.functional.kv_cache import EMPTY_POSITION, KVCache, KVView, SlidingKVCache
-from jaxattn.functional.mla import (
+``__all__`` is the public surface; the README's API table documents each name.
+"""
+
+from jaxattn.functional.attention import attention, attention_weights, multi_head_attention
+from jaxattn.functional.flash import flash_attention, flash_block_map
+from jaxattn.functional.kv_cache import (
+    EMPTY_POSITION,
+    KVCache,
+    KVView,
     LatentCache,
     LatentView,
-    MLAParams,
+    SlidingKVCache,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
-    mla_absorbed,
-    mla_latent_cache,
-    mla_naive,
+    next_positions,
 )
-from jaxattn.functional.masks import causal_mask, combine_masks, padding_mask
+from jaxattn.functional.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from jaxattn.functional.mla import MLAParams, mla_absorbed, mla_decompressed, mla_naive
 from jaxattn.functional.positions import rope, sinusoidal_positions
+from jaxattn.functional.self_attention import AttentionParams, causal_self_attention
 
 __all__ = [
     "EMPTY_POSITION",
+    "AttentionParams",
     "KVCache",
     "KVView",
     "LatentCache",
     "LatentView",
     "MLAParams",
-    "MASK_VALUE",
     "SlidingKVCache",
     "attention",
     "attention_weights",
     "causal_mask",
+    "causal_self_attention",
     "combine_masks",
-    "default_positions",
     "flash_attention",
+    "flash_block_map",
     "kv_cache_elements_per_token",
     "latent_cache_elements_per_token",
     "mla_absorbed",
-    "mla_latent_cache",
+    "mla_decompressed",
     "mla_naive",
     "multi_head_attention",
-    "multi_head_mask",
+    "next_positions",
     "padding_mask",
     "rope",
+    "segment_mask",
     "sinusoidal_positions",
 ]

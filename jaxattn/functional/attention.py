@@ -25,11 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.functional.masks import causal_mask, combine_masks, padding_mask
-
-# A finite stand-in for -inf: exp(MASK_VALUE - max) underflows to exactly 0 in float32,
-# while MASK_VALUE - MASK_VALUE stays 0 instead of NaN.
-MASK_VALUE = -1e30
+from jaxattn.functional.masks import MASK_VALUE, MaskSpec
 
 
 # --------------------------------------------------------------------------- checks
@@ -51,8 +47,9 @@ def _check_same_dtype(**arrays) -> None:
         raise ValueError(f"attention inputs must share one dtype, got {named}")
 
 
-def _default_scale(D: int, scale: float | None) -> float:
-    return 1.0 / math.sqrt(D) if scale is None else scale
+def default_scale(D: int, scale: float | None = None) -> float:
+    """The logits' multiplier: ``1/sqrt(D)`` unless ``scale`` is given (the one place it is chosen)."""
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 
 # ------------------------------------------------------------------- one head, [T, D]
@@ -81,7 +78,7 @@ def attention_weights(q, k, *, mask=None, scale=None):
         raise ValueError(f"q and k need the same width D, got q {q.shape}, k {k.shape}")
     _check_same_dtype(q=q, k=k)
     logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=jnp.float32)  # [T, S]
-    logits = logits * _default_scale(D, scale)
+    logits = logits * default_scale(D, scale)
     if mask is None:
         return jax.nn.softmax(logits, axis=-1)
     _check_bool_mask(mask)
@@ -90,8 +87,12 @@ def attention_weights(q, k, *, mask=None, scale=None):
     except ValueError:
         raise ValueError(f"mask {mask.shape} does not broadcast to [T, S] = {(T, S)}") from None
     logits = jnp.where(mask, logits, MASK_VALUE)
-    # A fully masked row has uniform softmax over MASK_VALUE; zeroing by the mask turns
-    # it into zeros and stops any gradient from flowing into it.
+    # How a row with nothing to attend to becomes zeros: every logit of that row is
+    # MASK_VALUE, so the softmax sees equal numbers and returns the uniform 1/S (finite:
+    # MASK_VALUE - max is 0, not inf - inf). The final where() replaces those 1/S by 0,
+    # and because where() passes no gradient to the branch it did not pick, no gradient
+    # reaches the masked logits either. In a row with at least one visible key, masked
+    # logits sit 1e30 below the maximum and exp() underflows to exactly 0.
     return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
@@ -156,104 +157,48 @@ def check_multi_head_shapes(q, k, v) -> AttentionShapes:
     return AttentionShapes(B, T, S, H, K, D, E)
 
 
-def _as_batched_positions(name: str, positions, B: int, length: int):
-    positions = jnp.asarray(positions)
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"{name} must be integers, got dtype {positions.dtype}")
-    if positions.shape not in ((length,), (1, length), (B, length)):
-        raise ValueError(f"{name} must be [{length}] or [B={B}, {length}], got {positions.shape}")
-    return positions.reshape(-1, length)  # [B or 1, length]
+def resolve_call(q, k, v, *, scale=None, **masking):
+    """Validates the arguments every multi-head kernel takes.
 
-
-def default_positions(T: int, S: int):
-    """Bottom-right aligned positions: the T queries are the last T of the S keys.
-
-    Returns ``(q_positions [T], kv_positions [S])`` with ``q_positions = arange(T) + S - T``.
-    Right for a full pass (T = S), a prefill chunk and a one-token decode (T = 1).
+    ``masking`` are the masking keywords of ``multi_head_attention`` (``mask``,
+    ``is_causal``, ``q_positions``, ``kv_positions``, ``kv_lengths``, ``window``,
+    ``q_segment_ids``, ``kv_segment_ids``), checked by ``MaskSpec.resolve``. Returns
+    ``(AttentionShapes, MaskSpec, scale)``; ``multi_head_attention``, ``flash_attention``
+    and the decode and ring kernels all start here.
     """
-    return jnp.arange(T) + (S - T), jnp.arange(S)
+    shapes = check_multi_head_shapes(q, k, v)
+    spec = MaskSpec.resolve(B=shapes.B, T=shapes.T, S=shapes.S, H=shapes.H, **masking)
+    return shapes, spec, default_scale(shapes.D, scale)
 
 
-def resolve_positions(shapes: AttentionShapes, *, is_causal, q_positions, kv_positions, window):
-    """Checks the causal arguments and returns ``(q_pos [B|1, T], kv_pos [B|1, S])``, or ``None``.
+def group_heads(mask, K: int):
+    """bool ``[B|1, H|1, T, S]`` -> ``[B|1, K|1, G|1, T, S]``: query head h = (h // G, h % G)."""
+    B, H = mask.shape[:2]
+    if H == 1:
+        return mask[:, :, None]  # [B|1, 1, 1, T, S]
+    return mask.reshape(B, K, H // K, *mask.shape[2:])  # [B|1, K, G, T, S]
 
-    ``None`` means there is no causal structure (``is_causal`` is False).
+
+def vmap_heads(one_head, mask, *, n_query: int, n_kv: int, head_axis: int):
+    """vmaps ``one_head(*query_args, *kv_args, mask)`` over the G query heads that share
+    a K/V head, then the K heads, then the batch.
+
+    Query arguments are ``[B, ..., K, G, ...]`` and key/value arguments
+    ``[B, ..., K, ...]`` with the K axis (and then G) at ``head_axis`` once the batch axis
+    is gone: ``head_axis=1`` for the token-major ``[B, T, K, G, D]``, 0 for the head-major
+    ``[B, K, G, T, D]``. K/V are passed unbatched over G, so GQA never copies them.
+    ``mask`` is ``[B|1, K|1, G|1, T, S]`` (``group_heads``); an axis of size 1 is passed
+    unbatched, and ``None`` (nothing masked) stays ``None``. Returns
+    ``(vmapped_fn, mask)`` with the size-1 axes of the mask removed.
     """
-    B, T, S = shapes.B, shapes.T, shapes.S
-    if not is_causal:
-        if window is not None:
-            raise ValueError(f"window={window} is a causal sliding window: pass is_causal=True with it")
-        if q_positions is not None or kv_positions is not None:
-            raise ValueError("q_positions/kv_positions decide causality: pass is_causal=True with them")
-        return None
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int, got {window!r}")
-    default_q, default_kv = default_positions(T, S)
-    q_pos = _as_batched_positions("q_positions", default_q if q_positions is None else q_positions, B, T)
-    kv_pos = _as_batched_positions("kv_positions", default_kv if kv_positions is None else kv_positions, B, S)
-    return q_pos, kv_pos
-
-
-def check_kv_lengths(shapes: AttentionShapes, kv_lengths):
-    """Validates ``kv_lengths [B]`` (int) and returns it as an array, or ``None``."""
-    if kv_lengths is None:
-        return None
-    kv_lengths = jnp.asarray(kv_lengths)
-    if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-        raise TypeError(f"kv_lengths must be integers, got dtype {kv_lengths.dtype}")
-    if kv_lengths.shape != (shapes.B,):
-        raise ValueError(f"kv_lengths must be [B={shapes.B}], got {kv_lengths.shape}")
-    return kv_lengths
-
-
-def check_user_mask(shapes: AttentionShapes, mask):
-    """Validates a bool mask broadcastable to ``[B, H, T, S]``; returns it as 4-D, or ``None``."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    _check_bool_mask(mask)
-    B, T, S, H = shapes.B, shapes.T, shapes.S, shapes.H
-    if mask.ndim > 4:
-        raise ValueError(f"mask must broadcast to [B, H, T, S] = {(B, H, T, S)}, got {mask.shape}")
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
-    try:
-        jnp.broadcast_shapes(mask.shape, (B, H, T, S))
-    except ValueError:
-        raise ValueError(f"mask {mask.shape} does not broadcast to [B, H, T, S] = {(B, H, T, S)}") from None
-    return mask
-
-
-def multi_head_mask(
-    shapes: AttentionShapes,
-    *,
-    mask=None,
-    is_causal=False,
-    q_positions=None,
-    kv_positions=None,
-    kv_lengths=None,
-    window=None,
-):
-    """Combines every masking argument of ``multi_head_attention`` into one bool mask.
-
-    Returns:
-      bool ``[B|1, H|1, T, S]`` (an axis of size 1 is shared), or ``None`` when nothing
-      is masked.
-    """
-    positions = resolve_positions(
-        shapes, is_causal=is_causal, q_positions=q_positions, kv_positions=kv_positions, window=window
-    )
-    kv_lengths = check_kv_lengths(shapes, kv_lengths)
-    user_mask = check_user_mask(shapes, mask)
-    causal = None
-    if positions is not None:
-        q_pos, kv_pos = positions
-        causal = causal_mask(q_pos, kv_pos, window)[:, None]  # [B|1, 1, T, S]
-    padding = None if kv_lengths is None else padding_mask(kv_lengths, shapes.S)[:, None, None, :]  # [B, 1, 1, S]
-    combined = combine_masks(causal, padding, user_mask)
-    if combined is None:
-        return None
-    Bm, Hm = combined.shape[0], combined.shape[1]
-    return jnp.broadcast_to(combined, (Bm, Hm, shapes.T, shapes.S))  # [B|1, H|1, T, S]
+    sizes = (1, 1, 1) if mask is None else mask.shape[:3]
+    b_axis, k_axis, g_axis = (0 if size > 1 else None for size in sizes)
+    squeezed = None if mask is None else mask.reshape(tuple(size for size in sizes if size > 1) + mask.shape[3:])
+    query, kv = (head_axis,) * n_query, (head_axis,) * n_kv
+    over_group = jax.vmap(one_head, in_axes=query + (None,) * n_kv + (g_axis,), out_axes=head_axis)
+    over_kv_heads = jax.vmap(over_group, in_axes=query + kv + (k_axis,), out_axes=head_axis)
+    over_batch = jax.vmap(over_kv_heads, in_axes=(0,) * (n_query + n_kv) + (b_axis,))
+    return over_batch, squeezed
 
 
 def multi_head_attention(
@@ -267,6 +212,8 @@ def multi_head_attention(
     kv_positions=None,
     kv_lengths=None,
     window=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
     scale=None,
 ):
     """Multi-head attention built from the one-head ``attention`` kernel with ``jax.vmap``.
@@ -286,47 +233,26 @@ def multi_head_attention(
       kv_positions: int ``[B, S]`` or ``[S]``; default ``arange(S)``.
       kv_lengths: int ``[B]``; only keys ``j < kv_lengths[b]`` are valid (padding).
       window: causal sliding window; keeps keys with ``q_pos - kv_pos < window``.
+      q_segment_ids: int ``[B, T]`` or ``[T]``: several sequences packed in one row; a
+        query sees only keys with its own segment id.
+      kv_segment_ids: int ``[B, S]`` or ``[S]``, with ``q_segment_ids``.
       scale: multiplier of the logits, ``1/sqrt(D)`` when ``None``.
 
     Returns:
       ``[B, T, H, E]`` in the dtype of ``q``.
     """
-    shapes = check_multi_head_shapes(q, k, v)
-    B, T, S, H, K, D, E = shapes
-    G = H // K
-    full_mask = multi_head_mask(
-        shapes,
-        mask=mask,
-        is_causal=is_causal,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        kv_lengths=kv_lengths,
-        window=window,
+    shapes, spec, scale = resolve_call(
+        q, k, v, mask=mask, is_causal=is_causal, q_positions=q_positions, kv_positions=kv_positions,
+        kv_lengths=kv_lengths, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
     )
-
-    # Where the mask is shared along an axis (size 1), vmap passes it unbatched (None).
-    if full_mask is None:
-        batch_axis = kv_head_axis = group_axis = None
-    else:
-        batch_axis = 0 if full_mask.shape[0] == B else None
-        if full_mask.shape[1] == H:
-            full_mask = full_mask.reshape(full_mask.shape[0], K, G, T, S)  # [B|1, K, G, T, S]
-            kv_head_axis = group_axis = 0
-        else:
-            full_mask = full_mask[:, 0]  # [B|1, T, S]
-            kv_head_axis = group_axis = None
-        if batch_axis is None:
-            full_mask = full_mask[0]
+    B, T, S, H, K, D, E = shapes
+    full_mask = spec.full_mask()  # [B|1, H|1, T, S], or None when nothing is masked
+    full_mask = None if full_mask is None else group_heads(full_mask, K)  # [B|1, K|1, G|1, T, S]
 
     def one_head(q, k, v, mask):  # [T, D], [S, D], [S, E], [T, S] -> [T, E]
         return attention(q, k, v, mask=mask, scale=scale)
 
-    # q heads sharing one K/V head: [T, G, D], [S, D], [S, E] -> [T, G, E]
-    over_group = jax.vmap(one_head, in_axes=(1, None, None, group_axis), out_axes=1)
-    # K/V heads: [T, K, G, D], [S, K, D], [S, K, E] -> [T, K, G, E]
-    over_kv_heads = jax.vmap(over_group, in_axes=(1, 1, 1, kv_head_axis), out_axes=1)
-    over_batch = jax.vmap(over_kv_heads, in_axes=(0, 0, 0, batch_axis))
-
-    q = q.reshape(B, T, K, G, D)  # [B, T, K, G, D]
-    out = over_batch(q, k, v, full_mask)  # [B, T, K, G, E]
+    over_heads, full_mask = vmap_heads(one_head, full_mask, n_query=1, n_kv=2, head_axis=1)
+    q = q.reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
+    out = over_heads(q, k, v, full_mask)  # [B, T, K, G, E]
     return out.reshape(B, T, H, E)  # [B, T, H, E]

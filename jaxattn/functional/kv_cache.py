@@ -1,22 +1,32 @@
-"""Key/value caches: decode one token at a time without recomputing the past.
+"""Caches: decode one token at a time without recomputing the past.
 
-A cache is a value (a ``NamedTuple`` pytree), not hidden state: a call that uses one
-returns ``(output, new_cache)``. Both caches here have the same interface,
+A cache is a value (a ``NamedTuple`` pytree: buffers, then ``lengths``), not hidden
+state: a call that uses one returns ``(output, new_cache)``. Every cache has the same
+interface,
 
-    view, new_cache = cache.update(k_new, v_new, num_new)
+    view, new_cache = cache.update(*new_tokens, num_new=None)
 
-where ``k_new [B, T, K, D]``, ``v_new [B, T, K, E]`` are this call's keys and values
-(T tokens: a whole prompt or one decode step, through the same code) and ``view`` holds
-what the queries attend to: keys, values and the **absolute position** of every key
-slot. Masks come from positions (``kv_pos <= q_pos``), so an empty or stale slot is
-hidden simply by giving it a position no query can reach (``EMPTY_POSITION``).
+where the new tokens are this call's ``[B, T, ...]`` entries (T tokens: a whole prompt
+or one decode step, through the same code) and ``view`` holds what the queries attend
+to: the buffers and the **absolute position** of every slot. Masks come from positions
+(``kv_pos <= q_pos``), so an empty or stale slot is hidden simply by giving it a position
+no query can reach (``EMPTY_POSITION``). The queries' own positions always come from the
+cache (``next_positions``), so they cannot disagree with it.
 
-- ``KVCache``: preallocated ``[B, S_max, ...]`` buffers; slot j holds position j.
-- ``SlidingKVCache``: for sliding-window layers. It keeps only the last ``W`` tokens,
-  so its memory is the window, not the sequence.
+- ``KVCache``: preallocated ``[B, S_max, K, D]`` keys and ``[B, S_max, K, E]`` values;
+  slot j holds position j.
+- ``SlidingKVCache``: for sliding-window layers; keeps only the last ``W`` tokens, so its
+  memory is the window, not the sequence.
+- ``LatentCache``: MLA's compressed latent ``[B, S_max, L]`` and RoPE key
+  ``[B, S_max, R]``; preallocated like ``KVCache``.
+
+The two ways of keeping tokens, writing at each row's length (``_append``) and keeping a
+window (``_slide``), and one policy for what may be written (``_check_new_tokens``: the
+cache's shapes and exactly its dtype), are shared by all three. At the end: how many
+numbers each kind stores per token (DeepSeek-V2, Table 1).
 
 Shape letters: B batch, T new tokens, S_max capacity, W window, K key/value heads,
-D key width, E value width.
+D key width, E value width, L latent width, R RoPE width.
 """
 
 from __future__ import annotations
@@ -31,39 +41,41 @@ from jax import lax
 EMPTY_POSITION = jnp.iinfo(jnp.int32).max
 
 
-class KVView(NamedTuple):
-    """What the queries of one call attend to.
+def next_positions(lengths, T: int):
+    """int32 ``[B, T]``: the positions of T tokens that continue sequences of ``lengths [B]``."""
+    return jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
 
-    k ``[B, S, K, D]``, v ``[B, S, K, E]``, positions int32 ``[B, S]`` (absolute token
-    position of each slot; ``EMPTY_POSITION`` for a slot that holds nothing).
+
+def positions_from_cache(cache, T: int, positions=None):
+    """int32 ``[B, T]``: where T new tokens that continue ``cache`` sit.
+
+    The one rule every layer follows with a cache: the queries' positions are derived
+    from ``cache.lengths``; a caller who passes ``positions`` as well gets an error
+    instead of a silent choice between the two.
     """
-
-    k: jax.Array
-    v: jax.Array
-    positions: jax.Array
-
-
-def _check_new_tokens(k_buffer, v_buffer, k_new, v_new):
-    B, _, K, D = k_buffer.shape
-    E = v_buffer.shape[-1]
-    T = k_new.shape[1] if k_new.ndim == 4 else None
-    if k_new.shape != (B, T, K, D) or v_new.shape != (B, T, K, E):
+    if positions is not None:
         raise ValueError(
-            f"new keys {k_new.shape} / values {v_new.shape} do not fit the cache "
-            f"k {k_buffer.shape}, v {v_buffer.shape} (need [B={B}, T, K={K}, D={D}] and [B, T, K, E={E}])"
+            "with a cache the positions of the new tokens come from cache.lengths "
+            "(cache.lengths[:, None] + arange(T)); do not pass positions as well"
         )
-    if k_new.dtype != k_buffer.dtype or v_new.dtype != v_buffer.dtype:
-        raise ValueError(f"new keys/values ({k_new.dtype}, {v_new.dtype}) must have the cache dtype {k_buffer.dtype}")
+    return next_positions(cache.lengths, T)
+
+
+def slot_positions(batch: int, capacity: int):
+    """int32 ``[B, S_max]``: slot j of a preallocated cache holds position j."""
+    return jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
 
 
 def check_num_new(num_new, B: int, T: int):
     """``num_new [B]``: how many of the T new tokens of each row are real (ragged prompts)."""
     if num_new is None:
         return jnp.full((B,), T, jnp.int32)
-    num_new = jnp.asarray(num_new, jnp.int32)
+    num_new = jnp.asarray(num_new)
+    if not jnp.issubdtype(num_new.dtype, jnp.integer):
+        raise TypeError(f"num_new must be integers, got dtype {num_new.dtype}")
     if num_new.shape != (B,):
         raise ValueError(f"num_new must be [B={B}], got {num_new.shape}")
-    return num_new
+    return num_new.astype(jnp.int32)
 
 
 def write_at_lengths(buffer, new, lengths):
@@ -79,9 +91,90 @@ def write_at_lengths(buffer, new, lengths):
     return jax.vmap(write)(buffer, new, lengths)
 
 
-def slot_positions(batch: int, capacity: int):
-    """int32 ``[B, S_max]``: slot j of a preallocated cache holds position j."""
-    return jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+# ------------------------------------------------------------- shared by every cache
+
+
+def _check_new_tokens(cache, new: tuple):
+    """The one policy for what may enter a cache: entries ``[B, T, ...]`` with the
+    buffers' B and trailing axes, and exactly their dtype (no silent cast). Returns (B, T)."""
+    names = cache._fields[:-1]
+    buffers = cache[:-1]
+    if len(new) != len(buffers):
+        raise ValueError(f"{type(cache).__name__}.update takes {len(buffers)} arrays ({', '.join(names)}), got {len(new)}")
+    B = buffers[0].shape[0]
+    T = new[0].shape[1] if new[0].ndim >= 2 else None
+    for name, buffer, x in zip(names, buffers, new):
+        expected = (B, T) + buffer.shape[2:]
+        if x.shape != expected:
+            described = ", ".join(f"{n} {b.shape}" for n, b in zip(names, buffers))
+            got = ", ".join(f"{n} {a.shape}" for n, a in zip(names, new))
+            raise ValueError(
+                f"new {got} do not fit the {type(cache).__name__} ({described}): "
+                f"need {name} [B={B}, T, {', '.join(map(str, buffer.shape[2:]))}]"
+            )
+        if x.dtype != buffer.dtype:
+            raise ValueError(
+                f"new {name} has dtype {x.dtype} but the {type(cache).__name__} holds {buffer.dtype}; "
+                f"cast it (x.astype({buffer.dtype})) or create the cache with dtype={x.dtype}"
+            )
+    return B, T
+
+
+def _append(cache, new: tuple, num_new):
+    """Writes the new tokens at each row's length of a preallocated cache.
+
+    Returns ``(buffers, positions [B, S_max], lengths)`` of the new cache.
+    """
+    B, T = _check_new_tokens(cache, new)
+    capacity = cache[0].shape[1]
+    if T > capacity:
+        shapes = ", ".join(f"{n} {b.shape}" for n, b in zip(cache._fields[:-1], cache[:-1]))
+        raise ValueError(f"cannot write {T} tokens into a {type(cache).__name__} of capacity {capacity} ({shapes})")
+    num_new = check_num_new(num_new, B, T)
+    buffers = tuple(write_at_lengths(buffer, x, cache.lengths) for buffer, x in zip(cache[:-1], new))
+    return buffers, slot_positions(B, capacity), cache.lengths + num_new
+
+
+def _slide(cache, new: tuple, num_new):
+    """Appends the new tokens to a window of the last W tokens.
+
+    Returns ``(view buffers [B, W + T, ...], view positions [B, W + T], kept buffers
+    [B, W, ...], lengths)``: the view is the old window followed by the T new tokens,
+    so that every query of a prefill with T > W still finds the W - 1 tokens before it;
+    the kept window is the last W real tokens of that sequence (one ``dynamic_slice``
+    per row).
+    """
+    B, T = _check_new_tokens(cache, new)
+    W = cache[0].shape[1]
+    num_new = check_num_new(num_new, B, T)
+    view = tuple(jnp.concatenate([buffer, x], axis=1) for buffer, x in zip(cache[:-1], new))  # [B, W + T, ...]
+    positions = next_positions(cache.lengths - W, W + T)  # [B, W + T]
+    positions = jnp.where(positions < 0, EMPTY_POSITION, positions)  # slots before the first token
+
+    def keep_last_window(sequence, start):  # [W + T, ...], [] -> [W, ...]
+        return lax.dynamic_slice_in_dim(sequence, start, W, axis=0)
+
+    kept = tuple(jax.vmap(keep_last_window)(x, num_new) for x in view)
+    return view, positions, kept, cache.lengths + num_new
+
+
+def _overflowed(cache):
+    return cache.lengths > cache[0].shape[1]
+
+
+# ------------------------------------------------------------------- the caches
+
+
+class KVView(NamedTuple):
+    """What the queries of one call attend to.
+
+    k ``[B, S, K, D]``, v ``[B, S, K, E]``, positions int32 ``[B, S]`` (absolute token
+    position of each slot; ``EMPTY_POSITION`` for a slot that holds nothing).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
 
 
 class KVCache(NamedTuple):
@@ -111,12 +204,13 @@ class KVCache(NamedTuple):
 
     def overflowed(self):
         """bool ``[B]``: rows that were asked to hold more than ``S_max`` tokens."""
-        return self.lengths > self.capacity
+        return _overflowed(self)
 
     def update(self, k_new, v_new, num_new=None):
         """Writes T new tokens at each row's length; returns ``(KVView, new_cache)``.
 
-        Row b's tokens go to slots ``lengths[b] .. lengths[b] + T - 1`` with
+        ``k_new [B, T, K, D]`` and ``v_new [B, T, K, E]`` in the cache's dtype. Row b's
+        tokens go to slots ``lengths[b] .. lengths[b] + T - 1`` with
         ``lax.dynamic_update_slice``; only the first ``num_new[b]`` count (the rest is
         padding of a ragged prompt: it sits at positions no query reaches and is
         overwritten by the next call).
@@ -128,16 +222,8 @@ class KVCache(NamedTuple):
         ``overflowed()`` is True for that row. ``jaxattn.lm.generate`` checks the
         sizes before tracing so that this never happens there.
         """
-        _check_new_tokens(self.k, self.v, k_new, v_new)
-        B, T = k_new.shape[:2]
-        if T > self.capacity:
-            raise ValueError(f"cannot write {T} tokens into a KV cache of capacity {self.capacity} (k {self.k.shape})")
-        num_new = check_num_new(num_new, B, T)
-
-        k = write_at_lengths(self.k, k_new, self.lengths)
-        v = write_at_lengths(self.v, v_new, self.lengths)
-        new_cache = KVCache(k, v, self.lengths + num_new)
-        return KVView(k, v, slot_positions(B, self.capacity)), new_cache
+        (k, v), positions, lengths = _append(self, (k_new, v_new), num_new)
+        return KVView(k, v, positions), KVCache(k, v, lengths)
 
 
 class SlidingKVCache(NamedTuple):
@@ -172,28 +258,63 @@ class SlidingKVCache(NamedTuple):
         return jnp.zeros(self.lengths.shape, bool)
 
     def update(self, k_new, v_new, num_new=None):
-        """Appends T tokens; returns ``(KVView, new_cache)``.
+        """Appends T tokens; returns ``(KVView, new_cache)`` (the view has W + T slots)."""
+        (k_all, v_all), positions, (k, v), lengths = _slide(self, (k_new, v_new), num_new)
+        return KVView(k_all, v_all, positions), SlidingKVCache(k, v, lengths)
 
-        The view is the old window followed by the T new tokens (``W + T`` slots), so
-        that every query of a multi-token prefill still finds the ``W - 1`` tokens
-        before it even when T > W. The new cache is the last W real tokens, taken
-        from that same sequence with one ``lax.dynamic_slice`` per row.
-        """
-        _check_new_tokens(self.k, self.v, k_new, v_new)
-        B, T = k_new.shape[:2]
-        W = self.window
-        num_new = check_num_new(num_new, B, T)
-        k_all = jnp.concatenate([self.k, k_new], axis=1)  # [B, W + T, K, D]
-        v_all = jnp.concatenate([self.v, v_new], axis=1)  # [B, W + T, K, E]
-        positions = self.lengths[:, None] - W + jnp.arange(W + T, dtype=jnp.int32)  # [B, W + T]
-        positions = jnp.where(positions < 0, EMPTY_POSITION, positions)  # slots before the first token
 
-        def keep_last_window(sequence, start):  # [W + T, ...], [] -> [W, ...]
-            return lax.dynamic_slice_in_dim(sequence, start, W, axis=0)
+class LatentView(NamedTuple):
+    """What MLA's queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions ``[B, S]``."""
 
-        new_cache = SlidingKVCache(
-            k=jax.vmap(keep_last_window)(k_all, num_new),
-            v=jax.vmap(keep_last_window)(v_all, num_new),
-            lengths=self.lengths + num_new,
+    c_kv: jax.Array
+    k_rope: jax.Array
+    positions: jax.Array
+
+
+class LatentCache(NamedTuple):
+    """MLA's cache: ``c_kv [B, S_max, L]`` and ``k_rope [B, S_max, R]`` (L + R numbers per
+    token and layer) plus lengths int32 ``[B]``. Same convention as ``KVCache``: slot j
+    holds position j, one write path for prefill and decode."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, *, batch: int, max_length: int, latent_dim: int, rope_dim: int, dtype=jnp.float32):
+        return cls(
+            c_kv=jnp.zeros((batch, max_length, latent_dim), dtype),
+            k_rope=jnp.zeros((batch, max_length, rope_dim), dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
         )
-        return KVView(k_all, v_all, positions), new_cache
+
+    @property
+    def capacity(self) -> int:
+        return self.c_kv.shape[1]
+
+    def overflowed(self):
+        """bool ``[B]``: rows asked to hold more than ``S_max`` tokens (see ``KVCache.update``)."""
+        return _overflowed(self)
+
+    def update(self, c_kv_new, k_rope_new, num_new=None):
+        """Writes ``c_kv_new [B, T, L]``, ``k_rope_new [B, T, R]`` (the cache's dtype) at each
+        row's length; returns ``(LatentView, new_cache)``. Overflow as in ``KVCache.update``."""
+        (c_kv, k_rope), positions, lengths = _append(self, (c_kv_new, k_rope_new), num_new)
+        return LatentView(c_kv, k_rope, positions), LatentCache(c_kv, k_rope, lengths)
+
+
+# ------------------------------------------------------------------ cache accounting
+
+
+def kv_cache_elements_per_token(*, kv_heads: int, head_dim: int, value_dim: int | None = None) -> int:
+    """Numbers a KV cache stores per token and layer: ``K (D + E)``.
+
+    MHA (K = H): ``2 H D``; GQA: ``2 K D``; MQA (K = 1): ``2 D`` (DeepSeek-V2, Table 1).
+    """
+    return kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
+
+
+def latent_cache_elements_per_token(*, latent_dim: int, rope_dim: int) -> int:
+    """Numbers MLA's cache stores per token and layer: ``L + R`` (DeepSeek-V2, Table 1,
+    written there as ``(d_c + d_h^R) l``, i.e. ``9/2 d_h`` per layer at d_c = 4 d_h, d_h^R = d_h / 2)."""
+    return latent_dim + rope_dim

@@ -19,7 +19,8 @@ the absorption below), hence the separate, decoupled R-wide key ``k_r``.
 Three paths compute the same function, each a plain function:
 
 1. ``mla_naive``: decompress K and V for every head, run ``multi_head_attention``.
-2. ``mla_latent_cache``: cache only ``c_kv`` and ``k_r`` (L + R per token), decompress at use.
+2. ``mla_decompressed``: cache only ``c_kv`` and ``k_r`` (a ``LatentCache``, L + R numbers
+   per token), decompress the whole cache at every call.
 3. ``mla_absorbed``: ``q_c . k_c = (q_c W_uk^T) . c_kv``, so W_uk folds into the query and
    W_uv into the output: attention runs directly over the cached latents, as an MQA with
    key width L + R and value width L. This is the decode path.
@@ -30,14 +31,13 @@ width, L latent width (d_c), P query latent width (d_c'), R RoPE width (d_h^R).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.functional.attention import multi_head_attention
-from jaxattn.functional.kv_cache import check_num_new, slot_positions, write_at_lengths
+from jaxattn.functional.attention import default_scale, multi_head_attention
+from jaxattn.functional.kv_cache import LatentCache, positions_from_cache
 from jaxattn.functional.positions import rope
 
 
@@ -129,7 +129,7 @@ def mla_queries(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_sty
     else:
         q_c = jnp.einsum("btc,chd->bthd", h, params.w_q)
         q_r = jnp.einsum("btc,chr->bthr", h, params.w_qr)
-    q_r = rope(q_r, jnp.asarray(positions)[..., None], theta=rope_theta, style=rope_style)
+    q_r = rope(q_r, positions, theta=rope_theta, style=rope_style)  # [B, T, H, R]
     return q_c, q_r
 
 
@@ -143,34 +143,39 @@ def mla_latents(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_sty
 
 
 def mla_scale(dims: MLADims, scale):
-    return 1.0 / math.sqrt(dims.D + dims.R) if scale is None else scale
+    """``1/sqrt(D + R)``: the query/key width of MLA is the content part plus the RoPE part."""
+    return default_scale(dims.D + dims.R, scale)
 
 
-def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, q_positions, kv_positions, scale):
+def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, q_positions, kv_positions, scale, attention_fn):
     """Equations 10, 11, 16-19 over latents: decompress K, V per head and attend."""
     B, S = c_kv.shape[:2]
     k_c = jnp.einsum("bsl,lhd->bshd", c_kv, params.w_uk)  # [B, S, H, D]
     v_c = jnp.einsum("bsl,lhe->bshe", c_kv, params.w_uv)  # [B, S, H, E]
     k = jnp.concatenate([k_c, jnp.broadcast_to(k_r[:, :, None, :], (B, S, dims.H, dims.R))], axis=-1)  # [B, S, H, D+R]
     q = jnp.concatenate([q_c, q_r], axis=-1)  # [B, T, H, D+R]
-    o = multi_head_attention(
+    o = attention_fn(
         q, k, v_c, is_causal=True, q_positions=q_positions, kv_positions=kv_positions, scale=mla_scale(dims, scale)
     )  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o)  # [B, T, C]
 
 
-def mla_naive(params: MLAParams, h, positions=None, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6, scale=None):
+def mla_naive(
+    params: MLAParams, h, positions=None, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6, scale=None,
+    attention_fn=multi_head_attention,
+):
     """Path 1: causal MLA over ``h [B, T, C]`` with K and V decompressed for every head.
 
-    ``positions`` int ``[B, T]`` or ``[T]``, default ``arange(T)``. Returns ``[B, T, C]``.
+    ``positions`` int ``[B, T]`` or ``[T]``, default ``arange(T)``. ``attention_fn`` is the
+    kernel (``multi_head_attention``'s signature, e.g. ``flash_attention``). Returns ``[B, T, C]``.
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
-    positions = jnp.arange(h.shape[1]) if positions is None else jnp.asarray(positions)
+    positions = jnp.arange(h.shape[1], dtype=jnp.int32) if positions is None else jnp.asarray(positions)
     kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
     q_c, q_r = mla_queries(params, h, positions, **kwargs)
     c_kv, k_r = mla_latents(params, h, positions, **kwargs)
-    return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, positions, positions, scale)
+    return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, positions, positions, scale, attention_fn)
 
 
 def _check_hidden(h, dims: MLADims):
@@ -178,89 +183,41 @@ def _check_hidden(h, dims: MLADims):
         raise ValueError(f"MLA takes h [B, T, C={dims.C}], got {h.shape}")
 
 
-# ------------------------------------------------------------------ the latent cache
+# ------------------------------------------------------------ paths that use a cache
 
 
-class LatentView(NamedTuple):
-    """What queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions ``[B, S]``."""
-
-    c_kv: jax.Array
-    k_rope: jax.Array
-    positions: jax.Array
-
-
-class LatentCache(NamedTuple):
-    """MLA's cache: ``c_kv [B, S_max, L]`` and ``k_rope [B, S_max, R]`` (L + R numbers per
-    token and layer) plus lengths int32 ``[B]``. Same convention as ``KVCache``: slot j
-    holds position j, one write path for prefill and decode."""
-
-    c_kv: jax.Array
-    k_rope: jax.Array
-    lengths: jax.Array
-
-    @classmethod
-    def create(cls, *, batch: int, max_length: int, latent_dim: int, rope_dim: int, dtype=jnp.float32):
-        return cls(
-            c_kv=jnp.zeros((batch, max_length, latent_dim), dtype),
-            k_rope=jnp.zeros((batch, max_length, rope_dim), dtype),
-            lengths=jnp.zeros((batch,), jnp.int32),
-        )
-
-    @property
-    def capacity(self) -> int:
-        return self.c_kv.shape[1]
-
-    def overflowed(self):
-        """bool ``[B]``: rows asked to hold more than ``S_max`` tokens (see ``KVCache.update``)."""
-        return self.lengths > self.capacity
-
-    def update(self, c_kv_new, k_rope_new, num_new=None):
-        """Writes ``c_kv_new [B, T, L]``, ``k_rope_new [B, T, R]`` at each row's length;
-        returns ``(LatentView, new_cache)``. Overflow behaves as in ``KVCache.update``."""
-        B, T = c_kv_new.shape[:2]
-        if c_kv_new.shape[0] != self.c_kv.shape[0] or c_kv_new.shape[2:] != self.c_kv.shape[2:] or (
-            k_rope_new.shape != (B, T) + self.k_rope.shape[2:]
-        ):
-            raise ValueError(
-                f"new latents c_kv {c_kv_new.shape} / k_rope {k_rope_new.shape} do not fit the cache "
-                f"c_kv {self.c_kv.shape}, k_rope {self.k_rope.shape}"
-            )
-        if T > self.capacity:
-            raise ValueError(f"cannot write {T} tokens into a latent cache of capacity {self.capacity}")
-        num_new = check_num_new(num_new, B, T)
-        c_kv = write_at_lengths(self.c_kv, c_kv_new.astype(self.c_kv.dtype), self.lengths)
-        k_rope = write_at_lengths(self.k_rope, k_rope_new.astype(self.k_rope.dtype), self.lengths)
-        new_cache = LatentCache(c_kv, k_rope, self.lengths + num_new)
-        return LatentView(c_kv, k_rope, slot_positions(B, self.capacity)), new_cache
-
-
-def _cached_latents(params, h, cache, num_new, kwargs):
-    q_positions = cache.lengths[:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)  # [B, T]
+def _cached_latents(params, h, cache: LatentCache, num_new, kwargs):
+    """Queries and latents of the new tokens at the positions that continue the cache,
+    written into it. Returns ``(q_c, q_r, q_positions [B, T], LatentView, new_cache)``."""
+    q_positions = positions_from_cache(cache, h.shape[1])  # [B, T]
     q_c, q_r = mla_queries(params, h, q_positions, **kwargs)
     c_kv, k_r = mla_latents(params, h, q_positions, **kwargs)
     view, new_cache = cache.update(c_kv, k_r, num_new)
     return q_c, q_r, q_positions, view, new_cache
 
 
-def mla_latent_cache(
+def mla_decompressed(
     params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
-    epsilon=1e-6, scale=None,
+    epsilon=1e-6, scale=None, attention_fn=multi_head_attention,
 ):
     """Path 2: store only the latents of the T new tokens, decompress the whole cache at use.
 
-    h ``[B, T, C]`` continues each sequence of ``cache``. Returns ``([B, T, C], new_cache)``.
+    h ``[B, T, C]`` continues each sequence of ``cache`` (a ``LatentCache``).
+    Returns ``([B, T, C], new_cache)``.
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
     kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
     q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
-    out = _decompressed_attention(params, dims, q_c, q_r, view.c_kv, view.k_rope, q_positions, view.positions, scale)
+    out = _decompressed_attention(
+        params, dims, q_c, q_r, view.c_kv, view.k_rope, q_positions, view.positions, scale, attention_fn
+    )
     return out, new_cache
 
 
 def mla_absorbed(
     params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
-    epsilon=1e-6, scale=None,
+    epsilon=1e-6, scale=None, attention_fn=multi_head_attention,
 ):
     """Path 3: attention directly over the cached latents, with W_uk and W_uv absorbed.
 
@@ -279,25 +236,8 @@ def mla_absorbed(
     q = jnp.concatenate([q_latent, q_r], axis=-1)  # [B, T, H, L+R]
     k = jnp.concatenate([view.c_kv, view.k_rope], axis=-1)[:, :, None, :]  # [B, S, 1, L+R]
     v = view.c_kv[:, :, None, :]  # [B, S, 1, L]
-    o_latent = multi_head_attention(
+    o_latent = attention_fn(
         q, k, v, is_causal=True, q_positions=q_positions, kv_positions=view.positions, scale=mla_scale(dims, scale)
     )  # [B, T, H, L]
     o = jnp.einsum("bthl,lhe->bthe", o_latent, params.w_uv)  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o), new_cache  # [B, T, C]
-
-
-# ------------------------------------------------------------------ cache accounting
-
-
-def kv_cache_elements_per_token(*, kv_heads: int, head_dim: int, value_dim: int | None = None) -> int:
-    """Numbers a KV cache stores per token and layer: ``K (D + E)``.
-
-    MHA (K = H): ``2 H D``; GQA: ``2 K D``; MQA (K = 1): ``2 D`` (DeepSeek-V2, Table 1).
-    """
-    return kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
-
-
-def latent_cache_elements_per_token(*, latent_dim: int, rope_dim: int) -> int:
-    """Numbers MLA's cache stores per token and layer: ``L + R`` (DeepSeek-V2, Table 1,
-    written there as ``(d_c + d_h^R) l``, i.e. ``9/2 d_h`` per layer at d_c = 4 d_h, d_h^R = d_h / 2)."""
-    return latent_dim + rope_dim

@@ -31,6 +31,29 @@ def sinusoidal_positions(T: int, C: int, *, base: float = 10000.0):
     return table.reshape(T, 2 * pairs)[:, :C]  # [T, C]
 
 
+def _token_positions(x, positions):
+    """Positions index the token axes of ``x``; heads broadcast.
+
+    ``x [B, T, H, D]`` takes ``[B, T]`` or ``[T]`` (and the older ``[B, T, 1]``); any other
+    ``x [..., D]`` takes positions that broadcast to ``x.shape[:-1]`` (``[B, S]`` or ``[S]``
+    for ``[B, S, R]``, ``[T]`` for ``[T, D]``). Returns positions shaped to broadcast
+    against ``x.shape[:-1]``.
+    """
+    given = jnp.asarray(positions)
+    if not jnp.issubdtype(given.dtype, jnp.integer):
+        raise TypeError(f"positions must be integers, got dtype {given.dtype}")
+    positions = given[..., None] if x.ndim == 4 and given.ndim in (1, 2) else given  # [B|1, T, 1]: heads share it
+    try:
+        jnp.broadcast_shapes(positions.shape, x.shape[:-1])
+    except ValueError:
+        expected = "[B, T] or [T]" if x.ndim == 4 else f"a shape that broadcasts to {x.shape[:-1]}"
+        raise ValueError(
+            f"positions {given.shape} do not fit x {x.shape}: positions index the token axes, "
+            f"so they must be {expected}"
+        ) from None
+    return positions
+
+
 def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
     """Rotary position embedding (Su et al. 2021, RoFormer, section 3.4.2).
 
@@ -39,14 +62,17 @@ def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
     compose, ``rope(q, m) . rope(k, n)`` depends only on ``m - n``.
 
     Args:
-      x: ``[..., D]`` with D even, e.g. ``[B, T, H, D]`` or ``[B, S, R]``.
-      positions: int array broadcastable to ``x.shape[:-1]``, e.g. ``[B, T, 1]``
-        for ``[B, T, H, D]`` (one position for all heads of a token).
+      x: ``[B, T, H, D]`` (queries or keys of H heads), or any ``[..., D]`` such as
+        MLA's shared RoPE key ``[B, S, R]``; D even.
+      positions: int, indexing the token axes: ``[B, T]`` or ``[T]`` for
+        ``x [B, T, H, D]`` (every head of a token shares its position; ``[B, T, 1]`` is
+        accepted too), otherwise broadcastable to ``x.shape[:-1]`` (``[B, S]`` for
+        ``[B, S, R]``).
       theta: the base of the frequencies.
       style: which elements form a pair.
         ``"half"``: ``(i, i + D/2)``, the two halves of the head (GPT-NeoX,
-        Hugging Face Llama); ``"interleaved"``: ``(2i, 2i+1)`` (GPT-J, the original
-        Llama, DeepSeek).
+        Hugging Face Llama, Qwen2, Mistral); ``"interleaved"``: ``(2i, 2i+1)`` (GPT-J,
+        the original Llama, DeepSeek).
 
     Returns:
       ``x`` rotated, same shape and dtype (the rotation is computed in float32).
@@ -56,16 +82,7 @@ def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"rope needs an even last axis, got x.shape={x.shape}")
-    positions = jnp.asarray(positions)
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
-    try:
-        jnp.broadcast_shapes(positions.shape, x.shape[:-1])
-    except ValueError:
-        raise ValueError(
-            f"positions {positions.shape} do not broadcast to x.shape[:-1] = {x.shape[:-1]} "
-            "(for x [B, T, H, D] pass positions[..., None] of shape [B, T, 1])"
-        ) from None
+    positions = _token_positions(x, positions)
 
     inv_freq = theta ** (-2.0 * jnp.arange(D // 2, dtype=jnp.float32) / D)  # [D/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]

@@ -1,33 +1,45 @@
-"""A training run's folder: its configuration, orbax checkpoints and loss curve.
+"""A training run's folder: its configuration, orbax checkpoints and a lock.
 
-    RUN/run.json          model Config, TrainConfig and data name (written once)
-    RUN/checkpoints/N/    orbax checkpoint of step N (the last few are kept)
-    RUN/loss.png          train loss and validation bits/byte
+    RUN/run.json          model TransformerConfig, TrainConfig and data name (written once)
+    RUN/checkpoints/N/    orbax checkpoint of step N (the last few are kept):
+                          ``state`` = {step, params, opt_state}, ``history`` = the loss curve
+    RUN/.lock             held (``fcntl.flock``) by the process that trains in RUN
 
-A folder that already holds a run is never replaced unless asked (``overwrite``), and
-resuming checks that the folder really holds a run.
+A folder that already holds a run is never replaced unless asked (``overwrite``);
+resuming checks that the folder really holds a run; two processes never train into one
+folder at once (the second is told who holds it). Loading a model for inference reads
+the parameters only, not the optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import time
+import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxattn import viz
-from jaxattn.nn import Config, TransformerLM
+from jaxattn.nn import TransformerConfig, TransformerLM
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(ValueError):
-    """A run folder that is missing, holds no checkpoint, or cannot be read."""
+    """A run folder that is missing, holds no checkpoint, cannot be read, or is in use."""
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 class RunFolder:
@@ -54,15 +66,15 @@ class RunFolder:
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{str(self.path / RUN_FILE)!r} is unreadable: {error}") from None
 
-    def model_config(self) -> Config:
+    def model_config(self) -> TransformerConfig:
         try:
-            return Config(**self.read_run()["model"])
+            return TransformerConfig(**self.read_run()["model"])
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{str(self.path / RUN_FILE)!r} has no valid model config: {error}") from None
 
-    def start(self, config: Config, train_config, data_name: str) -> None:
+    def start(self, config: TransformerConfig, train_config, data_name: str) -> None:
         """Claims the folder for a new run; refuses to replace another run unless ``overwrite``."""
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             if not self.overwrite:
                 what = "a training run" if self.holds_run() else "other files"
                 raise CheckpointError(
@@ -71,9 +83,47 @@ class RunFolder:
                 )
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
             (self.path / RUN_FILE).unlink(missing_ok=True)
+            self._manager = None
         self.path.mkdir(parents=True, exist_ok=True)
         run = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(train_config), "data": data_name}
         (self.path / RUN_FILE).write_text(json.dumps(run, indent=2))
+
+    # -------------------------------------------------------------------- lock
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder for one training process.
+
+        An advisory ``fcntl.flock`` on ``RUN/.lock``: the operating system releases it
+        when the process ends, however it ends, so a crash leaves no stale lock. A
+        second process gets a ``CheckpointError`` naming the holder (pid, host, start).
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: run without a lock rather than not at all
+            warnings.warn("run folders cannot be locked on this platform (no fcntl); do not train twice into one folder")
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise CheckpointError(
+                    f"{str(self.path)!r} is in use: {holder} is training in it. Wait for that run to end "
+                    "(or stop it; its checkpoint is kept), or choose another --out"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            handle.write(f"process {os.getpid()} on host {socket.gethostname()} (since {started})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -90,44 +140,58 @@ class RunFolder:
         return self.manager.latest_step()
 
     def save(self, state, history: dict) -> None:
-        """Saves ``state`` as checkpoint ``state.step`` (once: an existing step is kept)."""
+        """Saves ``state`` (``step``, ``params``, ``opt_state``) as checkpoint ``state.step``
+        (once: an existing step is kept)."""
         step = int(state.step)
         if self.manager.latest_step() == step:
             return
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), history=ocp.args.JsonSave(history))
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, template_state):
-        """Restores the latest checkpoint into the structure of ``template_state``.
-
-        Returns ``(state, history)``.
-        """
+    def _step_to_restore(self) -> int:
         self.read_run()
         step = self.latest_step()
         if step is None:
             raise CheckpointError(f"{str(self.path)!r} holds no checkpoint to restore")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore())
+        return step
+
+    def _restore(self, step: int, args):
         try:
-            restored = self.manager.restore(step, args=args)
+            return self.manager.restore(step, args=args)
         except Exception as error:  # orbax raises many types for a damaged folder
             raise CheckpointError(f"checkpoint {step} in {str(self.path)!r} cannot be restored: {error}") from None
-        return type(template_state)(*restored["state"]), restored["history"]
+
+    def restore(self, template_state):
+        """Restores the latest checkpoint into the structure (and shardings) of
+        ``template_state``, for resuming training. Returns ``(state, history)``."""
+        step = self._step_to_restore()
+        tree = {"step": template_state.step, "params": template_state.params, "opt_state": template_state.opt_state}
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(tree)), history=ocp.args.JsonRestore())
+        restored = self._restore(step, args)
+        state = restored["state"]
+        return type(template_state)(state["step"], state["params"], state["opt_state"]), restored["history"]
+
+    def restore_params(self, template_params):
+        """Restores only the parameters of the latest checkpoint (no optimizer state is
+        read), into the structure, dtypes and shardings of ``template_params`` (arrays or
+        ``jax.ShapeDtypeStruct``)."""
+        step = self._step_to_restore()
+        item = {"params": _abstract(template_params)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        return self._restore(step, args)["state"]["params"]
 
     def load_model(self) -> TransformerLM:
-        """The trained model of the latest checkpoint (for generation and the tour)."""
-        from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer
+        """The trained model of the latest checkpoint (for generation and the tour).
 
+        The model is built abstractly (``nnx.eval_shape``: no random initialisation) and
+        filled with the restored parameters.
+        """
         config = self.model_config()
-        train_config = TrainConfig(**self.read_run().get("train", {}))
-        model = init_model(config, 0)
-        state, _ = self.restore(init_state(model, make_optimizer(train_config)))
-        nnx.update(model, state.params)
-        return model
-
-    def plot_history(self, history: dict) -> Path:
-        series = {"train loss (bits/byte)": (history["step"], [x / 0.6931471805599453 for x in history["train_loss"]])}
-        if history["val_step"]:
-            series["validation (bits/byte)"] = (history["val_step"], history["val_bpb"])
-        return viz.line_chart(series, self.path / "loss.png", title="Training", xlabel="step", ylabel="bits per byte")
+        abstract_model = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract_model)
+        params = self.restore_params(nnx.to_pure_dict(abstract_state))
+        nnx.replace_by_pure_dict(abstract_state, params)
+        return nnx.merge(graphdef, abstract_state)

@@ -37,7 +37,13 @@ def load_corpus(path=None, *, min_tokens: int = 2) -> Corpus:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-        text, name = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, name = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"data file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
+            ) from None
     tokens = encode(text)
     if len(tokens) < 2 * min_tokens:
         raise ValueError(f"data file {name!r} has {len(tokens)} bytes; need at least {2 * min_tokens} to train")

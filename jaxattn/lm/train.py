@@ -2,7 +2,8 @@
 
 The model's parameters travel as a plain nested dict (``nnx.to_pure_dict``), so the
 jitted step, optax and orbax all see one ordinary pytree; ``nnx.merge`` rebuilds the
-module inside the step.
+module inside the step. Losses are reported in bits per byte everywhere (progress bar,
+history, summary, plot): one token is one byte, so that is the cross entropy in bits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.data import Corpus, batch_at, evaluation_windows
-from jaxattn.nn import Config, TransformerLM
+from jaxattn.nn import TransformerConfig, TransformerLM
+
+BITS_PER_NAT = 1 / math.log(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +46,30 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Rejects hyper-parameters that could only end in NaN or nothing, before any step runs."""
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name, low, low_allowed, high in (
+            ("learning_rate", 0.0, False, math.inf),
+            ("grad_clip", 0.0, False, math.inf),
+            ("weight_decay", 0.0, True, math.inf),
+            ("min_learning_rate_ratio", 0.0, True, 1.0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value < low or (value == low and not low_allowed) or value > high:
+                bound = f"> {low}" if not low_allowed else f">= {low}"
+                raise ValueError(f"{name} must be {bound}" + (f" and <= {high}" if high < math.inf else "") + f", got {value!r}")
 
 
-def default_model_config(attention: str = "gqa") -> Config:
+def default_model_config(attention: str = "gqa") -> TransformerConfig:
     """The default byte-level model (about 0.8M parameters): sized so that
     ``jaxattn train`` reaches its validation target in about ten minutes on 2 CPU cores.
 
@@ -59,7 +80,7 @@ def default_model_config(attention: str = "gqa") -> Config:
     kv_heads = {"mha": heads, "gqa": heads // 2, "mqa": 1, "mla": heads}
     if attention not in kv_heads:
         raise ValueError(f"attention must be one of {sorted(kv_heads)}, got {attention!r}")
-    return Config(
+    return TransformerConfig(
         width=128, layers=4, heads=heads, kv_heads=kv_heads[attention], head_dim=32, mlp_hidden=352, max_length=1024,
         attention="mla" if attention == "mla" else "standard", latent_dim=64, rope_dim=16,
     )
@@ -88,11 +109,11 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only (not on norm scales)."""
+    """Weight decay on matrices only (not on norm scales or biases)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def init_model(config: Config, seed: int) -> TransformerLM:
+def init_model(config: TransformerConfig, seed: int) -> TransformerLM:
     return TransformerLM(config, rngs=nnx.Rngs(seed))
 
 
@@ -131,11 +152,11 @@ def bits_per_byte(eval_loss, params, windows: np.ndarray, batch_size: int) -> fl
         chunk = windows[start : start + batch_size]
         total += float(eval_loss(params, jnp.asarray(chunk))) * len(chunk)
         count += len(chunk)
-    return total / count / math.log(2)
+    return total / count * BITS_PER_NAT
 
 
 def train(
-    config: Config,
+    config: TransformerConfig,
     tc: TrainConfig,
     corpus: Corpus,
     run: RunFolder,
@@ -147,13 +168,20 @@ def train(
     """Trains, evaluates, checkpoints into ``run``; returns the final summary.
 
     The batch of step s depends only on ``(tc.seed, s)``, so a run resumed from a
-    checkpoint continues exactly as an uninterrupted one would.
+    checkpoint continues exactly as an uninterrupted one would. The run folder is
+    locked for the whole run (``RunFolder.lock``). On Ctrl-C the state is saved, the
+    message says how to continue, and ``KeyboardInterrupt`` is raised again.
     """
+    with run.lock():
+        return _train(config, tc, corpus, run, resume=resume, progress=progress, say=say)
+
+
+def _train(config, tc, corpus, run, *, resume, progress, say) -> dict:
     model = init_model(config, tc.seed)
     optimizer = make_optimizer(tc)
     state = init_state(model, optimizer)
     train_step, eval_loss = make_steps(model, optimizer)
-    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": []}
+    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": []}  # train_loss in nats, val_bpb in bits/byte
     if resume:
         state, history = run.restore(state)
         say(f"Resumed {run.path} at step {int(state.step)}")
@@ -178,7 +206,10 @@ def train(
                 history["step"].append(done)
                 history["train_loss"].append(loss)
                 elapsed = time.perf_counter() - start_time
-                bar.set_postfix(loss=f"{loss:.3f}", tok_per_s=f"{(done - first) * tokens_per_step / elapsed:,.0f}")
+                bar.set_postfix(
+                    train_bits_per_byte=f"{loss * BITS_PER_NAT:.3f}",
+                    tok_per_s=f"{(done - first) * tokens_per_step / elapsed:,.0f}",
+                )
             if done % tc.eval_every == 0 and done < tc.steps:
                 bpb = bits_per_byte(eval_loss, state.params, windows_now, tc.batch_size)
                 history["val_step"].append(done)
@@ -189,7 +220,7 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         run.save(state, history)
-        say(f"Interrupted at step {int(state.step)}; checkpoint saved. Continue with --resume.")
+        say(f"Interrupted at step {int(state.step)}; checkpoint saved in {run.path}. Continue with --resume.")
         raise
     bar.close()
     elapsed = time.perf_counter() - start_time
@@ -197,18 +228,18 @@ def train(
     history["val_step"].append(int(state.step))
     history["val_bpb"].append(final_bpb)
     run.save(state, history)
-    plot = run.plot_history(history)
     summary = {
         "steps": int(state.step),
-        "final_train_loss_nats": loss,
+        "train_bits_per_byte": loss * BITS_PER_NAT,
         "validation_bits_per_byte": final_bpb,
         "seconds": round(elapsed, 1),
         "tokens_per_second": round((int(state.step) - first) * tokens_per_step / max(elapsed, 1e-9)),
         "run": str(run.path),
-        "loss_curve": str(plot),
+        "history": history,
     }
     say(
         f"Trained {summary['steps']} steps in {elapsed:.0f} s ({summary['tokens_per_second']:,} tokens/s): "
-        f"validation {final_bpb:.3f} bits/byte on {corpus.name}; checkpoint in {run.path}"
+        f"train {summary['train_bits_per_byte']:.3f} bits/byte, validation {final_bpb:.3f} bits/byte "
+        f"on {corpus.name}; checkpoint in {run.path}"
     )
     return summary

@@ -6,6 +6,7 @@ from jaxattn.nn.mla import MultiHeadLatentAttention
 from jaxattn.nn.transformer import (
     Config,
     TransformerBlock,
+    TransformerConfig,
     TransformerLM,
     cache_bytes_per_token,
     cache_elements_per_token,
@@ -18,6 +19,7 @@ __all__ = [
     "MultiHeadLatentAttention",
     "SwiGluMlp",
     "TransformerBlock",
+    "TransformerConfig",
     "TransformerLM",
     "cache_bytes_per_token",
     "cache_elements_per_token",

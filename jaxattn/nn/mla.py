@@ -1,6 +1,9 @@
 """The multi-head latent attention layer (DeepSeek-V2): NNX parameters around
 ``jaxattn.functional.mla``. Training and full passes use the naive path; a call with a
-``LatentCache`` uses the absorbed path, attending directly over the cached latents."""
+``LatentCache`` uses the absorbed path, attending directly over the cached latents.
+
+Shape letters: B batch, T tokens now, C model width, H heads, D/E per-head key/value
+width, L latent width, R RoPE width, P query latent width."""
 
 from __future__ import annotations
 
@@ -9,15 +12,18 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.functional.mla import LatentCache, MLAParams, mla_absorbed, mla_naive
+from jaxattn.functional import LatentCache, MLAParams, mla_absorbed, mla_naive, multi_head_attention
+from jaxattn.functional.kv_cache import positions_from_cache
 
 
 class MultiHeadLatentAttention(nnx.Module):
-    """Causal MLA. Call: ``x [B, T, C]``, ``positions`` int ``[B, T]`` or ``[T]`` ->
-    ``[B, T, C]``; with ``cache=`` (a ``LatentCache``) -> ``(out, new_cache)``.
+    """Causal MLA. Call: ``x [B, T, C]``, ``positions`` int ``[B, T]`` or ``[T]`` (default
+    ``arange(T)``) -> ``[B, T, C]``; with ``cache=`` (a ``LatentCache``) ->
+    ``(out, new_cache)``, the positions then coming from the cache.
 
     Sizes: ``heads`` H, ``head_dim`` D, ``value_dim`` E, ``latent_dim`` L, ``rope_dim`` R,
-    ``query_latent_dim`` P (``None``: no query compression).
+    ``query_latent_dim`` P (``None``: no query compression). ``attention_fn`` is the kernel
+    of both paths (``multi_head_attention``'s signature).
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class MultiHeadLatentAttention(nnx.Module):
         rope_theta: float = 10000.0,
         rope_style: str = "interleaved",
         epsilon: float = 1e-6,
+        attention_fn=multi_head_attention,
         dtype=jnp.float32,
         out_stddev: float = 0.02,
         rngs: nnx.Rngs,
@@ -67,6 +74,7 @@ class MultiHeadLatentAttention(nnx.Module):
             self.q_norm = nnx.Param(jnp.ones((P,))) if latent_norms else None
             self.w_q = None
         self.rope_theta, self.rope_style, self.epsilon, self.dtype = rope_theta, rope_style, epsilon, dtype
+        self.attention_fn = attention_fn
 
     def params(self) -> MLAParams:
         """The weights as the functional ``MLAParams`` pytree, in the compute dtype."""
@@ -80,9 +88,12 @@ class MultiHeadLatentAttention(nnx.Module):
             w_q=value(self.w_q), q_norm=value(self.q_norm), kv_norm=value(self.kv_norm),
         )
 
-    def __call__(self, x, positions, *, cache: LatentCache | None = None, num_new=None):
-        kwargs = dict(rope_theta=self.rope_theta, rope_style=self.rope_style, epsilon=self.epsilon)
+    def __call__(self, x, positions=None, *, cache: LatentCache | None = None, num_new=None):
+        kwargs = dict(
+            rope_theta=self.rope_theta, rope_style=self.rope_style, epsilon=self.epsilon, attention_fn=self.attention_fn
+        )
         x = x.astype(self.dtype)
         if cache is None:
             return mla_naive(self.params(), x, positions, **kwargs)
+        positions_from_cache(cache, x.shape[1], positions)  # with a cache, positions must not be passed
         return mla_absorbed(self.params(), x, cache, num_new=num_new, **kwargs)

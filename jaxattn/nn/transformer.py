@@ -1,4 +1,4 @@
-"""A pre-norm decoder-only transformer language model, built from a frozen ``Config``.
+"""A pre-norm decoder-only transformer language model, built from a frozen ``TransformerConfig``.
 
     x = x + attn(norm_1(x))
     x = x + mlp(norm_2(x))
@@ -16,12 +16,15 @@ from flax import nnx
 
 from jaxattn.functional import (
     KVCache,
+    LatentCache,
     SlidingKVCache,
     flash_attention,
+    kv_cache_elements_per_token,
+    latent_cache_elements_per_token,
     multi_head_attention,
     sinusoidal_positions,
 )
-from jaxattn.functional.mla import LatentCache, kv_cache_elements_per_token, latent_cache_elements_per_token
+from jaxattn.functional.kv_cache import positions_from_cache
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.mla import MultiHeadLatentAttention
 from jaxattn.nn.layers import Mlp, SwiGluMlp, default_kernel_init, make_norm
@@ -35,23 +38,26 @@ ATTENTION_KERNELS = {"dense": multi_head_attention, "flash": flash_attention}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class TransformerConfig:
     """Everything that defines a ``TransformerLM``. Saved as JSON next to checkpoints.
 
-    ``kv_heads`` < ``heads`` gives GQA (1 gives MQA); ``window`` makes every layer a
-    causal sliding-window layer whose cache holds only ``window`` tokens;
-    ``max_length`` is the context length (learned positions and the default cache).
-    ``attention="mla"`` uses multi-head latent attention (``latent_dim`` L, ``rope_dim`` R,
-    ``query_latent_dim`` P) instead of MHA/GQA/MQA; ``kv_heads`` is then unused.
-    ``attention_kernel``: ``"dense"`` (``multi_head_attention``) or ``"flash"``
-    (``flash_attention``, memory linear in the sequence).
+    ``kv_heads`` < ``heads`` gives GQA (1 gives MQA; ``None`` means ``heads``, i.e. MHA);
+    ``window`` makes every layer a causal sliding-window layer whose cache holds only
+    ``window`` tokens; ``max_length`` is the context length (learned positions and the
+    default cache). ``attention="mla"`` uses multi-head latent attention (``latent_dim``
+    L, ``rope_dim`` R, ``query_latent_dim`` P) instead of MHA/GQA/MQA. ``attention_kernel``:
+    ``"dense"`` (``multi_head_attention``) or ``"flash"`` (``flash_attention``, memory
+    linear in the sequence), for either attention.
+
+    A combination that a model would silently ignore is a ``ValueError`` that says what
+    and why (e.g. a window or ``kv_heads != heads`` with MLA).
     """
 
     vocab_size: int = 256
     width: int = 256
     layers: int = 4
     heads: int = 8
-    kv_heads: int = 4
+    kv_heads: int | None = None
     head_dim: int = 32
     mlp: str = "swiglu"
     mlp_hidden: int = 704
@@ -70,6 +76,8 @@ class Config:
     attention_kernel: str = "dense"
 
     def __post_init__(self):
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)  # normalised once: MHA
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention_kernel must be one of {tuple(ATTENTION_KERNELS)}, got {self.attention_kernel!r}")
         if self.attention not in ATTENTION_KINDS:
@@ -82,18 +90,42 @@ class Config:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be >= 1 or None, got {self.window}")
-        for name in ("vocab_size", "width", "layers", "head_dim", "mlp_hidden", "max_length"):
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+        for name in ("vocab_size", "width", "layers", "head_dim", "mlp_hidden", "max_length", "latent_dim", "rope_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention == "mla":
+            if self.window is not None:
+                raise ValueError(
+                    f"attention='mla' would ignore window={self.window}: MLA's latent cache keeps every token and "
+                    "its layer takes no window; use attention='standard' for sliding-window layers"
+                )
+            if self.kv_heads != self.heads:
+                raise ValueError(
+                    f"attention='mla' would ignore kv_heads={self.kv_heads}: every MLA head decompresses its own "
+                    f"keys and values from the shared latent; leave kv_heads unset (or equal to heads={self.heads})"
+                )
+            if self.rope_dim % 2:
+                raise ValueError(f"MLA's decoupled RoPE width rope_dim must be even, got {self.rope_dim}")
+        elif self.query_latent_dim is not None:
+            raise ValueError(
+                f"query_latent_dim={self.query_latent_dim} compresses MLA's queries; attention='standard' "
+                "would ignore it (set attention='mla' or leave it None)"
+            )
+        if self.attention == "standard" and self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {self.head_dim}")
 
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
 
-def cache_elements_per_token(config: Config) -> int:
+# The name of the first releases; the same class.
+Config = TransformerConfig
+
+
+def cache_elements_per_token(config: TransformerConfig) -> int:
     """Numbers one layer's cache holds per token: ``K (D + E)`` for MHA/GQA/MQA,
     ``L + R`` for MLA (DeepSeek-V2, Table 1). A sliding window bounds the tokens, not this."""
     if config.attention == "mla":
@@ -101,7 +133,7 @@ def cache_elements_per_token(config: Config) -> int:
     return kv_cache_elements_per_token(kv_heads=config.kv_heads, head_dim=config.head_dim)
 
 
-def cache_bytes_per_token(config: Config) -> int:
+def cache_bytes_per_token(config: TransformerConfig) -> int:
     """``cache_elements_per_token`` times the bytes of one element of the compute dtype."""
     return cache_elements_per_token(config) * config.compute_dtype.itemsize
 
@@ -109,7 +141,7 @@ def cache_bytes_per_token(config: Config) -> int:
 class TransformerBlock(nnx.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: Config, *, attention_fn=None, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, attention_fn=None, rngs: nnx.Rngs):
         dtype = config.compute_dtype
         attention_fn = ATTENTION_KERNELS[config.attention_kernel] if attention_fn is None else attention_fn
         # GPT-2: scale the residual projections by 1/sqrt(2 * layers).
@@ -125,6 +157,7 @@ class TransformerBlock(nnx.Module):
                 query_latent_dim=config.query_latent_dim,
                 rope_theta=config.rope_theta,
                 rope_style=config.rope_style,
+                attention_fn=attention_fn,
                 dtype=dtype,
                 out_stddev=0.02 / math.sqrt(2 * config.layers),
                 rngs=rngs,
@@ -136,7 +169,7 @@ class TransformerBlock(nnx.Module):
         self.mlp = mlp_class(config.width, config.mlp_hidden, dtype=dtype, out_init=out_init, rngs=rngs)
 
     @staticmethod
-    def _standard_attention(config: Config, attention_fn, out_init, rngs):
+    def _standard_attention(config: TransformerConfig, attention_fn, out_init, rngs):
         return MultiHeadAttention(
             config.width,
             heads=config.heads,
@@ -151,7 +184,8 @@ class TransformerBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, positions, *, cache=None, num_new=None):  # [B, T, C] -> [B, T, C]
+    def __call__(self, x, positions=None, *, cache=None, num_new=None):  # [B, T, C] -> [B, T, C]
+        """``positions`` int ``[B, T]`` or ``[T]`` without a cache; with one they come from it."""
         if cache is None:
             x = x + self.attn(self.attn_norm(x), positions)
         else:
@@ -169,7 +203,7 @@ class TransformerLM(nnx.Module):
     ``num_new [B]`` says how many of them are real in each row of a ragged batch.
     """
 
-    def __init__(self, config: Config, *, attention_fn=None, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, attention_fn=None, rngs: nnx.Rngs):
         """``attention_fn`` overrides the kernel that ``config.attention_kernel`` names."""
         self.config = config
         dtype = config.compute_dtype
@@ -215,11 +249,11 @@ class TransformerLM(nnx.Module):
         if cache is None:
             if T > self.config.max_length:
                 raise ValueError(f"{T} tokens exceed the context length max_length={self.config.max_length}")
-            positions = jnp.arange(T, dtype=jnp.int32)[None]  # [1, T]
+            positions = jnp.arange(T, dtype=jnp.int32)  # [T]
         else:
             if len(cache) != len(self.blocks):
                 raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
-            positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+            positions = positions_from_cache(cache[0], T)  # [B, T], for the position embeddings
         x = self.embed(tokens)  # [B, T, C]
         if self.config.positions == "learned":
             x = x + self.position_embed(jnp.minimum(positions, self.config.max_length - 1))
@@ -231,7 +265,7 @@ class TransformerLM(nnx.Module):
             if cache is None:
                 x = block(x, positions)
             else:
-                x, layer_cache = block(x, positions, cache=cache[layer], num_new=num_new)
+                x, layer_cache = block(x, cache=cache[layer], num_new=num_new)  # positions from the cache
                 new_cache.append(layer_cache)
         x = self.final_norm(x)
         if self.config.tied_embeddings:

@@ -8,16 +8,11 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import reference_attention
 from jaxattn.functional import attention, attention_weights, multi_head_attention
+from tests.conftest import normal, reference_attention, value_and_grads
 
 # Odd, distinct sizes so that a transposed axis cannot hide.
 B, T, S, H, D = 2, 5, 7, 6, 11
-
-
-def normal(shape, dtype=jnp.float32, seed=0):
-    # NumPy draws: jax.random would compile a sampler for every new shape.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 def make_qkv(T=T, S=S, H=H, K=H, D=D, E=None, dtype=jnp.float32, seed=0):
@@ -146,6 +141,51 @@ class MultiHeadTest(chex.TestCase):
         chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def packed_segments(lengths):
+    """Segment ids of sequences of the given lengths packed one after another: [sum(lengths)]."""
+    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+
+
+class SegmentIdsTest(chex.TestCase):
+    """Packed sequences: a query sees only keys of its own segment."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("causal", True), ("bidirectional", False))
+    def test_values_and_gradients_equal_float64_reference(self, causal):
+        T = 13  # three sequences of odd lengths in row 0, two in row 1
+        segments = np.stack([packed_segments([5, 3, 5]), packed_segments([7, 6])])
+        q, k, v = make_qkv(T=T, S=T, K=3, E=4)
+        cotangent = normal((B, T, H, 4), seed=11)
+        kwargs = dict(q_segment_ids=segments, kv_segment_ids=segments, is_causal=causal)
+        run = self.variant(lambda q, k, v: value_and_grads(multi_head_attention, q, k, v, cotangent, **kwargs))
+        out, grads = run(q, k, v)
+        positions = np.arange(T) if causal else None
+        expected = reference_attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                       q_segment_ids=segments, kv_segment_ids=segments, cotangent=cotangent)
+        chex.assert_trees_all_close(out, expected[0], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(grads, expected[1:], rtol=1e-4, atol=1e-5)
+
+    def test_packed_rows_equal_each_sequence_alone(self):
+        lengths = [4, 1, 6]
+        segments = packed_segments(lengths)
+        q, k, v = make_qkv(T=11, S=11, K=2)
+        packed = multi_head_attention(q, k, v, is_causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+        start = 0
+        for n in lengths:
+            alone = multi_head_attention(*(x[:, start : start + n] for x in (q, k, v)), is_causal=True)
+            chex.assert_trees_all_close(packed[:, start : start + n], alone, rtol=1e-5, atol=1e-6)
+            start += n
+
+    def test_bad_segment_ids(self):
+        q, k, v = make_qkv()
+        with self.assertRaisesRegex(ValueError, "pass both q_segment_ids and kv_segment_ids"):
+            multi_head_attention(q, k, v, q_segment_ids=np.zeros(T, np.int32))
+        with self.assertRaisesRegex(ValueError, r"kv_segment_ids must be \[S=7\] or \[B=2, S=7\], got \(5,\)"):
+            multi_head_attention(q, k, v, q_segment_ids=np.zeros(T, np.int32), kv_segment_ids=np.zeros(T, np.int32))
+        with self.assertRaisesRegex(TypeError, "q_segment_ids must be integers"):
+            multi_head_attention(q, k, v, q_segment_ids=np.zeros(T), kv_segment_ids=np.zeros(S, np.int32))
+
+
 class CausalPropertyTest(chex.TestCase):
     causal = staticmethod(jax.jit(lambda q, k, v: multi_head_attention(q, k, v, is_causal=True)))
 
@@ -264,7 +304,7 @@ class BadInputTest(chex.TestCase):
 
     def test_bad_positions_lengths_and_window(self):
         q, k, v = make_qkv()
-        with self.assertRaisesRegex(ValueError, r"q_positions must be \[5\] or \[B=2, 5\], got \(3,\)"):
+        with self.assertRaisesRegex(ValueError, r"q_positions must be \[T=5\] or \[B=2, T=5\], got \(3,\)"):
             multi_head_attention(q, k, v, is_causal=True, q_positions=jnp.arange(3))
         with self.assertRaisesRegex(TypeError, "q_positions must be integers"):
             multi_head_attention(q, k, v, is_causal=True, q_positions=jnp.zeros(T))

@@ -1,4 +1,4 @@
-"""The blockwise kernel and its gradients equal multi_head_attention."""
+"""The blockwise kernel and its gradients equal multi_head_attention and the float64 reference."""
 
 import chex
 import jax
@@ -6,28 +6,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxattn.functional import flash_attention, multi_head_attention
+from jaxattn.functional import flash_attention, flash_block_map, multi_head_attention
+from jaxattn.functional.attention import resolve_call
+from tests.conftest import normal, reference_attention, value_and_grads
 
 B, H = 2, 6
 
 
-def normal(shape, seed, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def qkv(T, S, K, D=5, E=7, dtype=jnp.float32):
-    return normal((B, T, H, D), 0, dtype), normal((B, S, K, D), 1, dtype), normal((B, S, K, E), 2, dtype)
+    return normal((B, T, H, D), dtype, 0), normal((B, S, K, D), dtype, 1), normal((B, S, K, E), dtype, 2)
 
 
-def value_and_grads(fn, q, k, v, **kwargs):
-    cotangent = normal((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), 9)
-
-    def loss(q, k, v):
-        out = fn(q, k, v, **kwargs)
-        return jnp.sum(out.astype(jnp.float32) * cotangent), out
-
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
+def packed_segments(lengths):
+    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
 
 
 # Block sizes 4 and 3 make every case below span several blocks, none of them full.
@@ -104,6 +95,48 @@ class FlashTest(chex.TestCase):
         small, large = temp_bytes(1024), temp_bytes(4096)
         self.assertLess(large / small, 5.0)  # 4x the length: linear is 4x, quadratic 16x
         self.assertGreater(reference_bytes(4096) / reference_bytes(1024), 12.0)  # the reference is quadratic
+
+    @parameterized.named_parameters(("causal", True), ("bidirectional", False))
+    def test_segment_ids_values_and_gradients_equal_float64_reference(self, causal):
+        T = 19  # packed sequences of odd lengths; block size 4 splits them unevenly
+        segments = np.stack([packed_segments([5, 3, 7, 4]), packed_segments([9, 10])])
+        q, k, v = qkv(T=T, S=T, K=3)
+        cotangent = normal((B, T, H, 7), seed=12)
+        kwargs = dict(q_segment_ids=segments, kv_segment_ids=segments, is_causal=causal)
+        out, grads = jax.jit(lambda q, k, v: value_and_grads(
+            flash_attention, q, k, v, cotangent, block_q=4, block_kv=4, **kwargs))(q, k, v)
+        positions = np.arange(T) if causal else None
+        expected = reference_attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                       q_segment_ids=segments, kv_segment_ids=segments, cotangent=cotangent)
+        chex.assert_trees_all_close(out, expected[0], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(grads, expected[1:], rtol=1e-4, atol=1e-5)
+
+    def test_segments_skip_the_blocks_of_other_sequences(self):
+        T = 64
+        segments = packed_segments([16, 16, 16, 16])  # four sequences, one per 16-token stretch
+        q, k, v = qkv(T=T, S=T, K=3)
+        blocks = dict(block_q=8, block_kv=8)
+        causal = flash_block_map(q, k, v, is_causal=True, **blocks)
+        packed = flash_block_map(q, k, v, is_causal=True, q_segment_ids=segments, kv_segment_ids=segments, **blocks)
+        full = flash_block_map(q, k, v, **blocks)
+        assert int(full.sum()) == 64 and int(causal.sum()) == 36  # 8x8 blocks; causal: the lower triangle
+        assert int(packed.sum()) == 4 * 3  # each sequence: 2 query blocks see 1 and 2 of its own key blocks
+        # The map is never False where a key is visible: compare with the token-level mask.
+        _, spec, _ = resolve_call(q, k, v, is_causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+        token_level = np.asarray(spec.full_mask()).any(axis=(0, 1)).reshape(8, 8, 8, 8).any(axis=(1, 3))
+        np.testing.assert_array_equal(np.asarray(packed), token_level)
+
+    def test_block_map_with_padding_window_and_mask(self):
+        q, k, v = qkv(T=12, S=12, K=2)
+        blocks = dict(block_q=4, block_kv=4)
+        lengths = np.array([5, 8])
+        plan = flash_block_map(q, k, v, is_causal=True, window=3, kv_lengths=lengths, **blocks)
+        # key block 2 (positions 8..11) is padding in both rows; the window hides block 0 from query block 2
+        np.testing.assert_array_equal(plan, [[1, 0, 0], [1, 1, 0], [0, 1, 0]])
+        mask = np.ones((B, H, 12, 12), bool)
+        mask[..., 4:8] = False  # nobody may see key block 1
+        plan = flash_block_map(q, k, v, mask=mask, **blocks)
+        np.testing.assert_array_equal(plan, [[1, 0, 1]] * 3)
 
     def test_bad_input(self):
         q, k, v = qkv(T=4, S=4, K=4)

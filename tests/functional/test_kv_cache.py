@@ -1,17 +1,28 @@
-"""KV caches: what they store, and attention over them equals attention over everything."""
+"""Caches: what they store, and attention over them equals attention over everything."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxattn.functional import EMPTY_POSITION, KVCache, SlidingKVCache, multi_head_attention
+from jaxattn.functional import (
+    EMPTY_POSITION,
+    KVCache,
+    LatentCache,
+    SlidingKVCache,
+    kv_cache_elements_per_token,
+    latent_cache_elements_per_token,
+    multi_head_attention,
+    next_positions,
+)
+from tests.conftest import normal as _normal
 
 B, H, K, D, E = 2, 6, 3, 5, 7
 
 
 def normal(shape, seed):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+    return _normal(shape, seed=seed)
 
 
 def attend_through_cache(cache, q, k, v, chunks, window=None):
@@ -55,12 +66,10 @@ class KVCacheTest(chex.TestCase):
 
     def test_writing_more_than_capacity_is_a_value_error(self):
         cache = KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=2)
-        with self.assertRaisesRegex(ValueError, r"cannot write 5 tokens into a KV cache of capacity 4"):
+        with self.assertRaisesRegex(ValueError, r"cannot write 5 tokens into a KVCache of capacity 4"):
             cache.update(jnp.zeros((1, 5, 1, 2)), jnp.zeros((1, 5, 1, 2)))
-        with self.assertRaisesRegex(ValueError, r"do not fit the cache.*need \[B=1, T, K=1, D=2\]"):
+        with self.assertRaisesRegex(ValueError, r"do not fit the KVCache.*need k \[B=1, T, 1, 2\]"):
             cache.update(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 2)))
-        with self.assertRaisesRegex(ValueError, "cache dtype float32"):
-            cache.update(jnp.zeros((1, 2, 1, 2), jnp.bfloat16), jnp.zeros((1, 2, 1, 2), jnp.bfloat16))
 
     def test_traced_overflow_is_clamped_and_reported(self):
         # Documented behaviour when lengths are traced: the write is clamped to end at
@@ -98,3 +107,57 @@ class SlidingKVCacheTest(chex.TestCase):
         np.testing.assert_array_equal(view.positions[0, :4], [EMPTY_POSITION] * 4)
         np.testing.assert_array_equal(view.positions[0, 4:], [0, 1])
         np.testing.assert_array_equal(cache.lengths, [2])
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=2),
+        SlidingKVCache.create(batch=1, window=3, kv_heads=1, head_dim=2),
+        LatentCache.create(batch=1, max_length=4, latent_dim=3, rope_dim=2),
+    ],
+    ids=["kv", "sliding", "latent"],
+)
+def test_every_cache_has_one_dtype_and_shape_policy(cache):
+    new = [jnp.zeros((1, 2) + buffer.shape[2:]) for buffer in cache[:-1]]
+    view, updated = cache.update(*new)
+    np.testing.assert_array_equal(updated.lengths, [2])
+    assert view.positions.shape == (1, view[0].shape[1])
+    wrong_dtype = [x.astype(jnp.bfloat16) for x in new]
+    with pytest.raises(ValueError, match=f"new {cache._fields[0]} has dtype bfloat16 but the {type(cache).__name__} holds float32"):
+        cache.update(*wrong_dtype)
+    wrong_shape = [new[0][..., :1]] + new[1:]
+    with pytest.raises(ValueError, match=f"do not fit the {type(cache).__name__}"):
+        cache.update(*wrong_shape)
+    with pytest.raises(ValueError, match=r"num_new must be \[B=1\]"):
+        cache.update(*new, num_new=jnp.array([1, 2]))
+
+
+def test_latent_cache_writes_at_each_rows_length():
+    cache = LatentCache.create(batch=2, max_length=5, latent_dim=1, rope_dim=2)
+    tokens = jnp.arange(1, 4, dtype=jnp.float32).reshape(1, 3, 1).repeat(2, 0)  # [B, T, L]
+    view, cache = cache.update(tokens, tokens.repeat(2, -1), num_new=jnp.array([3, 1]))
+    _, cache = cache.update(tokens[:, :1] * 10, tokens[:, :1].repeat(2, -1) * 10)
+    np.testing.assert_array_equal(cache.c_kv[..., 0], [[1, 2, 3, 10, 0], [1, 10, 3, 0, 0]])
+    np.testing.assert_array_equal(cache.lengths, [4, 2])
+    np.testing.assert_array_equal(view.positions, [list(range(5))] * 2)
+
+
+def test_next_positions_continue_each_row():
+    np.testing.assert_array_equal(next_positions(jnp.array([0, 4]), 3), [[0, 1, 2], [4, 5, 6]])
+
+
+def test_cache_accounting_equals_the_arrays():
+    kv = KVCache.create(batch=2, max_length=11, kv_heads=3, head_dim=5, value_dim=4)
+    assert (kv.k.size + kv.v.size) / (2 * 11) == kv_cache_elements_per_token(kv_heads=3, head_dim=5, value_dim=4) == 27
+    latent = LatentCache.create(batch=2, max_length=11, latent_dim=9, rope_dim=4)
+    per_token = (latent.c_kv.size + latent.k_rope.size) / (2 * 11)
+    assert per_token == latent_cache_elements_per_token(latent_dim=9, rope_dim=4) == 13
+
+
+def test_table_1_at_deepseek_v2_dimensions():
+    H, D, L, R = 128, 128, 512, 64
+    assert kv_cache_elements_per_token(kv_heads=H, head_dim=D) == 2 * H * D == 32768  # MHA
+    assert kv_cache_elements_per_token(kv_heads=8, head_dim=D) == 2 * 8 * D  # GQA, 8 groups
+    assert kv_cache_elements_per_token(kv_heads=1, head_dim=D) == 2 * D  # MQA
+    assert latent_cache_elements_per_token(latent_dim=L, rope_dim=R) == 576 == 4.5 * D  # MLA: (9/2) d_h

@@ -1,4 +1,4 @@
-"""MLA: the naive, latent-cache and absorbed paths are one function."""
+"""MLA: the naive, decompressed and absorbed paths are one function."""
 
 import chex
 import jax
@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxattn.functional import (
-    KVCache,
-    LatentCache,
-    MLAParams,
-    kv_cache_elements_per_token,
-    latent_cache_elements_per_token,
-    mla_absorbed,
-    mla_latent_cache,
-    mla_naive,
-)
+from jaxattn.functional import LatentCache, MLAParams, flash_attention, mla_absorbed, mla_decompressed, mla_naive
 
 # Odd, distinct sizes: C model, H heads, D/E key/value head widths, L latent, R rope, P query latent.
 C, H, D, E, L, R, P = 20, 3, 5, 7, 9, 4, 6
@@ -113,7 +104,7 @@ class MLAPathsTest(chex.TestCase):
         B, T = 2, 8
         h = normal((B, T, C), 42)
         naive = jax.jit(lambda p, h: mla_naive(p, h, rope_style=rope_style))(params, h)
-        for path in (mla_latent_cache, mla_absorbed):
+        for path in (mla_decompressed, mla_absorbed):
             for chunks in ([T], [3, 1, 1, 1, 2]):  # one full pass; a prefill, then single-token steps
                 run = jax.jit(lambda p, h, path=path, chunks=chunks: decode_in_chunks(path, p, h, chunks, rope_style))
                 out, cache = run(params, h)
@@ -124,7 +115,7 @@ class MLAPathsTest(chex.TestCase):
         params = make_params()
         h = normal((2, 6, C), 7)
         lengths = jnp.array([2, 5])
-        for path in (mla_latent_cache, mla_absorbed):
+        for path in (mla_decompressed, mla_absorbed):
             path = jax.jit(path)
             cache = LatentCache.create(batch=2, max_length=9, latent_dim=L, rope_dim=R)
             prefill, cache = path(params, h[:, :5], cache, num_new=lengths)
@@ -146,21 +137,12 @@ class MLAPathsTest(chex.TestCase):
         chex.clear_trace_counter()
 
 
-def test_latent_cache_holds_exactly_l_plus_r_per_token():
-    cache = LatentCache.create(batch=2, max_length=11, latent_dim=L, rope_dim=R)
-    per_token = (cache.c_kv.size + cache.k_rope.size) / (2 * 11)
-    assert per_token == latent_cache_elements_per_token(latent_dim=L, rope_dim=R) == L + R
-    assert (cache.c_kv.nbytes + cache.k_rope.nbytes) == 2 * 11 * (L + R) * 4
-    kv = KVCache.create(batch=2, max_length=11, kv_heads=3, head_dim=5)
-    assert (kv.k.size + kv.v.size) / (2 * 11) == kv_cache_elements_per_token(kv_heads=3, head_dim=5) == 2 * 3 * 5
-
-
-def test_table_1_at_deepseek_v2_dimensions():
-    H, D, L, R = 128, 128, 512, 64
-    assert kv_cache_elements_per_token(kv_heads=H, head_dim=D) == 2 * H * D == 32768  # MHA
-    assert kv_cache_elements_per_token(kv_heads=8, head_dim=D) == 2 * 8 * D  # GQA, 8 groups
-    assert kv_cache_elements_per_token(kv_heads=1, head_dim=D) == 2 * D  # MQA
-    assert latent_cache_elements_per_token(latent_dim=L, rope_dim=R) == 576 == 4.5 * D  # MLA: (9/2) d_h
+def test_flash_kernel_gives_the_same_mla():
+    params = make_params()
+    h = normal((2, 9, C), 5)
+    dense = jax.jit(mla_naive)(params, h)
+    flash = jax.jit(lambda p, h: mla_naive(p, h, attention_fn=lambda *a, **k: flash_attention(*a, block_q=4, block_kv=4, **k)))(params, h)
+    chex.assert_trees_all_close(flash, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_mla_shapes_are_clear_errors():
@@ -178,8 +160,11 @@ def test_bad_mla_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"MLA takes h \[B, T, C=20\], got \(1, 3, 19\)"):
         mla_naive(params, h[..., :19])
     cache = LatentCache.create(batch=1, max_length=4, latent_dim=L + 1, rope_dim=R)
-    with pytest.raises(ValueError, match="do not fit the cache"):
+    with pytest.raises(ValueError, match="do not fit the LatentCache"):
         mla_absorbed(params, h, cache)
     cache = LatentCache.create(batch=1, max_length=2, latent_dim=L, rope_dim=R)
-    with pytest.raises(ValueError, match="cannot write 3 tokens into a latent cache of capacity 2"):
+    with pytest.raises(ValueError, match="cannot write 3 tokens into a LatentCache of capacity 2"):
+        mla_absorbed(params, h, cache)
+    cache = LatentCache.create(batch=1, max_length=4, latent_dim=L, rope_dim=R, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="new c_kv has dtype float32 but the LatentCache holds bfloat16"):
         mla_absorbed(params, h, cache)

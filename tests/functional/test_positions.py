@@ -4,6 +4,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from jaxattn.functional import rope, sinusoidal_positions
+from tests.conftest import reference_rope
 
 
 def test_sinusoidal_matches_the_formula():
@@ -18,21 +19,6 @@ def test_sinusoidal_matches_the_formula():
     chex.assert_shape(sinusoidal_positions(4, 9), (4, 9))
 
 
-def _rope_reference(x, positions, style, theta=10000.0):
-    """Explicit 2x2 rotation per pair, float64."""
-    x = np.asarray(x, np.float64)
-    D = x.shape[-1]
-    out = np.empty_like(x)
-    for t in range(x.shape[0]):
-        for i in range(D // 2):
-            a, b = (i, i + D // 2) if style == "half" else (2 * i, 2 * i + 1)
-            angle = positions[t] * theta ** (-2 * i / D)
-            c, s = np.cos(angle), np.sin(angle)
-            out[t, a] = c * x[t, a] - s * x[t, b]
-            out[t, b] = s * x[t, a] + c * x[t, b]
-    return out
-
-
 class RopeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(("half", "half"), ("interleaved", "interleaved"))
@@ -40,7 +26,7 @@ class RopeTest(chex.TestCase):
         x = jnp.asarray(np.random.default_rng(0).standard_normal((9, 12)), jnp.float32)
         positions = jnp.array([0, 1, 2, 5, 17, 100, 3, 4, 2047])
         out = self.variant(lambda x, p: rope(x, p, style=style))(x, positions)
-        chex.assert_trees_all_close(out, _rope_reference(x, np.asarray(positions), style), rtol=1e-4, atol=1e-4)
+        chex.assert_trees_all_close(out, reference_rope(x, np.asarray(positions), style), rtol=1e-4, atol=1e-4)
         chex.assert_trees_all_close(jnp.linalg.norm(out, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -65,6 +51,22 @@ class RopeTest(chex.TestCase):
         half = rope(x[..., to_half], positions, style="half")
         chex.assert_trees_all_close(interleaved[..., to_half], half, rtol=1e-6, atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_positions_index_the_token_axes(self):
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 3, 8)), jnp.float32)  # [B, T, H, D]
+        positions = jnp.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])  # [B, T]
+        fn = self.variant(lambda x, p: rope(x, p))
+        expected = np.stack([
+            np.stack([reference_rope(x[b, :, h], np.asarray(positions[b]), "half") for h in range(3)], axis=1)
+            for b in range(2)
+        ])
+        chex.assert_trees_all_close(fn(x, positions), expected, rtol=1e-4, atol=1e-4)  # [B, T]
+        chex.assert_trees_all_close(fn(x, positions[..., None]), expected, rtol=1e-4, atol=1e-4)  # [B, T, 1]
+        shared = fn(x, jnp.arange(5))  # [T], shared by the batch
+        chex.assert_trees_all_close(shared[0], expected[0], rtol=1e-4, atol=1e-4)
+        latent = x[:, :, 0]  # [B, S, R], e.g. MLA's shared RoPE key
+        chex.assert_trees_all_close(fn(latent, positions), expected[:, :, 0], rtol=1e-4, atol=1e-4)
+
     def test_bf16_keeps_dtype(self):
         x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 8)), jnp.bfloat16)
         out = rope(x, jnp.arange(4))
@@ -76,7 +78,9 @@ class RopeTest(chex.TestCase):
             rope(jnp.ones((3, 5)), jnp.arange(3))
         with self.assertRaisesRegex(ValueError, "style must be one of"):
             rope(jnp.ones((3, 4)), jnp.arange(3), style="neox")
-        with self.assertRaisesRegex(ValueError, r"positions \(4,\) do not broadcast to x.shape\[:-1\] = \(2, 3\)"):
+        with self.assertRaisesRegex(ValueError, r"positions \(4,\) do not fit x \(2, 3, 4\).*broadcasts to \(2, 3\)"):
             rope(jnp.ones((2, 3, 4)), jnp.arange(4))
+        with self.assertRaisesRegex(ValueError, r"positions \(2, 4\) do not fit x \(2, 3, 5, 4\).*\[B, T\] or \[T\]"):
+            rope(jnp.ones((2, 3, 5, 4)), jnp.ones((2, 4), jnp.int32))
         with self.assertRaisesRegex(TypeError, "positions must be integers"):
             rope(jnp.ones((3, 4)), jnp.ones(3))

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.functional import multi_head_attention
 from jaxattn.lm.generate import make_decode_step
-from jaxattn.nn import Config, MultiHeadAttention, TransformerLM, cache_bytes_per_token, cache_elements_per_token
+from jaxattn.nn import Config, TransformerConfig, TransformerLM, cache_bytes_per_token, cache_elements_per_token
 
 SMALL = dict(vocab_size=61, width=24, layers=2, heads=4, kv_heads=4, head_dim=6, mlp_hidden=40, max_length=32)
 
@@ -110,25 +109,37 @@ def test_decode_step_traces_once_over_64_tokens():
     chex.clear_trace_counter()
 
 
-def test_attention_fn_is_swappable():
-    calls = []
-
-    def recording_kernel(q, k, v, **kwargs):
-        calls.append(q.shape)
-        return multi_head_attention(q, k, v, **kwargs)
-
-    layer = MultiHeadAttention(24, heads=4, kv_heads=2, head_dim=6, attention_fn=recording_kernel, rngs=nnx.Rngs(0))
-    reference = MultiHeadAttention(24, heads=4, kv_heads=2, head_dim=6, rngs=nnx.Rngs(0))
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 24)), jnp.float32)
-    chex.assert_trees_all_close(layer(x, jnp.arange(5)), reference(x, jnp.arange(5)), rtol=1e-6)
-    assert calls == [(2, 5, 4, 6)]
-
-
 def test_bad_configs_and_inputs():
+    assert Config is TransformerConfig  # the first releases' name
+    assert TransformerConfig(heads=6).kv_heads == 6  # unset: MHA
     with pytest.raises(ValueError, match="heads=6 must be a positive multiple of kv_heads=4"):
         Config(heads=6, kv_heads=4)
     with pytest.raises(ValueError, match="positions must be one of"):
         Config(positions="alibi")
+    with pytest.raises(ValueError, match="RoPE rotates pairs of dimensions: head_dim must be even, got 5"):
+        Config(head_dim=5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(attention="mla", window=16), "attention='mla' would ignore window=16"),
+        (dict(attention="mla", heads=8, kv_heads=2), "attention='mla' would ignore kv_heads=2"),
+        (dict(query_latent_dim=32), "attention='standard' would ignore it"),
+        (dict(attention="mla", rope_dim=5), "rope_dim must be even"),
+    ],
+)
+def test_configs_that_would_be_silently_ignored_are_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**overrides)
+
+
+def test_flash_kernel_serves_mla_models():
+    config = dict(SMALL, attention="mla", latent_dim=10, rope_dim=4, query_latent_dim=8)
+    dense = TransformerLM(Config(**config), rngs=nnx.Rngs(4))
+    flash = TransformerLM(Config(**config, attention_kernel="flash"), rngs=nnx.Rngs(4))
+    tokens = tokens_for(2, 19)
+    chex.assert_trees_all_close(jax.jit(flash)(tokens), jax.jit(dense)(tokens), rtol=1e-5, atol=1e-5)
     model = TransformerLM(Config(**SMALL), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="33 tokens exceed the context length max_length=32"):
         model(tokens_for(1, 33))

@@ -1,0 +1,115 @@
+"""Run folders: round trips, resuming, never overwriting, clear errors, one trainer at a time."""
+
+import json
+import multiprocessing
+import os
+import time
+
+import chex
+import pytest
+from flax import nnx
+
+import jaxattn.lm.train as train_module
+from jaxattn.lm.checkpoint import CheckpointError, RunFolder
+from jaxattn.lm.data import batch_at
+from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, train
+from tests.lm.conftest import QUIET, TINY, TINY_TRAIN
+
+
+def test_checkpoint_round_trip_and_resume_matches_uninterrupted(tmp_path, corpus, monkeypatch):
+    train(TINY, TINY_TRAIN, corpus, RunFolder(tmp_path / "straight"), **QUIET)
+    # The same run, interrupted (Ctrl-C) when it asks for the batch of step 5, then resumed.
+    messages = []
+
+    def interrupting_batch_at(tokens, step, **kwargs):
+        if step == 5:
+            raise KeyboardInterrupt
+        return batch_at(tokens, step, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_at", interrupting_batch_at)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, TINY_TRAIN, corpus, RunFolder(tmp_path / "resumed"), progress=False, say=messages.append)
+    monkeypatch.undo()
+    assert RunFolder(tmp_path / "resumed").latest_step() == 5  # saved on the way out
+    assert "checkpoint saved" in messages[-1] and "Continue with --resume" in messages[-1]
+    train(TINY, TINY_TRAIN, corpus, RunFolder(tmp_path / "resumed"), resume=True, **QUIET)
+
+    template = init_state(init_model(TINY, 0), make_optimizer(TINY_TRAIN))
+    straight, _ = RunFolder(tmp_path / "straight").restore(template)
+    resumed, _ = RunFolder(tmp_path / "resumed").restore(template)
+    assert int(straight.step) == int(resumed.step) == 6
+    chex.assert_trees_all_equal(straight.params, resumed.params)
+    chex.assert_trees_all_equal(straight.opt_state, resumed.opt_state)
+    # A model loaded for inference has exactly the saved parameters.
+    model = RunFolder(tmp_path / "straight").load_model()
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), straight.params)
+
+
+def test_loading_for_inference_reads_no_optimizer_state(tmp_path, corpus):
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2})
+    train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
+    run = RunFolder(tmp_path / "run")
+    saved, _ = run.restore(init_state(init_model(TINY, 0), make_optimizer(tc)))
+    # Damage the run's record of the optimizer: a params-only load must not notice.
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    record["train"] = {"learning_rate": "not even a number"}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    model = RunFolder(tmp_path / "run").load_model()
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), saved.params)
+
+
+def test_run_folder_is_never_replaced_without_overwrite(tmp_path, corpus):
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2})
+    train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match="already holds a training run; pass --resume"):
+        train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="already holds other files"):
+        train(TINY, tc, corpus, RunFolder(tmp_path / "mine"), **QUIET)
+    train(TINY, tc, corpus, RunFolder(tmp_path / "mine", overwrite=True), **QUIET)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path, corpus):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        RunFolder(tmp_path / "nothing").load_model()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no training run"):
+        RunFolder(tmp_path / "empty").load_model()
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2})
+    train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
+    for path in (tmp_path / "run" / "checkpoints").rglob("*"):
+        if path.is_file() and "state" in str(path):
+            path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        RunFolder(tmp_path / "run").load_model()
+    (tmp_path / "run" / "run.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        RunFolder(tmp_path / "run").load_model()
+
+
+def _hold_lock(path, ready, release):
+    with RunFolder(path).lock():
+        ready.set()
+        release.wait(30)
+
+
+def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path, corpus):
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path / "run", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(CheckpointError, match=rf"is in use: process {holder.pid} on host .* is training in it"):
+            train(TINY, TINY_TRAIN, corpus, RunFolder(tmp_path / "run"), resume=True, **QUIET)
+    finally:
+        release.set()
+        holder.join(30)
+    # The holder is gone (whatever way it ended): the folder can be used again.
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 1})
+    train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
+    assert RunFolder(tmp_path / "run").latest_step() == 1
