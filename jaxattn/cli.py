@@ -1,4 +1,4 @@
-"""The ``jaxattn`` command: tour, train, generate."""
+"""The ``jaxattn`` command: tour, train, generate, inspect."""
 
 from __future__ import annotations
 
@@ -50,21 +50,51 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from jaxattn.lm.checkpoint import RunFolder
     from jaxattn.lm.generate import Sampling, generate
-    from jaxattn.lm.tokenizer import decode, encode
+    from jaxattn.lm.inspection import load_any
 
-    model = RunFolder(args.checkpoint).load_model()
+    model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     tokens = generate(
         model,
-        [encode(args.prompt)],
+        [tokenizer.encode(args.prompt)],
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         seed=args.seed,
         use_cache=not args.no_cache,
     )
-    print(args.prompt + decode(tokens[0]))
+    print(args.prompt + tokenizer.decode(tokens[0]))
+    return 0
+
+
+def _inspect(args) -> int:
+    import numpy as np
+
+    from jaxattn import viz
+    from jaxattn.lm.inspection import capture_attention, describe_heads, head_roles, load_any, top_next_tokens
+
+    model, tokenizer, description = load_any(args.model, dtype=args.dtype)
+    tokens = tokenizer.encode(args.text)
+    if len(tokens) < 3:
+        raise ValueError(f"the text {args.text!r} is {len(tokens)} token(s); inspect needs at least 3")
+    if len(tokens) > model.config.max_length:
+        raise ValueError(f"the text is {len(tokens)} tokens, more than the model's context of {model.config.max_length}")
+    labels = [tokenizer.label(int(t)) for t in tokens]
+    logits, weights = capture_attention(model, np.asarray(tokens)[None])
+    print(f"{description}: {model.config.layers} layers x {model.config.heads} heads; "
+          f"{len(tokens)} tokens: {' '.join(labels)}  (␣ is a space)")
+    print(f"\nMost likely next tokens after {args.text!r}:")
+    for rank, (label, token, probability) in enumerate(top_next_tokens(logits, tokenizer, args.top_k), start=1):
+        print(f"  {rank:>2}. {label!r:<16} (id {token:>6}) {probability:7.2%}")
+    print("\nWhat each head does on this text (mean weight of the 3rd to the last query on the first token,")
+    print("on the token before it and on itself):")
+    for line in describe_heads(head_roles(weights)):
+        print("  " + line if line else "")
+    layers = None if args.layer is None else [args.layer]
+    heads = None if args.head is None else [args.head]
+    path = viz.attention_grid(weights, labels, args.out, layers=layers, heads=heads,
+                              title=f"Attention on {args.text!r}")
+    print(f"\nHeatmaps (rows = layers, columns = heads; a row of a map is a query): {path}")
     return 0
 
 
@@ -101,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None)
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="continue a prompt with a trained model")
+    generate = commands.add_parser("generate", help="continue a prompt with a trained or a real model")
     generate.add_argument("--checkpoint", default=DEFAULT_RUN, help=f"run folder (default: {DEFAULT_RUN})")
+    generate.add_argument("--model", default=None,
+                          help="instead of --checkpoint: a Hugging Face folder or hub id (or a run folder)")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                          help="parameters and computation of a Hugging Face model")
     generate.add_argument("--prompt", default="The next day is bright")
     generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -111,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", dest="no_cache", action="store_true", help="recompute the full pass per token")
     generate.set_defaults(run=_generate)
+
+    inspect = commands.add_parser("inspect", help="what the heads of a model attend to on a text")
+    inspect.add_argument("model", help="a Hugging Face folder or hub id, or a jaxattn run folder")
+    inspect.add_argument("text", help="the text to look at")
+    inspect.add_argument("--top-k", dest="top_k", type=int, default=10, help="how many next tokens to list")
+    inspect.add_argument("--layer", type=int, default=None, help="show only this layer")
+    inspect.add_argument("--head", type=int, default=None, help="show only this head")
+    inspect.add_argument("--out", default="attention.png", help="the heatmap PNG (default: ./attention.png)")
+    inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    inspect.set_defaults(run=_inspect)
     return parser
 
 

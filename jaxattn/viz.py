@@ -42,6 +42,52 @@ def attention_heatmap(weights, query_labels, key_labels, path, *, title: str) ->
     return path
 
 
+def attention_grid(weights, labels, path, *, layers=None, heads=None, title: str = "Attention weights") -> Path:
+    """Saves a grid of heatmaps, rows = layers, columns = heads, from weights ``[L, H, T, T]``.
+
+    ``layers`` / ``heads`` pick which to show (default: all). One (layer, head) gives a
+    single large heatmap with the numbers written in. Token labels on the outer axes,
+    one shared colour bar (0 to 1).
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    L, H, T, S = weights.shape
+    layers = list(range(L)) if layers is None else list(layers)
+    heads = list(range(H)) if heads is None else list(heads)
+    for name, chosen, count in (("layer", layers, L), ("head", heads, H)):
+        bad = [i for i in chosen if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"{name} {bad[0]} does not exist: the model has {count} {name}s (0 to {count - 1})")
+    if len(labels) != T:
+        raise ValueError(f"need {T} token labels for weights {weights.shape}, got {len(labels)}")
+    if len(layers) == 1 and len(heads) == 1:
+        return attention_heatmap(weights[layers[0], heads[0]], labels, labels, path,
+                                 title=f"{title}: layer {layers[0]}, head {heads[0]}")
+    cell = min(2.4, max(1.1, 0.22 * T))
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(1.2 + cell * len(heads), 1.0 + cell * len(layers)),
+                             squeeze=False, constrained_layout=True)
+    show_labels = T <= 24
+    for row, layer in enumerate(layers):
+        for column, head in enumerate(heads):
+            ax = axes[row, column]
+            image = ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(range(S), labels=labels if show_labels and row == len(layers) - 1 else [],
+                          rotation=90, fontsize=6)
+            ax.set_yticks(range(T), labels=labels if show_labels and column == 0 else [], fontsize=6)
+            if row == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if column == 0:
+                ax.set_ylabel(f"layer {layer}\nquery", fontsize=8)
+            if row == len(layers) - 1:
+                ax.set_xlabel("key", fontsize=8)
+    fig.colorbar(image, ax=axes, label="attention weight", shrink=0.6)
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def line_chart(series, path, *, title: str, xlabel: str, ylabel: str, logx=False, logy=False) -> Path:
     """Saves ``{label: (xs, ys)}`` as a labelled line chart with one legend."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)

@@ -32,3 +32,33 @@ def test_api_table_is_the_public_surface():
         first_cell = row.split("|")[1]
         documented.update(re.findall(r"`([A-Za-z_]+)", first_cell))
     assert documented == set(jaxattn.functional.__all__)
+
+
+def _expand_braces(name):
+    match = re.search(r"\{([a-z_]+(?:,[a-z_]+)+)\}", name)  # {q,k,v,o}; {i} stays
+    if not match:
+        return [name]
+    return [n for part in match.group(1).split(",") for n in _expand_braces(name[: match.start()] + part + name[match.end() :])]
+
+
+def test_weight_name_table_is_the_loaders_table():
+    from jaxattn.lm import hf
+
+    text = README.read_text()
+    table = text[text.index("| checkpoint tensor | jaxattn parameter |") :]
+    table = table[: table.index("\n\n")]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        for name in re.findall(r"`([A-Za-z0-9_.{},]+)`", row.split("|")[1]):
+            for full in _expand_braces(name):
+                if full.startswith("."):
+                    continue  # "/ `.bias`" shorthand: the row's weight name with .bias
+                documented.add(full)
+    loader = {row.checkpoint for table_ in hf.WEIGHT_TABLES.values() for row in table_}
+    undocumented = {name for name in loader if name not in documented and name.replace(".weight", ".bias") != name
+                    and name.endswith(".weight")}
+    assert not undocumented, f"in the loader's tables, not in the README: {sorted(undocumented)}"
+    source = Path(hf.__file__).read_text()
+    unknown = {name for name in documented if "." in name and name not in loader and f'"{name}' not in source
+               and f"{name}" not in source}
+    assert not unknown, f"in the README table, not in jaxattn/lm/hf.py: {sorted(unknown)}"

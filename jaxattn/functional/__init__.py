@@ -3,7 +3,7 @@
 ``__all__`` is the public surface; the README's API table documents each name.
 """
 
-from jaxattn.functional.attention import attention, attention_weights, multi_head_attention
+from jaxattn.functional.attention import attention, attention_weights, multi_head_attention, multi_head_attention_weights
 from jaxattn.functional.flash import flash_attention, flash_block_map
 from jaxattn.functional.kv_cache import (
     EMPTY_POSITION,
@@ -43,6 +43,7 @@ __all__ = [
     "mla_decompressed",
     "mla_naive",
     "multi_head_attention",
+    "multi_head_attention_weights",
     "next_positions",
     "padding_mask",
     "rope",

@@ -256,3 +256,25 @@ def multi_head_attention(
     q = q.reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
     out = over_heads(q, k, v, full_mask)  # [B, T, K, G, E]
     return out.reshape(B, T, H, E)  # [B, T, H, E]
+
+
+def multi_head_attention_weights(q, k, **masking):
+    """The attention weights of every head: what ``multi_head_attention`` averages values with.
+
+    q ``[B, T, H, D]``, k ``[B, S, K, D]`` and the masking keywords (and ``scale``) of
+    ``multi_head_attention`` -> float32 ``[B, H, T, S]``; rows sum to 1 (0 for a row with
+    nothing to attend to). For looking inside a model (``jaxattn inspect``); the kernels
+    never materialise this.
+    """
+    scale = masking.pop("scale", None)
+    shapes, spec, scale = resolve_call(q, k, k, scale=scale, **masking)
+    B, T, S, H, K, D, _ = shapes
+    full_mask = spec.full_mask()
+    full_mask = None if full_mask is None else group_heads(full_mask, K)
+
+    def one_head(q, k, mask):  # [T, D], [S, D], [T, S] -> [T, S]
+        return attention_weights(q, k, mask=mask, scale=scale)
+
+    over_heads, full_mask = vmap_heads(one_head, full_mask, n_query=1, n_kv=1, head_axis=1)
+    weights = over_heads(q.reshape(B, T, K, H // K, D), k, full_mask)  # [B, T, K, G, S]
+    return weights.reshape(B, T, H, S).transpose(0, 2, 1, 3)  # [B, H, T, S]

@@ -29,3 +29,22 @@ def token_label(token: int) -> str:
     if 32 < token < 127:
         return chr(token)
     return repr(bytes([token]))[2:-1]
+
+
+class ByteTokenizer:
+    """The byte tokenizer with the interface every tokenizer of jaxattn has (see
+    ``jaxattn.lm.hf.HFTokenizer``): ``encode``, ``decode``, ``label``, ``vocab_size``."""
+
+    vocab_size = VOCAB_SIZE
+
+    @staticmethod
+    def encode(text: str) -> np.ndarray:
+        return encode(text)
+
+    @staticmethod
+    def decode(tokens) -> str:
+        return decode(tokens)
+
+    @staticmethod
+    def label(token: int) -> str:
+        return token_label(int(token))

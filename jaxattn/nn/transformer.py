@@ -49,8 +49,10 @@ class TransformerConfig:
     ``"dense"`` (``multi_head_attention``) or ``"flash"`` (``flash_attention``, memory
     linear in the sequence), for either attention.
 
-    A combination that a model would silently ignore is a ``ValueError`` that says what
-    and why (e.g. a window or ``kv_heads != heads`` with MLA).
+    ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias`` and ``mlp_bias`` add
+    biases to the attention's input and output projections and to the MLP (GPT-2 has all
+    three, Qwen2 the first). A combination that a model would silently ignore is a
+    ``ValueError`` that says what and why (e.g. a window or ``kv_heads != heads`` with MLA).
     """
 
     vocab_size: int = 256
@@ -65,6 +67,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     rope_style: str = "half"
     norm: str = "rms"
+    norm_epsilon: float = 1e-6
     window: int | None = None
     tied_embeddings: bool = True
     max_length: int = 1024
@@ -74,6 +77,9 @@ class TransformerConfig:
     rope_dim: int = 16
     query_latent_dim: int | None = None
     attention_kernel: str = "dense"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self):
         if self.kv_heads is None:
@@ -90,6 +96,8 @@ class TransformerConfig:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not self.norm_epsilon > 0:
+            raise ValueError(f"norm_epsilon must be > 0, got {self.norm_epsilon}")
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int or None, got {self.window!r}")
         for name in ("vocab_size", "width", "layers", "head_dim", "mlp_hidden", "max_length", "latent_dim", "rope_dim"):
@@ -108,6 +116,8 @@ class TransformerConfig:
                 )
             if self.rope_dim % 2:
                 raise ValueError(f"MLA's decoupled RoPE width rope_dim must be even, got {self.rope_dim}")
+            if self.qkv_bias or self.out_bias:
+                raise ValueError("attention='mla' would ignore qkv_bias/out_bias: MLA's projections have no biases")
         elif self.query_latent_dim is not None:
             raise ValueError(
                 f"query_latent_dim={self.query_latent_dim} compresses MLA's queries; attention='standard' "
@@ -146,7 +156,7 @@ class TransformerBlock(nnx.Module):
         attention_fn = ATTENTION_KERNELS[config.attention_kernel] if attention_fn is None else attention_fn
         # GPT-2: scale the residual projections by 1/sqrt(2 * layers).
         out_init = nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.layers))
-        self.attn_norm = make_norm(config.norm, config.width, dtype=dtype, rngs=rngs)
+        self.attn_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         if config.attention == "mla":
             self.attn = MultiHeadLatentAttention(
                 config.width,
@@ -164,9 +174,9 @@ class TransformerBlock(nnx.Module):
             )
         else:
             self.attn = self._standard_attention(config, attention_fn, out_init, rngs)
-        self.mlp_norm = make_norm(config.norm, config.width, dtype=dtype, rngs=rngs)
+        self.mlp_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         mlp_class = SwiGluMlp if config.mlp == "swiglu" else Mlp
-        self.mlp = mlp_class(config.width, config.mlp_hidden, dtype=dtype, out_init=out_init, rngs=rngs)
+        self.mlp = mlp_class(config.width, config.mlp_hidden, bias=config.mlp_bias, dtype=dtype, out_init=out_init, rngs=rngs)
 
     @staticmethod
     def _standard_attention(config: TransformerConfig, attention_fn, out_init, rngs):
@@ -178,6 +188,8 @@ class TransformerBlock(nnx.Module):
             rope_theta=config.rope_theta if config.positions == "rope" else None,
             rope_style=config.rope_style,
             window=config.window,
+            qkv_bias=config.qkv_bias,
+            out_bias=config.out_bias,
             attention_fn=attention_fn,
             dtype=config.compute_dtype,
             out_init=out_init,
@@ -215,7 +227,7 @@ class TransformerLM(nnx.Module):
                 config.max_length, config.width, dtype=dtype, embedding_init=default_kernel_init, rngs=rngs
             )
         self.blocks = nnx.List([TransformerBlock(config, attention_fn=attention_fn, rngs=rngs) for _ in range(config.layers)])
-        self.final_norm = make_norm(config.norm, config.width, dtype=dtype, rngs=rngs)
+        self.final_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         if not config.tied_embeddings:
             self.unembed = nnx.Linear(
                 config.width, config.vocab_size, use_bias=False, dtype=dtype, kernel_init=default_kernel_init, rngs=rngs

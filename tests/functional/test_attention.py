@@ -8,7 +8,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxattn.functional import attention, attention_weights, multi_head_attention
+from jaxattn.functional import attention, attention_weights, multi_head_attention, multi_head_attention_weights
 from tests.conftest import normal, reference_attention, value_and_grads
 
 # Odd, distinct sizes so that a transposed axis cannot hide.
@@ -321,3 +321,20 @@ class BadInputTest(chex.TestCase):
             attention(q[0], k[0, :, 0], v[0, :, 0])
         with self.assertRaisesRegex(ValueError, r"v must be \[S, E\].*k \(7, 11\), v \(5, 11\)"):
             attention(q[0, :, 0], k[0, :, 0], v[0, :5, 0])
+
+
+class AttentionWeightsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_multi_head_weights_equal_the_float64_softmax(self):
+        q, k, _ = make_qkv(K=3)
+        lengths = jnp.array([4, 7])
+        weights = self.variant(lambda q, k, n: multi_head_attention_weights(q, k, is_causal=True, kv_lengths=n))(q, k, lengths)
+        chex.assert_shape(weights, (B, H, T, S))
+        qf, kf = np.asarray(q, np.float64), np.asarray(k, np.float64)
+        for b in range(B):
+            for h in range(H):
+                logits = qf[b, :, h] @ kf[b, :, h // 2].T / np.sqrt(D)  # H=6, K=3: G=2
+                allowed = (np.arange(S)[None] <= np.arange(T)[:, None] + S - T) & (np.arange(S)[None] < lengths[b])
+                expected = np.exp(np.where(allowed, logits, -np.inf) - logits.max(-1, keepdims=True))
+                expected /= expected.sum(-1, keepdims=True)
+                chex.assert_trees_all_close(weights[b, h], expected, rtol=1e-5, atol=1e-6)
