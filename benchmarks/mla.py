@@ -47,6 +47,7 @@ def time_step(step, weights, x, cache, *, repeats):
 
     def reset():
         state["cache"] = state["cache"]._replace(lengths=jnp.asarray(fixed_lengths))
+        return state["cache"]
 
     def call():
         out, state["cache"] = step(weights, x, state["cache"])

@@ -5,7 +5,8 @@
 Parts (``--only``): ``ceiling`` (a matmul's FLOP/s and a large copy's bytes/s),
 ``prefill`` (forward and forward+backward of the dense, flash and jax.nn kernels),
 ``families`` (MHA, GQA, MQA, sliding window and MLA at equal model width: forward time,
-decode-step time and cache size vs context), ``decoding`` (tokens/s of the default
+decode-step time and cache size vs context), ``decoding`` (one decode step vs the cache's
+capacity for the dense path, the flash kernel and ``decode_attention``, and tokens/s of the default
 TransformerLM with and without its cache). Writes
 ``benchmarks/results/<device-kind>-<date>.json`` and PNG plots into ``img/``;
 ``python -m benchmarks.table FILE`` turns a results file into Markdown.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from benchmarks.decode import time_generation
+from benchmarks.decode import capacity_part, model_configs, time_generation
 from benchmarks.flash import KERNELS, jax_nn_cudnn, matmul_flops_per_second, prefill_rows
 from benchmarks.mla import time_step
 from benchmarks.timing import device_kind, measure
@@ -130,6 +131,8 @@ def decoding(mode, say) -> dict:
                   full_recompute_tokens_per_s=mode.new_tokens / full[0])
     say(f"default TransformerLM, batch 1, prompt {mode.prompt}, {mode.new_tokens} new tokens: "
         f"{result['cached_tokens_per_s']:.0f} tokens/s with the cache, {result['full_recompute_tokens_per_s']:.0f} without")
+    steps = argparse.Namespace(capacity=max(256, min(4 * max(mode.seq_lens), 32768)), repeats=mode.repeats)
+    result["steps"] = capacity_part(model_configs(steps.capacity), steps, say)
     return result
 
 

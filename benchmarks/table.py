@@ -65,6 +65,17 @@ def markdown(results: dict) -> str:
             f"{decoding['full_recompute_tokens_per_s']:.0f} tokens/s recomputing the full pass.",
             "",
         ]
+        if decoding.get("steps"):
+            capacities = decoding["steps"][0]["capacities"]
+            lines += [
+                "One decode step at position 100 vs the cache's capacity (ms):",
+                "",
+                "| model | path | " + " | ".join(str(c) for c in capacities) + " |",
+                "| --- | --- | " + " | ".join("---:" for _ in capacities) + " |",
+            ]
+            for row in decoding["steps"]:
+                lines.append(f"| {row['model']} | {row['path']} | " + " | ".join(_ms(t) for t in row["seconds"]) + " |")
+            lines.append("")
     for item in results.get("left_out", []):
         lines.append(f"Left out: {item}.")
     return "\n".join(lines).rstrip() + "\n"

@@ -26,16 +26,20 @@ class Timing:
 def time_calls(call, *, repeats: int = 5, before=None, warm_up: bool = True) -> Timing:
     """Times ``call()`` (a function of no arguments): one warm-up call, then ``repeats``
     timed calls, each waited for with ``jax.block_until_ready``. ``before()``, if given,
-    runs untimed before every call (e.g. to reset a donated cache). ``warm_up=False``
-    for a call that is already compiled and too long to run twice."""
-    if warm_up:
+    runs untimed before every call (e.g. to reset a donated cache), and whatever it
+    returns is waited for too, so that none of its work spills into the timed call.
+    ``warm_up=False`` for a call that is already compiled and too long to run twice."""
+
+    def prepare():
         if before is not None:
-            before()
+            jax.block_until_ready(before())
+
+    if warm_up:
+        prepare()
         jax.block_until_ready(call())  # compile (if needed) and warm up
     times = []
     for _ in range(repeats):
-        if before is not None:
-            before()
+        prepare()
         start = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - start)

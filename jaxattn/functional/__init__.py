@@ -4,6 +4,7 @@
 """
 
 from jaxattn.functional.attention import attention, attention_weights, multi_head_attention, multi_head_attention_weights
+from jaxattn.functional.decode import decode_attention
 from jaxattn.functional.flash import flash_attention, flash_block_map
 from jaxattn.functional.kv_cache import (
     EMPTY_POSITION,
@@ -35,6 +36,7 @@ __all__ = [
     "causal_mask",
     "causal_self_attention",
     "combine_masks",
+    "decode_attention",
     "flash_attention",
     "flash_block_map",
     "kv_cache_elements_per_token",

@@ -41,7 +41,7 @@ def _check_bool_mask(mask) -> None:
 
 
 def _check_same_dtype(**arrays) -> None:
-    dtypes = {name: jnp.asarray(x).dtype for name, x in arrays.items()}
+    dtypes = {name: x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype for name, x in arrays.items()}
     if len(set(dtypes.values())) > 1:
         named = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
         raise ValueError(f"attention inputs must share one dtype, got {named}")

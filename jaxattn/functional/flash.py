@@ -11,8 +11,8 @@ row, after each block of scores ``s_j``:
     out  = acc / l,   lse = m + log l                  at the end
 
 so memory is linear in the sequence. ``online_softmax_step`` and ``online_softmax_finish``
-are that update and that ending, for one head; the decode kernel (``decode.py``) and ring
-attention (``ring.py``) call the same two functions.
+are that update (given a block's scores, ``block_scores``) and that ending, for one head;
+the decode kernel (``decode.py``) and ring attention (``ring.py``) call the same functions.
 
 Which blocks are visited is decided by ``MaskSpec.block_visibility`` (``masks.py``): key
 blocks that causality, the window, the padding, the segment ids or the caller's mask
@@ -64,14 +64,18 @@ class SoftmaxState(NamedTuple):
         )
 
 
-def online_softmax_step(q, k, v, mask, state: SoftmaxState, *, scale: float) -> SoftmaxState:
+def block_scores(q, k, *, scale: float):
+    """Scaled scores of one head and block, float32: q ``[bq, D]``, k ``[bk, D]`` -> ``[bq, bk]``."""
+    return jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def online_softmax_step(s, v, mask, state: SoftmaxState) -> SoftmaxState:
     """Folds one block of keys into the running softmax of one head.
 
-    q ``[bq, D]``, k ``[bk, D]``, v ``[bk, E]``, mask bool ``[bq, bk]`` or ``None``.
-    A masked score never counts: its ``p`` is set to exactly 0, so a row that has seen
-    only masked keys keeps ``l = 0``.
+    s ``[bq, bk]`` the block's scaled scores (float32), v ``[bk, E]``, mask bool
+    ``[bq, bk]`` or ``None``. A masked score never counts: its ``p`` is set to exactly 0,
+    so a row that has seen only masked keys keeps ``l = 0``.
     """
-    s = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale  # [bq, bk]
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(state.m, s.max(axis=-1))
@@ -105,8 +109,7 @@ def _block_backward(q, k, v, do, lse, delta, mask, *, scale):
     do ``[bq, E]`` output cotangent, lse and delta = rowsum(do * out) ``[bq]``.
     Returns dq ``[bq, D]``, dk ``[bk, D]``, dv ``[bk, E]`` (float32).
     """
-    s = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jnp.exp(s - lse[:, None])  # [bq, bk]
+    p = jnp.exp(block_scores(q, k, scale=scale) - lse[:, None])  # [bq, bk]
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     dv = jnp.einsum("qk,qe->ke", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
@@ -180,7 +183,8 @@ def _forward(static: _Static, q, k, v, spec: MaskSpec, visible):
     B, K, G, Tp, _ = q.shape
     E = v.shape[-1]
     bq, bk = static.block_q, static.block_kv
-    step = partial(online_softmax_step, scale=static.scale)
+    def step(q, k, v, mask, state):
+        return online_softmax_step(block_scores(q, k, scale=static.scale), v, mask, state)
 
     def query_block(i):
         q_start = i * bq

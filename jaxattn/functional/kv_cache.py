@@ -169,12 +169,15 @@ class KVView(NamedTuple):
     """What the queries of one call attend to.
 
     k ``[B, S, K, D]``, v ``[B, S, K, E]``, positions int32 ``[B, S]`` (absolute token
-    position of each slot; ``EMPTY_POSITION`` for a slot that holds nothing).
+    position of each slot; ``EMPTY_POSITION`` for a slot that holds nothing), lengths
+    int32 ``[B]``: slots ``>= lengths[b]`` of row b hold nothing, so a kernel may stop
+    there (``decode_attention`` does).
     """
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
+    lengths: jax.Array
 
 
 class KVCache(NamedTuple):
@@ -223,7 +226,7 @@ class KVCache(NamedTuple):
         sizes before tracing so that this never happens there.
         """
         (k, v), positions, lengths = _append(self, (k_new, v_new), num_new)
-        return KVView(k, v, positions), KVCache(k, v, lengths)
+        return KVView(k, v, positions, jnp.minimum(lengths, self.capacity)), KVCache(k, v, lengths)
 
 
 class SlidingKVCache(NamedTuple):
@@ -260,15 +263,18 @@ class SlidingKVCache(NamedTuple):
     def update(self, k_new, v_new, num_new=None):
         """Appends T tokens; returns ``(KVView, new_cache)`` (the view has W + T slots)."""
         (k_all, v_all), positions, (k, v), lengths = _slide(self, (k_new, v_new), num_new)
-        return KVView(k_all, v_all, positions), SlidingKVCache(k, v, lengths)
+        every_slot = jnp.full(lengths.shape, k_all.shape[1], jnp.int32)  # the view is window-sized: no bound to use
+        return KVView(k_all, v_all, positions, every_slot), SlidingKVCache(k, v, lengths)
 
 
 class LatentView(NamedTuple):
-    """What MLA's queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions ``[B, S]``."""
+    """What MLA's queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions
+    ``[B, S]`` and lengths ``[B]`` (as in ``KVView``)."""
 
     c_kv: jax.Array
     k_rope: jax.Array
     positions: jax.Array
+    lengths: jax.Array
 
 
 class LatentCache(NamedTuple):
@@ -300,7 +306,7 @@ class LatentCache(NamedTuple):
         """Writes ``c_kv_new [B, T, L]``, ``k_rope_new [B, T, R]`` (the cache's dtype) at each
         row's length; returns ``(LatentView, new_cache)``. Overflow as in ``KVCache.update``."""
         (c_kv, k_rope), positions, lengths = _append(self, (c_kv_new, k_rope_new), num_new)
-        return LatentView(c_kv, k_rope, positions), LatentCache(c_kv, k_rope, lengths)
+        return LatentView(c_kv, k_rope, positions, jnp.minimum(lengths, self.capacity)), LatentCache(c_kv, k_rope, lengths)
 
 
 # ------------------------------------------------------------------ cache accounting

@@ -353,3 +353,37 @@ class MaskSpec:
             user = self.user_mask.reshape(-1, nq, block_q, nk, block_kv).any(axis=(0, 2, 4))  # [nq, nk]
             visible = visible & user
         return visible
+
+    def block_completeness(self, block_q: int, block_kv: int):
+        """bool ``[nq, nk]``: does every real query of block i see every key of block j?
+
+        The same rule at block level, the other way round: True only where the rule holds
+        for the block's least favourable pair (its earliest query and latest key, and so
+        on), so a kernel may skip building the block's mask there. Padding queries (a
+        blockwise kernel's) are left out: their outputs are discarded.
+        """
+        T, S = self.T, self.S
+        nq, nk = T // block_q, S // block_kv
+
+        def extremes(values, live, n, size):
+            live = jnp.broadcast_to(live, jnp.broadcast_shapes(live.shape, values.shape))
+            values = jnp.broadcast_to(values, live.shape).reshape(-1, n, size)
+            live = live.reshape(-1, n, size)
+            return jnp.where(live, values, _INT_MAX).min(axis=(0, 2)), jnp.where(live, values, -_INT_MAX).max(axis=(0, 2))
+
+        complete = self.block_visibility(block_q, block_kv)
+        if self.kv_valid is not None:  # no padding key in the block
+            complete = complete & self.kv_valid.reshape(-1, nk, block_kv).all(axis=(0, 2))[None]
+        if self.is_causal:
+            q_min, q_max = extremes(self.q_positions, self.q_positions != PAD_QUERY_POSITION, nq, block_q)
+            kv_min, kv_max = extremes(self.kv_positions, jnp.ones((1, S), bool), nk, block_kv)
+            complete = complete & (kv_max[None] <= q_min[:, None])  # the latest key is not after the earliest query
+            if self.window is not None:
+                complete = complete & (q_max[:, None] - kv_min[None] < self.window)
+        if self.q_segment_ids is not None:  # one segment on both sides
+            q_low, q_high = extremes(self.q_segment_ids, jnp.ones((1, T), bool), nq, block_q)
+            kv_low, kv_high = extremes(self.kv_segment_ids, jnp.ones((1, S), bool), nk, block_kv)
+            complete = complete & ((q_low == q_high)[:, None] & (kv_low == kv_high)[None] & (q_low[:, None] == kv_low[None]))
+        if self.user_mask is not None:
+            complete = complete & self.user_mask.reshape(-1, nq, block_q, nk, block_kv).all(axis=(0, 2, 4))
+        return complete

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.attention import default_scale, multi_head_attention
+from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_attention
 from jaxattn.functional.kv_cache import LatentCache, positions_from_cache
 from jaxattn.functional.positions import rope
 
@@ -217,7 +218,7 @@ def mla_decompressed(
 
 def mla_absorbed(
     params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
-    epsilon=1e-6, scale=None, attention_fn=multi_head_attention,
+    epsilon=1e-6, scale=None, attention_fn=multi_head_attention, decode_max_tokens: int = DECODE_MAX_TOKENS,
 ):
     """Path 3: attention directly over the cached latents, with W_uk and W_uv absorbed.
 
@@ -226,6 +227,10 @@ def mla_absorbed(
     ``[c_kv; k_r]`` (width L + R) and one value ``c_kv`` (width L): an MQA. The heads'
     latent outputs go through W_uv, then W_o. The scale stays ``1/sqrt(D + R)``.
 
+    A decode step (at most ``decode_max_tokens`` new tokens) runs ``decode_attention``
+    with the key as two parts, ``(c_kv, k_r)``, whose scores add: the cache is read up
+    to its longest row and never concatenated. Longer calls use ``attention_fn``.
+
     h ``[B, T, C]`` continues each sequence of ``cache``. Returns ``([B, T, C], new_cache)``.
     """
     dims = check_mla_params(params)
@@ -233,11 +238,13 @@ def mla_absorbed(
     kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
     q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
     q_latent = jnp.einsum("bthd,lhd->bthl", q_c, params.w_uk)  # [B, T, H, L]
-    q = jnp.concatenate([q_latent, q_r], axis=-1)  # [B, T, H, L+R]
-    k = jnp.concatenate([view.c_kv, view.k_rope], axis=-1)[:, :, None, :]  # [B, S, 1, L+R]
-    v = view.c_kv[:, :, None, :]  # [B, S, 1, L]
-    o_latent = attention_fn(
-        q, k, v, is_causal=True, q_positions=q_positions, kv_positions=view.positions, scale=mla_scale(dims, scale)
-    )  # [B, T, H, L]
+    masking = dict(is_causal=True, q_positions=q_positions, kv_positions=view.positions, scale=mla_scale(dims, scale))
+    if h.shape[1] <= decode_max_tokens:  # the buffers as they are: [B, S, L] and [B, S, R], one head for all
+        o_latent = decode_attention((q_latent, q_r), (view.c_kv, view.k_rope), view.c_kv, kv_lengths=view.lengths,
+                                    **masking)  # [B, T, H, L]
+    else:
+        q = jnp.concatenate([q_latent, q_r], axis=-1)  # [B, T, H, L+R]
+        k = jnp.concatenate([view.c_kv, view.k_rope], axis=-1)[:, :, None, :]  # [B, S, 1, L+R]
+        o_latent = attention_fn(q, k, view.c_kv[:, :, None, :], **masking)  # [B, T, H, L]
     o = jnp.einsum("bthl,lhe->bthe", o_latent, params.w_uv)  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o), new_cache  # [B, T, C]

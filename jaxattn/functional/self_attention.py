@@ -12,6 +12,11 @@ parameters are a plain pytree (``AttentionParams``), so the same function serves
 module ``jaxattn.nn.MultiHeadAttention``, the benchmarks and checkpoint loaders. MLA's
 counterpart is ``jaxattn.functional.mla``.
 
+Kernels: ``attention_fn`` (default ``multi_head_attention``) serves calls without a cache
+and long calls with one (a prompt); a call with a cache and at most ``decode_max_tokens``
+new tokens (a decode step; default ``DECODE_MAX_TOKENS``) uses ``decode_attention``,
+which reads the cache only up to its longest row instead of the whole buffer.
+
 Positions: without a cache, ``positions`` (int ``[B, T]`` or ``[T]``, default
 ``arange(T)``) say where the T tokens are. With a cache they are *derived* from the
 cache's lengths (``next_positions``), and passing positions as well is an error: a call
@@ -23,12 +28,14 @@ heads, K key/value heads, D query/key width, E value width.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.attention import multi_head_attention
+from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_attention
 from jaxattn.functional.kv_cache import positions_from_cache
 from jaxattn.functional.positions import rope
 
@@ -92,6 +99,7 @@ def causal_self_attention(
     window: int | None = None,
     scale: float | None = None,
     attention_fn=multi_head_attention,
+    decode_max_tokens: int = DECODE_MAX_TOKENS,
 ):
     """One causal self-attention layer (the module docstring has the equations).
 
@@ -108,6 +116,8 @@ def causal_self_attention(
       window: causal sliding window.
       scale: logit multiplier, default ``1/sqrt(D)``.
       attention_fn: the kernel, any function with the signature of ``multi_head_attention``.
+      decode_max_tokens: calls with a cache and at most this many new tokens use
+        ``decode_attention`` instead (0: never).
 
     Returns:
       ``[B, T, C]``, or ``(out, new_cache)`` when a cache is given.
@@ -128,10 +138,13 @@ def causal_self_attention(
         k = rope(k, positions, theta=rope_theta, style=rope_style)
     new_cache = None
     kv_positions = positions
+    kernel = attention_fn
     if cache is not None:
         view, new_cache = cache.update(k, v, num_new)
         k, v, kv_positions = view.k, view.v, view.positions  # [B, S, K, D], [B, S, K, E], [B, S]
-    o = attention_fn(
+        if T <= decode_max_tokens:
+            kernel = partial(decode_attention, kv_lengths=view.lengths)
+    o = kernel(
         q, k, v, is_causal=True, q_positions=positions, kv_positions=kv_positions, window=window, scale=scale
     )  # [B, T, H, E]
     out = _project(o, params.w_o, params.b_o, "bthe,hec->btc")  # [B, T, C]

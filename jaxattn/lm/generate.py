@@ -93,11 +93,13 @@ def _last_logits(logits, lengths):  # [B, P, V], [B] -> [B, V]
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate_cached(graphdef, params, prompt, lengths, key, *, max_new_tokens, sampling):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length"))
+def _generate_cached(graphdef, params, prompt, lengths, key, *, max_new_tokens, sampling, cache_length):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
-    cache = model.init_cache(B, max_length=P + max_new_tokens)
+    # Created inside the program and carried through the scan: every step writes into the
+    # same buffers (lax.dynamic_update_slice in place), no step copies the cache.
+    cache = model.init_cache(B, max_length=cache_length)
     logits, cache = model(prompt, cache=cache, num_new=lengths)  # prefill: [B, P, V]
     keys = jax.random.split(key, max_new_tokens)
     first = sample_token(_last_logits(logits, lengths), keys[0], sampling)  # [B]
@@ -131,7 +133,16 @@ def _generate_uncached(graphdef, params, prompt, lengths, key, *, max_new_tokens
     return tokens.T  # [B, N]
 
 
-def generate(model, prompts, *, max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0, use_cache: bool = True):
+def generate(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    use_cache: bool = True,
+    cache_length: int | None = None,
+):
     """Continues each prompt by ``max_new_tokens`` tokens.
 
     Args:
@@ -142,6 +153,7 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: Sampling = Sampli
       seed: the sampling seed.
       use_cache: decode with the KV cache (True) or re-run the model on the whole
         buffer for every token (False).
+      cache_length: the cache's capacity S_max (default: the longest prompt plus N).
 
     Returns:
       int32 ``[B, N]`` new tokens.
@@ -155,14 +167,12 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: Sampling = Sampli
             f"a prompt of {tokens.shape[1]} tokens plus {max_new_tokens} new tokens exceeds the "
             f"model's context length max_length={context}"
         )
+    needed = tokens.shape[1] + max_new_tokens
+    cache_length = needed if cache_length is None else cache_length
+    if cache_length < needed:
+        raise ValueError(f"cache_length={cache_length} cannot hold a prompt of {tokens.shape[1]} plus {max_new_tokens} new tokens")
     graphdef, params = nnx.split(model)
-    run = _generate_cached if use_cache else _generate_uncached
-    return run(
-        graphdef,
-        params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        jax.random.key(seed),
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-    )
+    arguments = (graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+    if use_cache:
+        return _generate_cached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, cache_length=cache_length)
+    return _generate_uncached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.functional import AttentionParams, causal_self_attention, multi_head_attention
+from jaxattn.functional.decode import DECODE_MAX_TOKENS
 from jaxattn.nn.layers import default_kernel_init
 
 
@@ -19,7 +20,8 @@ class MultiHeadAttention(nnx.Module):
     K = H is MHA, 1 < K < H is GQA, K = 1 is MQA. ``attention_fn`` is any kernel with
     the signature of ``jaxattn.functional.multi_head_attention`` (e.g. the flash kernel).
     ``qkv_bias``/``out_bias`` add biases to the projections (GPT-2 has both, Qwen2 the
-    first only).
+    first only). Calls with a cache and at most ``decode_max_tokens`` new tokens use
+    ``decode_attention`` (0: never).
 
     Call: ``x [B, T, C]``, ``positions`` int ``[B, T]`` or ``[T]`` (default ``arange(T)``)
     -> ``[B, T, C]``; with ``cache=`` (a ``KVCache`` or ``SlidingKVCache``) ->
@@ -39,6 +41,7 @@ class MultiHeadAttention(nnx.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         attention_fn=multi_head_attention,
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
         dtype=jnp.float32,
         out_init=default_kernel_init,
         rngs: nnx.Rngs,
@@ -51,7 +54,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.width, self.heads, self.kv_heads, self.head_dim = width, heads, kv_heads, head_dim
         self.rope_theta, self.rope_style, self.window = rope_theta, rope_style, window
-        self.attention_fn = attention_fn
+        self.attention_fn, self.decode_max_tokens = attention_fn, decode_max_tokens
         self.dtype = dtype
         linear = dict(dtype=dtype, kernel_init=default_kernel_init, rngs=rngs)
         self.q_proj = nnx.Linear(width, heads * head_dim, use_bias=qkv_bias, **linear)
@@ -95,4 +98,5 @@ class MultiHeadAttention(nnx.Module):
             rope_style=self.rope_style,
             window=self.window,
             attention_fn=self.attention_fn,
+            decode_max_tokens=self.decode_max_tokens,
         )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.functional import LatentCache, MLAParams, mla_absorbed, mla_naive, multi_head_attention
+from jaxattn.functional.decode import DECODE_MAX_TOKENS
 from jaxattn.functional.kv_cache import positions_from_cache
 
 
@@ -23,7 +24,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
     Sizes: ``heads`` H, ``head_dim`` D, ``value_dim`` E, ``latent_dim`` L, ``rope_dim`` R,
     ``query_latent_dim`` P (``None``: no query compression). ``attention_fn`` is the kernel
-    of both paths (``multi_head_attention``'s signature).
+    of both paths (``multi_head_attention``'s signature); a call with a cache and at most
+    ``decode_max_tokens`` new tokens uses ``decode_attention`` over the latents.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class MultiHeadLatentAttention(nnx.Module):
         rope_style: str = "interleaved",
         epsilon: float = 1e-6,
         attention_fn=multi_head_attention,
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
         dtype=jnp.float32,
         out_stddev: float = 0.02,
         rngs: nnx.Rngs,
@@ -74,7 +77,7 @@ class MultiHeadLatentAttention(nnx.Module):
             self.q_norm = nnx.Param(jnp.ones((P,))) if latent_norms else None
             self.w_q = None
         self.rope_theta, self.rope_style, self.epsilon, self.dtype = rope_theta, rope_style, epsilon, dtype
-        self.attention_fn = attention_fn
+        self.attention_fn, self.decode_max_tokens = attention_fn, decode_max_tokens
 
     def params(self) -> MLAParams:
         """The weights as the functional ``MLAParams`` pytree, in the compute dtype."""
@@ -96,4 +99,4 @@ class MultiHeadLatentAttention(nnx.Module):
         if cache is None:
             return mla_naive(self.params(), x, positions, **kwargs)
         positions_from_cache(cache, x.shape[1], positions)  # with a cache, positions must not be passed
-        return mla_absorbed(self.params(), x, cache, num_new=num_new, **kwargs)
+        return mla_absorbed(self.params(), x, cache, num_new=num_new, decode_max_tokens=self.decode_max_tokens, **kwargs)

@@ -24,6 +24,7 @@ from jaxattn.functional import (
     multi_head_attention,
     sinusoidal_positions,
 )
+from jaxattn.functional.decode import DECODE_MAX_TOKENS
 from jaxattn.functional.kv_cache import positions_from_cache
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.mla import MultiHeadLatentAttention
@@ -49,7 +50,10 @@ class TransformerConfig:
     ``"dense"`` (``multi_head_attention``) or ``"flash"`` (``flash_attention``, memory
     linear in the sequence), for either attention.
 
-    ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias`` and ``mlp_bias`` add
+    ``decode_max_tokens``: a call with a cache and at most this many new tokens (a decode
+    step) uses ``decode_attention``, whose cost follows the tokens in the cache, not its
+    capacity; 0 sends every call to ``attention_kernel`` (the default, 16, is measured in
+    ``benchmarks/decode.py``). ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias`` and ``mlp_bias`` add
     biases to the attention's input and output projections and to the MLP (GPT-2 has all
     three, Qwen2 the first). A combination that a model would silently ignore is a
     ``ValueError`` that says what and why (e.g. a window or ``kv_heads != heads`` with MLA).
@@ -77,6 +81,7 @@ class TransformerConfig:
     rope_dim: int = 16
     query_latent_dim: int | None = None
     attention_kernel: str = "dense"
+    decode_max_tokens: int = DECODE_MAX_TOKENS
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -96,6 +101,8 @@ class TransformerConfig:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
+            raise ValueError(f"decode_max_tokens must be an integer >= 0, got {self.decode_max_tokens!r}")
         if not self.norm_epsilon > 0:
             raise ValueError(f"norm_epsilon must be > 0, got {self.norm_epsilon}")
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
@@ -168,6 +175,7 @@ class TransformerBlock(nnx.Module):
                 rope_theta=config.rope_theta,
                 rope_style=config.rope_style,
                 attention_fn=attention_fn,
+                decode_max_tokens=config.decode_max_tokens,
                 dtype=dtype,
                 out_stddev=0.02 / math.sqrt(2 * config.layers),
                 rngs=rngs,
@@ -191,6 +199,7 @@ class TransformerBlock(nnx.Module):
             qkv_bias=config.qkv_bias,
             out_bias=config.out_bias,
             attention_fn=attention_fn,
+            decode_max_tokens=config.decode_max_tokens,
             dtype=config.compute_dtype,
             out_init=out_init,
             rngs=rngs,

@@ -81,3 +81,11 @@ def test_prompt_longer_than_context_is_a_clear_error(small_model):
         generate(small_model, [np.zeros(0, np.int32)], max_new_tokens=1)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         Sampling(temperature=-1.0)
+
+
+def test_a_larger_cache_changes_nothing(small_model):
+    prompts = [encode("hello"), encode("hi")]
+    np.testing.assert_array_equal(generate(small_model, prompts, max_new_tokens=8, cache_length=40),
+                                  generate(small_model, prompts, max_new_tokens=8))
+    with pytest.raises(ValueError, match="cache_length=10 cannot hold a prompt of 5 plus 8 new tokens"):
+        generate(small_model, prompts, max_new_tokens=8, cache_length=10)

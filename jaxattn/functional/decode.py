@@ -1,0 +1,131 @@
+"""Decode attention: a few new queries against a cache, paying for the tokens it holds.
+
+A decode step has T = 1 (or a few) queries and a preallocated cache of S_max slots, of
+which each row holds ``kv_lengths[b]``. ``multi_head_attention`` would score, mask and
+average all S_max slots; ``flash_attention`` would also transpose and pad the whole
+buffer into its block layout. Here the keys are visited block by block, in the cache's
+own layout ``[B, S, K, D]``, by a loop whose trip count is *traced*:
+
+    for j in 0 .. ceil(max_b kv_lengths[b] / bk) - 1:      (a while loop, not unrolled)
+        k_j, v_j = cache[:, j bk : (j + 1) bk]             (a dynamic slice: no copy of the buffer)
+        state = online_softmax_step(scores(q, k_j), v_j, mask_j, state)
+
+with the running softmax of ``flash.py`` (the same functions) and the block's mask from the
+call's ``MaskSpec`` (the same rule as every kernel: causal on absolute positions, so a
+step is aligned bottom-right; window; padding). A step therefore costs what the longest
+row holds, whatever the capacity. GQA/MQA read each K/V head once for its G queries;
+MLA's absorbed path passes its key as two parts, ``[c_kv; k_r]``, whose scores add, and
+its buffers as they are, ``[B, S, L]`` (one head for all queries), so the latent cache is
+never concatenated, reshaped or copied.
+
+Forward only: this is the inference path (training uses ``flash_attention``). Shape
+letters as in ``attention.py``; ``bk`` is the key block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn.functional.attention import check_multi_head_shapes, default_scale, group_heads, vmap_heads
+from jaxattn.functional.flash import SoftmaxState, block_scores, online_softmax_finish, online_softmax_step
+from jaxattn.functional.masks import MaskSpec, combine_masks
+
+DEFAULT_DECODE_BLOCK = 512  # measured: see benchmarks/decode.py
+# The model uses this kernel for calls with a cache of at most this many new tokens
+# (one decode step, a few speculative tokens); longer calls (a prompt) use the blockwise
+# or dense kernel. Measured in benchmarks/decode.py ("threshold").
+DECODE_MAX_TOKENS = 16
+
+
+def _parts(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _with_head_axis(x):
+    """``[B, S, D]`` (one key/value head for every query) described as ``[B, S, 1, D]``, without touching it."""
+    return jax.ShapeDtypeStruct(x.shape[:2] + (1,) + x.shape[2:], x.dtype) if x.ndim == 3 else x
+
+
+def _block(x, start, size):
+    """Keys ``start .. start + size`` of ``[B, S, K, D]`` or ``[B, S, D]``, as ``[B, size, K|1, D]``."""
+    block = lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    return block[:, :, None] if x.ndim == 3 else block
+
+
+def _check_parts(q_parts, k_parts, v):
+    """Each (q part, k part) pair is a multi-head attention's (q, k); returns the sizes of the first."""
+    if len(q_parts) != len(k_parts):
+        raise ValueError(f"q and k must have as many parts, got {len(q_parts)} and {len(k_parts)}")
+    if any(part.ndim == 3 for part in k_parts) != (v.ndim == 3):
+        raise ValueError("give keys and values with a head axis [B, S, K, D] or both without one [B, S, D]")
+    v = _with_head_axis(v)
+    shapes = [check_multi_head_shapes(q, _with_head_axis(k), v) for q, k in zip(q_parts, k_parts)]
+    first = shapes[0]
+    for part in shapes[1:]:
+        if (part.B, part.T, part.S, part.H, part.K) != (first.B, first.T, first.S, first.H, first.K):
+            raise ValueError(f"the parts of q and k must share B, T, S, H and K, got {shapes}")
+    return first, sum(part.D for part in shapes)
+
+
+def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOCK, return_visits: bool = False,
+                     **masking):
+    """Attention of a few queries over a cache, visiting only the slots that hold tokens.
+
+    Args:
+      q: ``[B, T, H, D]``, or a tuple of parts ``[B, T, H, D_i]`` (MLA: ``(q_latent, q_rope)``).
+      k: ``[B, S, K, D]``, or parts ``[B, S, K, D_i]`` matching q's; the scores of the parts add.
+        ``[B, S, D]`` (no head axis) is one key head shared by all query heads (MQA).
+      v: ``[B, S, K, E]`` (or ``[B, S, E]`` with keys of that form).
+      scale: default ``1/sqrt(sum D_i)``.
+      block_kv: keys per block (clipped to S).
+      return_visits: also return how many key blocks the loop visited (for tests).
+      masking: the keywords of ``multi_head_attention`` (``is_causal``, ``q_positions``,
+        ``kv_positions``, ``kv_lengths``, ``window``, segment ids, ``mask``). With
+        ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are visited.
+
+    Returns:
+      ``[B, T, H, E]`` in q's dtype (and the visit count, int32 ``[]``).
+    """
+    q_parts, k_parts = _parts(q), _parts(k)
+    shapes, D_total = _check_parts(q_parts, k_parts, v)
+    B, T, S, H, K, _, E = shapes
+    G = H // K
+    spec = MaskSpec.resolve(B=B, T=T, S=S, H=H, **masking)
+    scale = default_scale(D_total, scale)
+    if block_kv < 1:
+        raise ValueError(f"block_kv must be >= 1, got {block_kv}")
+    bk = min(block_kv, S)
+    kv_lengths = masking.get("kv_lengths")
+    longest = S if kv_lengths is None else jnp.minimum(jnp.max(jnp.asarray(kv_lengths)), S)
+    n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
+    q_parts = tuple(part.reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
+
+    def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk]
+        n = len(q_parts)
+        qs, (m, l, acc), ks, (v_block, mask) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
+        s = sum(block_scores(q_i, k_i, scale=scale) for q_i, k_i in zip(qs, ks))  # [T, bk]
+        return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
+
+    def key_block(j, carry):
+        state, visits = carry
+        start = j * bk
+        first = jnp.minimum(start, S - bk)  # the last block is slid back to fit; its older keys are masked
+        k_blocks = tuple(_block(part, first, bk) for part in k_parts)  # [B, bk, K, D_i]
+        v_block = _block(v, first, bk)  # [B, bk, K, E]
+        block = spec.keys(first, bk)
+        unseen = (first + jnp.arange(bk) >= start)[None]  # [1, bk]: keys no earlier block visited
+        block = dataclasses.replace(block, kv_valid=combine_masks(block.kv_valid, unseen))
+        mask = group_heads(block.full_mask(), K)  # [B|1, K|1, G|1, T, bk]
+        over_heads, mask = vmap_heads(one_head, mask, n_query=len(q_parts) + 3, n_kv=len(k_parts) + 1, head_axis=1)
+        state = SoftmaxState(*over_heads(*q_parts, *state, *k_blocks, v_block, mask))
+        return state, visits + 1
+
+    init = (SoftmaxState.empty((B, T, K, G), E), jnp.zeros((), jnp.int32))
+    state, visits = lax.fori_loop(0, n_blocks, key_block, init)
+    out, _ = online_softmax_finish(state)  # [B, T, K, G, E]
+    out = out.reshape(B, T, H, E).astype(q_parts[0].dtype)
+    return (out, visits) if return_visits else out
