@@ -7,15 +7,27 @@ temporary memory of ``flash_attention``, ``multi_head_attention`` and
 ``jax.nn.dot_product_attention(implementation="xla")``, causal and not; forward+backward
 for T <= 4096 (``--grad-max``); achieved FLOP/s (useful FLOPs ``4·B·H·T·S·D``, halved
 for causal; the backward counts 2.5x the forward) as a fraction of a float32 matmul's
-FLOP/s measured in the same run. ``--long T`` also runs one causal forward+backward of
+FLOP/s measured in the same run. Both sides use the fastest of their runs (on a shared
+machine, interference only ever adds time), the tables show the median too. ``--long T`` also runs one causal forward+backward of
 flash attention at length T and reports its time and the process's peak memory.
+``--profile T`` traces one causal forward and one forward+backward of flash attention at
+length T with ``jax.profiler`` and splits their time by what each compiled operation does
+(matmuls, exponentials, masks, copies and layout, reductions, softmax bookkeeping, loop
+and thread overhead), reading each operation's origin from the compiled program.
 Writes a table and ``img/flash.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import re
 import resource
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +70,8 @@ def attention_flops(B, H, T, D, causal: bool) -> float:
 def prefill_rows(seq_lens, *, batch, heads, head_dim, dtype, repeats, grad_max, kernels, peak, say=print) -> list[dict]:
     """Times every kernel, causal and not, forward (and forward+backward up to ``grad_max``)."""
     B, H, D = batch, heads, head_dim
-    say(f"{'T':>6} {'causal':>6} {'pass':>8} {'kernel':>22} {'median ms':>10} {'temp MiB':>9} {'GFLOP/s':>8} {'of peak':>8}")
+    say(f"{'T':>6} {'causal':>6} {'pass':>8} {'kernel':>22} {'min ms':>8} {'median ms':>10} {'temp MiB':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>8}")
     rows = []
     rng = np.random.default_rng(0)
     for T in seq_lens:
@@ -72,11 +85,11 @@ def prefill_rows(seq_lens, *, batch, heads, head_dim, dtype, repeats, grad_max, 
                     timing = measure(fn, q, k, v, repeats=repeats, **kwargs)
                     flops = flop_factor * attention_flops(B, H, T, D, causal)
                     row = dict(T=T, causal=causal, pass_=pass_name, kernel=name, median_s=timing.median_s,
-                               min_s=timing.min_s, temp_bytes=timing.temp_bytes, flops_per_s=flops / timing.median_s,
-                               fraction_of_matmul=flops / timing.median_s / peak)
+                               min_s=timing.min_s, temp_bytes=timing.temp_bytes, flops_per_s=flops / timing.min_s,
+                               fraction_of_matmul=flops / timing.min_s / peak)
                     rows.append(row)
                     temp = "n/a" if timing.temp_bytes is None else f"{timing.temp_bytes / 2**20:.1f}"
-                    say(f"{T:>6} {str(causal):>6} {pass_name:>8} {name:>22} {timing.median_s * 1e3:>10.1f} "
+                    say(f"{T:>6} {str(causal):>6} {pass_name:>8} {name:>22} {timing.min_s * 1e3:>8.1f} {timing.median_s * 1e3:>10.1f} "
                         f"{temp:>9} {row['flops_per_s'] / 1e9:>8.1f} {row['fraction_of_matmul']:>8.1%}", flush=True)
     return rows
 
@@ -93,6 +106,52 @@ def long_run(T: int, heads: int, head_dim: int) -> dict:
     return {"T": T, "seconds": seconds, "temp_bytes": temp, "peak_rss_bytes": peak}
 
 
+CATEGORIES = ("matmuls", "exponentials", "masks", "copies and layout", "reductions", "softmax bookkeeping",
+              "loop and threads")
+
+
+def _category(name: str, origin: str | None) -> str:
+    """What a compiled operation (its name and the JAX op it came from) spends time on."""
+    origin = origin or ""
+    if "exponential" in name or origin.endswith("/exp"):
+        return "exponentials"
+    if "reduce_max" in origin or "reduce_sum" in origin or name.startswith("ynn_fusion") and "reduce" in origin:
+        return "reductions"
+    if name.startswith(("copy", "wrapped_copy", "bitcast_transpose", "dynamic-slice", "bitcast_copy", "transpose")) or \
+            "dynamic_slice" in origin or "dynamic_update_slice" in origin or "pad" in origin:
+        return "copies and layout"
+    if name.startswith(("ynn_fusion", "dot")):
+        return "matmuls"
+    if "select_n" in origin or "_where" in origin or origin.endswith(("/lt", "/le", "/ge", "/gt", "/and", "/eq")):
+        return "masks"
+    if name.startswith(("while", "SlinkyThreadPool", "wrapped_compare")):
+        return "loop and threads"
+    return "softmax bookkeeping"
+
+
+def profile(fn, *args) -> dict:
+    """Seconds per category (see ``CATEGORIES``) of one call of the jitted ``fn``, and the wall time."""
+    jitted = jax.jit(fn)
+    text = jitted.lower(*args).compile().as_text()
+    origins = {m.group(1): (re.search(r'op_name="([^"]+)"', m.group(0)) or [None, None])[1]
+               for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*", text, re.M)}
+    jax.block_until_ready(jitted(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        start = time.perf_counter()
+        jax.block_until_ready(jitted(*args))
+        wall = time.perf_counter() - start
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)[0]))
+    seconds = collections.Counter()
+    for event in trace["traceEvents"]:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith(("ThunkExecutor", "$")):
+            continue
+        seconds[_category(name, origins.get(name))] += event["dur"] / 1e6
+    return {"wall_s": wall, **{category: seconds[category] for category in CATEGORIES}}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -101,6 +160,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", type=int, default=None, help="also run causal fwd+bwd of flash at this T")
+    parser.add_argument("--profile", type=int, default=None, help="also profile causal flash at this T")
     parser.add_argument("--plot", default="img/flash.png")
     args = parser.parse_args(argv)
 
@@ -130,6 +190,17 @@ def main(argv=None) -> dict:
             print(f"Summary T=4096 {'causal' if causal else 'full'} {pass_name}: flash {theirs['median_s'] / ours['median_s']:.2f}x "
                   f"the speed of jax.nn, temp memory 1/{theirs['temp_bytes'] / ours['temp_bytes']:.0f} of it")
     result = {"matmul_flops_per_s": peak, "rows": rows}
+    if args.profile:
+        rng = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(rng.standard_normal((1, args.profile, H, D)), jnp.float32) for _ in range(3))
+        result["profile"] = {}
+        for pass_name, fn in (("forward", lambda q, k, v: flash_attention(q, k, v, is_causal=True)),
+                              ("fwd+bwd", forward_and_backward(flash_attention, is_causal=True))):
+            shares = profile(fn, q, k, v)
+            result["profile"][pass_name] = shares
+            busy = sum(shares[c] for c in CATEGORIES)
+            print(f"Profile T={args.profile} causal {pass_name}: {shares['wall_s'] * 1e3:.0f} ms wall; of the time inside "
+                  "compiled operations: " + ", ".join(f"{c} {shares[c] / busy:.0%}" for c in CATEGORIES))
     if args.long:
         long = long_run(args.long, H, D)
         print(f"Long: causal forward+backward of flash_attention at T={long['T']}: {long['seconds']:.1f} s, "

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn.functional.attention import check_multi_head_shapes, default_scale, group_heads, vmap_heads
-from jaxattn.functional.flash import SoftmaxState, block_scores, online_softmax_finish, online_softmax_step
+from jaxattn.functional.flash import SoftmaxState, block_scores, online_softmax_finish, online_softmax_step, scaled_queries
 from jaxattn.functional.masks import MaskSpec, combine_masks
 
 DEFAULT_DECODE_BLOCK = 512  # measured: see benchmarks/decode.py
@@ -102,12 +102,12 @@ def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOC
     kv_lengths = masking.get("kv_lengths")
     longest = S if kv_lengths is None else jnp.minimum(jnp.max(jnp.asarray(kv_lengths)), S)
     n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
-    q_parts = tuple(part.reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
+    q_parts = tuple(scaled_queries(part, scale).reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
 
     def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk]
         n = len(q_parts)
         qs, (m, l, acc), ks, (v_block, mask) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
-        s = sum(block_scores(q_i, k_i, scale=scale) for q_i, k_i in zip(qs, ks))  # [T, bk]
+        s = sum(block_scores(q_i, k_i) for q_i, k_i in zip(qs, ks))  # [T, bk]
         return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
 
     def key_block(j, carry):

@@ -17,8 +17,9 @@ the decode kernel (``decode.py``) and ring attention (``ring.py``) call the same
 Which blocks are visited is decided by ``MaskSpec.block_visibility`` (``masks.py``): key
 blocks that causality, the window, the padding, the segment ids or the caller's mask
 hide completely from a query block are never visited, so causal attention does about
-half the work. Inside a visited block the mask comes from the same ``MaskSpec`` (the
-rule lives in ``masks.py`` only). The backward pass (``jax.custom_vjp``) saves only the
+half the work. Blocks that every query sees entirely (``MaskSpec.block_completeness``)
+are visited without a mask; inside the others the mask comes from the same ``MaskSpec``
+(the rule lives in ``masks.py`` only). The backward pass (``jax.custom_vjp``) saves only the
 output and the per-row log-sum-exp and recomputes each block's probabilities
 ``p = exp(s - lse)``.
 
@@ -64,9 +65,15 @@ class SoftmaxState(NamedTuple):
         )
 
 
-def block_scores(q, k, *, scale: float):
-    """Scaled scores of one head and block, float32: q ``[bq, D]``, k ``[bk, D]`` -> ``[bq, bk]``."""
-    return jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
+def scaled_queries(q, scale: float):
+    """``q * scale``, applied once to a block of queries rather than to every block of
+    scores it meets (one elementwise pass over ``[bq, D]`` instead of ``[bq, bk]`` per block)."""
+    return (q.astype(jnp.float32) * scale).astype(q.dtype)
+
+
+def block_scores(q, k):
+    """Scores of one head and block, float32: q ``[bq, D]`` (already scaled), k ``[bk, D]`` -> ``[bq, bk]``."""
+    return jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32)
 
 
 def online_softmax_step(s, v, mask, state: SoftmaxState) -> SoftmaxState:
@@ -103,18 +110,20 @@ def online_softmax_finish(state: SoftmaxState):
     return out, lse
 
 
-def _block_backward(q, k, v, do, lse, delta, mask, *, scale):
+def _block_backward(q, k, v, do, lse, delta, mask):
     """Gradients of one head from one (query block, key block) pair, recomputing p.
 
-    do ``[bq, E]`` output cotangent, lse and delta = rowsum(do * out) ``[bq]``.
-    Returns dq ``[bq, D]``, dk ``[bk, D]``, dv ``[bk, E]`` (float32).
+    q ``[bq, D]`` already scaled (``q_s = q * scale``), do ``[bq, E]`` output cotangent, lse
+    and delta = rowsum(do * out) ``[bq]``, mask ``[bq, bk]`` or ``None``. Returns the
+    gradient w.r.t. the *scaled* queries ``[bq, D]`` (multiply by the scale for q's),
+    dk ``[bk, D]``, dv ``[bk, E]`` (float32).
     """
-    p = jnp.exp(block_scores(q, k, scale=scale) - lse[:, None])  # [bq, bk]
+    p = jnp.exp(block_scores(q, k) - lse[:, None])  # [bq, bk]
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     dv = jnp.einsum("qk,qe->ke", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("qe,ke->qk", do, v, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None]) * scale
+    ds = p * (dp - delta[:, None])
     dq = jnp.einsum("qk,kd->qd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("qk,qd->kd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dq, dk, dv
@@ -178,29 +187,37 @@ def _block_mask(spec: MaskSpec, K: int, q_start, block_q: int, kv_start, block_k
 # ------------------------------------------------------------------ forward, backward
 
 
-def _forward(static: _Static, q, k, v, spec: MaskSpec, visible):
+def _forward(static: _Static, q, k, v, spec: MaskSpec, plan):
     """q ``[B, K, G, Tp, D]``, k/v ``[B, K, Sp, D|E]`` -> out ``[B, K, G, Tp, E]``, lse ``[B, K, G, Tp]``."""
     B, K, G, Tp, _ = q.shape
     E = v.shape[-1]
     bq, bk = static.block_q, static.block_kv
+    visible, complete = plan
+
     def step(q, k, v, mask, state):
-        return online_softmax_step(block_scores(q, k, scale=static.scale), v, mask, state)
+        return online_softmax_step(block_scores(q, k), v, mask, state)
 
     def query_block(i):
         q_start = i * bq
-        q_block = lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)  # [B, K, G, bq, D]
-        order, count = _visit_list(visible[i])
+        q_block = scaled_queries(lax.dynamic_slice_in_dim(q, q_start, bq, axis=3), static.scale)  # [B, K, G, bq, D]
 
-        def key_block(t, state):
-            kv_start = order[t] * bk
-            k_block = lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)  # [B, K, bk, D]
-            v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)  # [B, K, bk, E]
-            mask = _block_mask(spec, K, q_start, bq, kv_start, bk)
-            one_head = lambda q, m, l, acc, k, v, mask: step(q, k, v, mask, SoftmaxState(m, l, acc))  # noqa: E731
-            over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
-            return SoftmaxState(*over_heads(q_block, *state, k_block, v_block, mask))
+        def key_blocks(blocks, masked, state):
+            order, count = _visit_list(blocks)
 
-        state = lax.fori_loop(0, count, key_block, SoftmaxState.empty((B, K, G, bq), E))
+            def key_block(t, state):
+                kv_start = order[t] * bk
+                k_block = lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)  # [B, K, bk, D]
+                v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)  # [B, K, bk, E]
+                mask = _block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
+                one_head = lambda q, m, l, acc, k, v, mask: step(q, k, v, mask, SoftmaxState(m, l, acc))  # noqa: E731
+                over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
+                return SoftmaxState(*over_heads(q_block, *state, k_block, v_block, mask))
+
+            return lax.fori_loop(0, count, key_block, state)
+
+        state = SoftmaxState.empty((B, K, G, bq), E)
+        state = key_blocks(complete[i], False, state)  # every query sees every key: no mask to build
+        state = key_blocks(visible[i] & ~complete[i], True, state)  # the partly masked blocks
         return online_softmax_finish(state)
 
     nq = Tp // bq
@@ -210,49 +227,58 @@ def _forward(static: _Static, q, k, v, spec: MaskSpec, visible):
     return out, lse
 
 
-def _backward(static: _Static, q, k, v, spec: MaskSpec, visible, out, lse, d_out):
+def _backward(static: _Static, q, k, v, spec: MaskSpec, plan, out, lse, d_out):
     """Gradients dq ``[B, K, G, Tp, D]``, dk ``[B, K, Sp, D]``, dv ``[B, K, Sp, E]`` (float32)."""
     B, K, G, Tp, D = q.shape
     E = v.shape[-1]
     bq, bk = static.block_q, static.block_kv
     nk = k.shape[2] // bk
+    visible, complete = plan
     delta = jnp.einsum("bkgte,bkgte->bkgt", d_out.astype(jnp.float32), out)  # [B, K, G, Tp]
-    grads = partial(_block_backward, scale=static.scale)
+    q = scaled_queries(q, static.scale)
+    grads = _block_backward
 
     def key_block(dq_total, j):
         kv_start = j * bk
         k_block = lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)  # [B, K, bk, D]
         v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
-        order, count = _visit_list(visible[:, j])
 
-        def query_block(t, carry):
-            dq_total, dk, dv = carry
-            q_start = order[t] * bq
-            take = lambda x: lax.dynamic_slice_in_dim(x, q_start, bq, axis=3)  # noqa: E731
-            mask = _block_mask(spec, K, q_start, bq, kv_start, bk)
-            one_head = lambda q, do, lse, delta, k, v, mask: grads(q, k, v, do, lse, delta, mask)  # noqa: E731
-            over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
-            dq, dk_heads, dv_heads = over_heads(take(q), take(d_out), take(lse), take(delta), k_block, v_block, mask)
-            dq_total = lax.dynamic_update_slice_in_dim(dq_total, take(dq_total) + dq, q_start, axis=3)
-            return dq_total, dk + dk_heads.sum(axis=2), dv + dv_heads.sum(axis=2)  # sum the G queries sharing K/V
+        def query_blocks(blocks, masked, carry):
+            order, count = _visit_list(blocks)
 
-        init = (dq_total, jnp.zeros((B, K, bk, D), jnp.float32), jnp.zeros((B, K, bk, E), jnp.float32))
-        dq_total, dk, dv = lax.fori_loop(0, count, query_block, init)
+            def query_block(t, carry):
+                dq_total, dk, dv = carry
+                q_start = order[t] * bq
+                take = lambda x: lax.dynamic_slice_in_dim(x, q_start, bq, axis=3)  # noqa: E731
+                mask = _block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
+                one_head = lambda q, do, lse, delta, k, v, mask: grads(q, k, v, do, lse, delta, mask)  # noqa: E731
+                over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
+                dq, dk_heads, dv_heads = over_heads(take(q), take(d_out), take(lse), take(delta), k_block, v_block, mask)
+                dq_total = lax.dynamic_update_slice_in_dim(dq_total, take(dq_total) + dq, q_start, axis=3)
+                return dq_total, dk + dk_heads.sum(axis=2), dv + dv_heads.sum(axis=2)  # sum the G queries sharing K/V
+
+            return lax.fori_loop(0, count, query_block, carry)
+
+        carry = (dq_total, jnp.zeros((B, K, bk, D), jnp.float32), jnp.zeros((B, K, bk, E), jnp.float32))
+        carry = query_blocks(complete[:, j], False, carry)
+        dq_total, dk, dv = query_blocks(visible[:, j] & ~complete[:, j], True, carry)
         return dq_total, (dk, dv)
 
     dq, (dk, dv) = lax.scan(key_block, jnp.zeros((B, K, G, Tp, D), jnp.float32), jnp.arange(nk))
+    dq = dq * static.scale  # the loop found the gradient w.r.t. the scaled queries
     dk = jnp.moveaxis(dk, 0, 2).reshape(B, K, nk * bk, D)
     dv = jnp.moveaxis(dv, 0, 2).reshape(B, K, nk * bk, E)
     return dq, dk, dv
 
 
 def _blocks(static: _Static, q, k, v, spec: MaskSpec):
-    """The padded head-major operands, the padded spec and its block map."""
+    """The padded head-major operands, the padded spec and its plan: which block pairs
+    are visited (``[nq, nk]``) and which of those need no mask."""
     Tp, Sp = static.padded
     K = k.shape[2]
     spec = spec.padded(Tp, Sp)
-    visible = spec.block_visibility(static.block_q, static.block_kv)  # [nq, nk]
-    return _queries_to_blocks(q, K, Tp), _keys_to_blocks(k, Sp), _keys_to_blocks(v, Sp), spec, visible
+    plan = (spec.block_visibility(static.block_q, static.block_kv), spec.block_completeness(static.block_q, static.block_kv))
+    return _queries_to_blocks(q, K, Tp), _keys_to_blocks(k, Sp), _keys_to_blocks(v, Sp), spec, plan
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -261,19 +287,19 @@ def _flash(static: _Static, q, k, v, spec: MaskSpec):
 
 
 def _flash_forward(static, q, k, v, spec):
-    q_blocks, k_blocks, v_blocks, padded_spec, visible = _blocks(static, q, k, v, spec)
-    out, lse = _forward(static, q_blocks, k_blocks, v_blocks, padded_spec, visible)
+    q_blocks, k_blocks, v_blocks, padded_spec, plan = _blocks(static, q, k, v, spec)
+    out, lse = _forward(static, q_blocks, k_blocks, v_blocks, padded_spec, plan)
     result = _queries_from_blocks(out, static.T).astype(q.dtype)
     return result, (q, k, v, spec, result, lse)
 
 
 def _flash_backward(static, residuals, d_out):
     q, k, v, spec, out, lse = residuals
-    q_blocks, k_blocks, v_blocks, padded_spec, visible = _blocks(static, q, k, v, spec)
+    q_blocks, k_blocks, v_blocks, padded_spec, plan = _blocks(static, q, k, v, spec)
     K, Tp = k.shape[2], q_blocks.shape[3]
     out_blocks = _queries_to_blocks(out.astype(jnp.float32), K, Tp)
     dq, dk, dv = _backward(
-        static, q_blocks, k_blocks, v_blocks, padded_spec, visible, out_blocks, lse, _queries_to_blocks(d_out, K, Tp)
+        static, q_blocks, k_blocks, v_blocks, padded_spec, plan, out_blocks, lse, _queries_to_blocks(d_out, K, Tp)
     )
     return (
         _queries_from_blocks(dq, static.T).astype(q.dtype),
@@ -333,4 +359,4 @@ def flash_block_map(q, k, v, *, block_q: int = DEFAULT_BLOCK_Q, block_kv: int = 
     the kernel computes, out of ``nq * nk``.
     """
     static, spec = _prepare(q, k, v, block_q, block_kv, masking)
-    return _blocks(static, q, k, v, spec)[4]
+    return _blocks(static, q, k, v, spec)[4][0]

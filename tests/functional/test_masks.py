@@ -73,9 +73,20 @@ def test_block_visibility_never_hides_a_visible_key():
             kv_positions=jnp.asarray(np.sort(rng.integers(0, 20, (B, S)), 1)), window=int(rng.integers(1, 9)),
             kv_lengths=jnp.asarray(rng.integers(0, S + 1, B)), q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         )
-        seen = np.asarray(spec.full_mask()).any(axis=(0, 1)).reshape(3, 4, 4, 4).any(axis=(1, 3))
+        full = np.asarray(spec.full_mask()).any(axis=1).reshape(B, 3, 4, 4, 4)  # [B, nq, bq, nk, bk]
+        seen = full.any(axis=(0, 2, 4))
         plan = np.asarray(spec.block_visibility(4, 4))
         assert not np.any(seen & ~plan), trial
+        # A block called complete is one where every (row, query, key) pair is visible.
+        complete = np.asarray(spec.block_completeness(4, 4))
+        assert not np.any(complete & ~full.all(axis=(0, 2, 4))), trial
+
+
+def test_block_completeness_of_a_causal_call():
+    # Blocks of 4, window 9: query 11 sees keys 3..11, query 12 keys 4..12.
+    spec = MaskSpec.resolve(B=1, T=16, S=16, H=1, is_causal=True, window=9)
+    np.testing.assert_array_equal(spec.block_completeness(4, 4), [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(spec.block_visibility(4, 4), [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]])
 
 
 def test_combine_masks_is_and_and_skips_none():
