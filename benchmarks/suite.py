@@ -5,7 +5,8 @@
 Parts (``--only``): ``ceiling`` (a matmul's FLOP/s and a large copy's bytes/s),
 ``prefill`` (forward and forward+backward of the dense, flash and jax.nn kernels),
 ``families`` (MHA, GQA, MQA, sliding window and MLA at equal model width: forward time,
-decode-step time and cache size vs context), ``decoding`` (one decode step vs the cache's
+decode-step time and cache size vs context), ``parallel`` (ring attention over 1-8 devices on
+the sequence axis: memory per device, step time per layout), ``decoding`` (one decode step vs the cache's
 capacity for the dense path, the flash kernel and ``decode_attention``, and tokens/s of the default
 TransformerLM with and without its cache). Writes
 ``benchmarks/results/<device-kind>-<date>.json`` and PNG plots into ``img/``;
@@ -19,6 +20,9 @@ import argparse
 import datetime
 import json
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +52,7 @@ from jaxattn.functional import (
 )
 from jaxattn.lm.train import default_model_config, init_model
 
-PARTS = ("ceiling", "prefill", "families", "decoding")
+PARTS = ("ceiling", "prefill", "families", "decoding", "parallel")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -134,6 +138,20 @@ def decoding(mode, say) -> dict:
     steps = argparse.Namespace(capacity=max(256, min(4 * max(mode.seq_lens), 32768)), repeats=mode.repeats)
     result["steps"] = capacity_part(model_configs(steps.capacity), steps, say)
     return result
+
+
+def parallel(mode, say) -> dict:
+    """``benchmarks/parallel.py`` in a process of its own (on a CPU it needs 8 virtual
+    devices, which can only be made before JAX starts)."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "benchmarks.parallel", "--json", f"{folder}/parallel.json", "--repeats",
+                   str(mode.repeats), "--plot", str(Path(mode.img) / "parallel-memory.png"), "--seq-lens",
+                   *[str(T) for T in (mode.seq_lens if not mode.quick else mode.seq_lens[:2])]]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if result.returncode != 0:
+            raise RuntimeError(f"benchmarks.parallel failed:\n{result.stderr[-3000:]}")
+        say(result.stdout.rstrip())
+        return json.loads(Path(f"{folder}/parallel.json").read_text())
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -248,6 +266,9 @@ def main(argv=None) -> dict:
     if "decoding" in parts:
         print("\n[decoding]")
         results["decoding"] = decoding(mode, print)
+    if "parallel" in parts:
+        print("\n[parallel]")
+        results["parallel"] = parallel(mode, print)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results_dir = Path(mode.results)
     results_dir.mkdir(parents=True, exist_ok=True)

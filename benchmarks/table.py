@@ -76,6 +76,20 @@ def markdown(results: dict) -> str:
             for row in decoding["steps"]:
                 lines.append(f"| {row['model']} | {row['path']} | " + " | ".join(_ms(t) for t in row["seconds"]) + " |")
             lines.append("")
+    ring = results.get("parallel")
+    if ring:
+        lines += [
+            f"Ring attention, forward+backward, B = 1, H = 8, D = 64 ({ring['devices']} {ring['device_kind']} devices): "
+            "step time, compiled memory per device, sub-block pairs on the busiest device, bytes one ring step sends.",
+            "",
+            "| T | devices | layout | min ms | MiB per device | busiest device | MiB per ring step |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in ring["rows"]:
+            lines.append(f"| {row['T']} | {row['devices']} | {row['layout']} | {_ms(row['seconds'])} | "
+                         f"{_mib(row['temp_bytes_per_device'])} | {row['critical_path_blocks']} | "
+                         f"{_mib(row['ring_step_bytes'])} |")
+        lines.append("")
     for item in results.get("left_out", []):
         lines.append(f"Left out: {item}.")
     return "\n".join(lines).rstrip() + "\n"

@@ -16,9 +16,30 @@ def _tour(args) -> int:
     return 0
 
 
+def _start_devices(args) -> None:
+    """Virtual CPU devices and the multi-process runtime: both before JAX computes anything."""
+    import jax
+
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            raise ValueError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError("a multi-process run needs --coordinator, --num-processes and --process-id together")
+    if all(given):
+        from jaxattn.lm.parallel import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def _train(args) -> int:
+    _start_devices(args)
+    import jax
+
     from jaxattn.lm.checkpoint import RunFolder
     from jaxattn.lm.data import load_corpus
+    from jaxattn.lm.parallel import mesh_from_spec
     from jaxattn.lm.train import TrainConfig, default_model_config, train
 
     run = RunFolder(args.out, overwrite=args.overwrite)
@@ -39,13 +60,22 @@ def _train(args) -> int:
         )
         data = args.data
     corpus = load_corpus(data)
-    print(f"Training on {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation bytes")
-    print(f"Model: {config}")
-    print(f"Optimisation: {train_config}")
-    summary = train(config, train_config, corpus, run, resume=args.resume)
-    from jaxattn import viz
+    mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
+    lead = jax.process_index() == 0
+    if lead:
+        print(f"Training on {corpus.name}: {len(corpus.train):,} train / {len(corpus.validation):,} validation bytes")
+        print(f"Model: {config}")
+        print(f"Optimisation: {train_config}")
+        if mesh is not None:
+            print(f"Mesh: {dict(mesh.shape)} over {jax.device_count()} devices of {jax.process_count()} process(es)")
+    summary = train(config, train_config, corpus, run, resume=args.resume, mesh=mesh)
+    if lead:
+        from jaxattn import viz
 
-    print(f"Loss curve: {viz.training_curve(summary['history'], run.path / 'loss.png')}")
+        print(f"Loss curve: {viz.training_curve(summary['history'], run.path / 'loss.png')}")
+        print("Train loss (bits/byte) by step: " + ", ".join(
+            f"{step}: {loss / 0.6931471805599453:.6f}" for step, loss in zip(summary["history"]["step"],
+                                                                             summary["history"]["train_loss"])))
     return 0
 
 
@@ -127,8 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", dest="seq_len", type=int, default=None)
     train.add_argument("--learning-rate", dest="learning_rate", type=float, default=None)
     train.add_argument("--eval-every", dest="eval_every", type=int, default=None)
+    train.add_argument("--log-every", dest="log_every", type=int, default=None, help="record the train loss every N steps")
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--mesh", default=None,
+                       help="train on a device mesh, e.g. data=2,model=2,seq=2 (batch, heads/hidden units, sequence)")
+    train.add_argument("--cpu-devices", dest="cpu_devices", type=int, default=None,
+                       help="make N virtual CPU devices (to try a mesh on one machine)")
+    train.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, for a multi-process run")
+    train.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+    train.add_argument("--process-id", dest="process_id", type=int, default=None)
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained or a real model")

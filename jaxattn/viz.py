@@ -120,3 +120,31 @@ def training_curve(history: dict, path) -> Path:
     if history["val_step"]:
         series["validation (bits/byte)"] = (history["val_step"], history["val_bpb"])
     return line_chart(series, path, title="Training", xlabel="step", ylabel="bits per byte")
+
+
+def ring_diagram(n: int, work: dict, path) -> Path:
+    """Ring attention in two panels: which key/value chunk each of n devices holds at each
+    step (a chunk moves one device to the right per step), and how much causal work each
+    device does for each layout (``work``: ``{layout: [sub-block pairs per device]}``)."""
+    fig, (grid_ax, bar_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2), constrained_layout=True,
+                                          gridspec_kw={"width_ratios": [1, 1.25]})
+    holds = np.array([[(device - step) % n for device in range(n)] for step in range(n)])  # [step, device]
+    grid_ax.imshow(holds, cmap="tab10" if n <= 10 else "tab20", vmin=0, vmax=max(9, n - 1))
+    for step in range(n):
+        for device in range(n):
+            grid_ax.text(device, step, f"K,V {holds[step, device]}", ha="center", va="center", fontsize=7, color="white")
+    grid_ax.set_xticks(range(n), labels=[f"device {d}" for d in range(n)], rotation=45, ha="right")
+    grid_ax.set_yticks(range(n), labels=[f"step {s}" for s in range(n)])
+    grid_ax.set_title("Key/value chunk each device attends to\n(its queries stay; the chunks pass to the right)")
+    width = 0.8 / max(1, len(work))
+    for index, (layout, per_device) in enumerate(work.items()):
+        bar_ax.bar(np.arange(n) + (index - (len(work) - 1) / 2) * width, per_device, width, label=layout)
+    bar_ax.set_xticks(range(n), labels=[f"device {d}" for d in range(n)], rotation=45, ha="right")
+    bar_ax.set_ylabel("query x key sub-blocks computed (forward)")
+    bar_ax.set_title("Causal work per device: the slowest device sets the step")
+    bar_ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -27,7 +27,7 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["device_kind"] == results["device_kind"]
     for field in ("platform", "versions", "dtype", "shapes", "mode", "date", "ceiling", "prefill", "families",
-                  "decoding", "seconds", "plots", "left_out"):
+                  "decoding", "parallel", "seconds", "plots", "left_out"):
         assert field in saved, field
     kernels = {row["kernel"] for row in saved["prefill"]}
     assert {"flash_attention", "multi_head_attention", "jax.nn (xla)"} <= kernels
@@ -37,4 +37,7 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     for row in saved["prefill"]:
         assert row["median_s"] > 0 and row["flops_per_s"] > 0
     assert saved["decoding"]["cached_tokens_per_s"] > 0
+    ring = saved["parallel"]["rows"]
+    assert {row["devices"] for row in ring} == {1, 2, 4, 8}
+    assert {row["layout"] for row in ring} == {"causal, contiguous", "causal, zigzag", "not causal"}
     assert all(Path(path).stat().st_size > 1000 for path in saved["plots"])

@@ -20,6 +20,7 @@ from jaxattn.functional.kv_cache import (
 from jaxattn.functional.masks import causal_mask, combine_masks, padding_mask, segment_mask
 from jaxattn.functional.mla import MLAParams, mla_absorbed, mla_decompressed, mla_naive
 from jaxattn.functional.positions import rope, sinusoidal_positions
+from jaxattn.functional.ring import ring_attention, ring_attention_shard, zigzag_order
 from jaxattn.functional.self_attention import AttentionParams, causal_self_attention
 
 __all__ = [
@@ -48,7 +49,10 @@ __all__ = [
     "multi_head_attention_weights",
     "next_positions",
     "padding_mask",
+    "ring_attention",
+    "ring_attention_shard",
     "rope",
     "segment_mask",
     "sinusoidal_positions",
+    "zigzag_order",
 ]

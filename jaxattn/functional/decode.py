@@ -107,7 +107,7 @@ def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOC
     def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk]
         n = len(q_parts)
         qs, (m, l, acc), ks, (v_block, mask) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
-        s = sum(block_scores(q_i, k_i) for q_i, k_i in zip(qs, ks))  # [T, bk]
+        s = sum(block_scores(q_i, k_i) for q_i, k_i in zip(qs, ks))  # [T, bk]: the parts' scores add
         return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
 
     def key_block(j, carry):

@@ -110,7 +110,31 @@ def online_softmax_finish(state: SoftmaxState):
     return out, lse
 
 
-def _block_backward(q, k, v, do, lse, delta, mask):
+def fold_block(q, state: SoftmaxState, k, v, mask, *, head_axis: int) -> SoftmaxState:
+    """``online_softmax_step`` for every head at once: one key block into each head's state.
+
+    q ``[B, ..K, G.., bq, D]`` (scaled) and the state's ``m``, ``l`` ``[B, ..K, G.., bq]``,
+    ``acc`` ``[.., E]``; k/v ``[B, ..K.., bk, D|E]``; the K (then G) axis at ``head_axis``
+    once B is gone (``vmap_heads``: 0 head-major, 1 token-major); mask
+    ``[B|1, K|1, G|1, bq, bk]`` or ``None``. Keys and values are read once per K/V head.
+    """
+
+    def one_head(q, m, l, acc, k, v, mask):
+        return online_softmax_step(block_scores(q, k), v, mask, SoftmaxState(m, l, acc))
+
+    over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=head_axis)
+    return SoftmaxState(*over_heads(q, *state, k, v, mask))
+
+
+def block_gradients(q, do, lse, delta, k, v, mask, *, head_axis: int):
+    """``_block_backward`` for every head at once (layout as in ``fold_block``). Returns
+    dq (w.r.t. the scaled queries, per query head), dk and dv per query head (sum over G
+    for the K/V heads)."""
+    over_heads, mask = vmap_heads(_block_backward, mask, n_query=4, n_kv=2, head_axis=head_axis)
+    return over_heads(q, do, lse, delta, k, v, mask)
+
+
+def _block_backward(q, do, lse, delta, k, v, mask):
     """Gradients of one head from one (query block, key block) pair, recomputing p.
 
     q ``[bq, D]`` already scaled (``q_s = q * scale``), do ``[bq, E]`` output cotangent, lse
@@ -178,7 +202,7 @@ def _visit_list(visible_row):
     return order, visible_row.sum()
 
 
-def _block_mask(spec: MaskSpec, K: int, q_start, block_q: int, kv_start, block_kv: int):
+def grouped_block_mask(spec: MaskSpec, K: int, q_start, block_q: int, kv_start, block_kv: int):
     """bool ``[B|1, K|1, G|1, bq, bk]`` of one block, from the call's ``MaskSpec``; or ``None``."""
     mask = spec.block(q_start, block_q, kv_start, block_kv).full_mask()
     return None if mask is None else group_heads(mask, K)
@@ -194,9 +218,6 @@ def _forward(static: _Static, q, k, v, spec: MaskSpec, plan):
     bq, bk = static.block_q, static.block_kv
     visible, complete = plan
 
-    def step(q, k, v, mask, state):
-        return online_softmax_step(block_scores(q, k), v, mask, state)
-
     def query_block(i):
         q_start = i * bq
         q_block = scaled_queries(lax.dynamic_slice_in_dim(q, q_start, bq, axis=3), static.scale)  # [B, K, G, bq, D]
@@ -208,10 +229,8 @@ def _forward(static: _Static, q, k, v, spec: MaskSpec, plan):
                 kv_start = order[t] * bk
                 k_block = lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)  # [B, K, bk, D]
                 v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)  # [B, K, bk, E]
-                mask = _block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
-                one_head = lambda q, m, l, acc, k, v, mask: step(q, k, v, mask, SoftmaxState(m, l, acc))  # noqa: E731
-                over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
-                return SoftmaxState(*over_heads(q_block, *state, k_block, v_block, mask))
+                mask = grouped_block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
+                return fold_block(q_block, state, k_block, v_block, mask, head_axis=0)
 
             return lax.fori_loop(0, count, key_block, state)
 
@@ -236,7 +255,6 @@ def _backward(static: _Static, q, k, v, spec: MaskSpec, plan, out, lse, d_out):
     visible, complete = plan
     delta = jnp.einsum("bkgte,bkgte->bkgt", d_out.astype(jnp.float32), out)  # [B, K, G, Tp]
     q = scaled_queries(q, static.scale)
-    grads = _block_backward
 
     def key_block(dq_total, j):
         kv_start = j * bk
@@ -250,10 +268,9 @@ def _backward(static: _Static, q, k, v, spec: MaskSpec, plan, out, lse, d_out):
                 dq_total, dk, dv = carry
                 q_start = order[t] * bq
                 take = lambda x: lax.dynamic_slice_in_dim(x, q_start, bq, axis=3)  # noqa: E731
-                mask = _block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
-                one_head = lambda q, do, lse, delta, k, v, mask: grads(q, k, v, do, lse, delta, mask)  # noqa: E731
-                over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=0)
-                dq, dk_heads, dv_heads = over_heads(take(q), take(d_out), take(lse), take(delta), k_block, v_block, mask)
+                mask = grouped_block_mask(spec, K, q_start, bq, kv_start, bk) if masked else None
+                dq, dk_heads, dv_heads = block_gradients(take(q), take(d_out), take(lse), take(delta), k_block, v_block,
+                                                         mask, head_axis=0)
                 dq_total = lax.dynamic_update_slice_in_dim(dq_total, take(dq_total) + dq, q_start, axis=3)
                 return dq_total, dk + dk_heads.sum(axis=2), dv + dv_heads.sum(axis=2)  # sum the G queries sharing K/V
 

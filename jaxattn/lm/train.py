@@ -8,6 +8,7 @@ history, summary, plot): one token is one byte, so that is the cross entropy in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -20,8 +21,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxattn.functional.ring import zigzag_order
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.data import Corpus, batch_at, evaluation_windows
+from jaxattn.lm import parallel
 from jaxattn.nn import TransformerConfig, TransformerLM
 
 BITS_PER_NAT = 1 / math.log(2)
@@ -41,13 +44,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_windows: int = 48
+    log_every: int = 20
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     seed: int = 0
 
     def __post_init__(self):
         """Rejects hyper-parameters that could only end in NaN or nothing, before any step runs."""
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -113,44 +118,86 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def init_model(config: TransformerConfig, seed: int) -> TransformerLM:
-    return TransformerLM(config, rngs=nnx.Rngs(seed))
+def init_model(config: TransformerConfig, seed: int, *, mesh=None) -> TransformerLM:
+    """The model at initialisation; on a mesh its attention runs by ring (``parallel.ring_kernel``)."""
+    return TransformerLM(config, attention_fn=None if mesh is None else parallel.ring_kernel(mesh), rngs=nnx.Rngs(seed))
 
 
-def init_state(model: TransformerLM, optimizer) -> TrainState:
+def init_state(model: TransformerLM, optimizer, *, mesh=None) -> TrainState:
+    """Step 0, the parameters and a fresh optimizer state; on a mesh, every array laid out
+    by ``parallel.param_specs`` (the optimizer's moments like their parameters)."""
     params = nnx.to_pure_dict(nnx.state(model))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    if mesh is None:
+        return state
+    return parallel.shard(state, parallel.param_specs(state, mesh), mesh)
 
 
-def cross_entropy(logits, targets):
-    """Mean next-token cross entropy in nats. logits ``[B, T, V]``, targets ``[B, T]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def check_mesh(tc: "TrainConfig", mesh) -> None:
+    """The batch must split over ``data``, each sequence into the 2 * seq chunks of the zigzag layout."""
+    if mesh is None:
+        return
+    data, seq = mesh.shape["data"], mesh.shape["seq"]
+    if tc.batch_size % data:
+        raise ValueError(f"batch_size={tc.batch_size} does not split over the mesh's data axis of {data} devices")
+    if seq > 1 and tc.seq_len % (2 * seq):
+        raise ValueError(f"seq_len={tc.seq_len} must be a multiple of {2 * seq} (two chunks per device of the seq axis)")
 
 
-def make_steps(model: TransformerLM, optimizer):
-    """The jitted train step and evaluation loss for ``model``'s structure."""
+def make_steps(model: TransformerLM, optimizer, *, mesh=None, state=None):
+    """The jitted train step and the per-window evaluation loss for ``model``'s structure.
+
+    On a mesh the step takes and returns ``state`` with its shardings (``state`` gives
+    them) and, when the sequence is split, feeds the tokens in ``zigzag_order`` (the loss,
+    a mean over tokens, does not depend on their order).
+    """
     graphdef = nnx.graphdef(model)
+    seq = 1 if mesh is None else mesh.shape["seq"]
 
-    def loss_of(params, batch):  # batch int32 [B, T + 1]
-        return cross_entropy(nnx.merge(graphdef, params)(batch[:, :-1]), batch[:, 1:])
+    def token_losses(params, batch):  # batch int32 [B, T + 1] -> nats [B, T]
+        inputs, targets, positions = batch[:, :-1], batch[:, 1:], None
+        if seq > 1:  # each device of the ring gets an early and a late chunk: balanced causal work
+            positions = zigzag_order(inputs.shape[1], seq)
+            inputs, targets = inputs[:, positions], targets[:, positions]
+        logits = nnx.merge(graphdef, params)(inputs, positions)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
-    @jax.jit
+    def loss_of(params, batch):
+        return token_losses(params, batch).mean()
+
     def train_step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(loss_of)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), loss
 
-    eval_loss = jax.jit(loss_of)
-    return train_step, eval_loss
+    def window_losses(params, batch):  # [B] mean nats per window
+        return token_losses(params, batch).mean(axis=1)
+
+    if mesh is None:
+        return jax.jit(train_step), jax.jit(window_losses)
+    shardings = parallel.shardings_of(state)
+    return (jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0),
+            jax.jit(window_losses))
 
 
-def bits_per_byte(eval_loss, params, windows: np.ndarray, batch_size: int) -> float:
-    """Mean cross entropy over ``windows`` in bits (one token is one byte)."""
+def place_batch(batch: np.ndarray, mesh=None):
+    """A host batch ``[B, T + 1]`` on the device, or split over the mesh's ``data`` axis."""
+    if mesh is None:
+        return jnp.asarray(batch)
+    return parallel.shard(batch, parallel.batch_spec(mesh), mesh)
+
+
+def bits_per_byte(eval_loss, params, windows: np.ndarray, batch_size: int, *, mesh=None) -> float:
+    """Mean cross entropy over ``windows`` in bits (one token is one byte). On a mesh a
+    last, smaller chunk is padded with copies to split evenly, and the copies are not counted."""
+    rows = 1 if mesh is None else mesh.shape["data"]
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        total += float(eval_loss(params, jnp.asarray(chunk))) * len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], -len(chunk) % rows, axis=0)])
+        losses = parallel.fetch(eval_loss(params, place_batch(padded, mesh)))
+        total += float(losses[: len(chunk)].sum())
         count += len(chunk)
     return total / count * BITS_PER_NAT
 
@@ -164,6 +211,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     say=print,
+    mesh=None,
 ) -> dict:
     """Trains, evaluates, checkpoints into ``run``; returns the final summary.
 
@@ -171,22 +219,39 @@ def train(
     checkpoint continues exactly as an uninterrupted one would. The run folder is
     locked for the whole run (``RunFolder.lock``). On Ctrl-C the state is saved, the
     message says how to continue, and ``KeyboardInterrupt`` is raised again.
+
+    ``mesh`` (``parallel.mesh_from_spec``): train on all its devices, with parameters,
+    optimizer state and batches sharded (``parallel``); the same seed gives the same
+    losses as on one device, up to float rounding. In a multi-process run every process
+    calls ``train``; process 0 alone writes ``run.json``, holds the lock and reports.
     """
-    with run.lock():
-        return _train(config, tc, corpus, run, resume=resume, progress=progress, say=say)
+    check_mesh(tc, mesh)
+    lead = jax.process_index() == 0
+    with run.lock() if lead else contextlib.nullcontext():
+        return _train(config, tc, corpus, run, resume=resume, progress=progress and lead, say=say if lead else _silent,
+                      mesh=mesh)
 
 
-def _train(config, tc, corpus, run, *, resume, progress, say) -> dict:
-    model = init_model(config, tc.seed)
+def _silent(*_args, **_kwargs):
+    return None
+
+
+def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
+    model = init_model(config, tc.seed, mesh=mesh)
     optimizer = make_optimizer(tc)
-    state = init_state(model, optimizer)
-    train_step, eval_loss = make_steps(model, optimizer)
+    state = init_state(model, optimizer, mesh=mesh)
+    train_step, eval_loss = make_steps(model, optimizer, mesh=mesh, state=state)
     history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": []}  # train_loss in nats, val_bpb in bits/byte
     if resume:
         state, history = run.restore(state)
         say(f"Resumed {run.path} at step {int(state.step)}")
     else:
-        run.start(config, tc, corpus.name)
+        if jax.process_index() == 0:
+            run.start(config, tc, corpus.name)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxattn: run folder ready")
     windows_now = evaluation_windows(corpus.validation, length=tc.seq_len, max_windows=tc.eval_windows)
     all_windows = evaluation_windows(corpus.validation, length=tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -196,11 +261,11 @@ def _train(config, tc, corpus, run, *, resume, progress, say) -> dict:
     loss = float("nan")
     try:
         for step in bar:
-            batch = jnp.asarray(batch_at(corpus.train, step, batch=tc.batch_size, length=tc.seq_len, seed=tc.seed))
+            batch = place_batch(batch_at(corpus.train, step, batch=tc.batch_size, length=tc.seq_len, seed=tc.seed), mesh)
             state, loss_array = train_step(state, batch)
             done = step + 1
-            if done % 20 == 0 or done == tc.steps or done == first + 1:
-                loss = float(loss_array)
+            if done % tc.log_every == 0 or done == tc.steps or done == first + 1:
+                loss = float(parallel.fetch(loss_array))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {done}; lower --learning-rate")
                 history["step"].append(done)
@@ -211,7 +276,7 @@ def _train(config, tc, corpus, run, *, resume, progress, say) -> dict:
                     tok_per_s=f"{(done - first) * tokens_per_step / elapsed:,.0f}",
                 )
             if done % tc.eval_every == 0 and done < tc.steps:
-                bpb = bits_per_byte(eval_loss, state.params, windows_now, tc.batch_size)
+                bpb = bits_per_byte(eval_loss, state.params, windows_now, tc.batch_size, mesh=mesh)
                 history["val_step"].append(done)
                 history["val_bpb"].append(bpb)
                 bar.write(f"step {done}: validation {bpb:.3f} bits/byte ({len(windows_now)} windows spread over the text)")
@@ -224,7 +289,7 @@ def _train(config, tc, corpus, run, *, resume, progress, say) -> dict:
         raise
     bar.close()
     elapsed = time.perf_counter() - start_time
-    final_bpb = bits_per_byte(eval_loss, state.params, all_windows, tc.batch_size)
+    final_bpb = bits_per_byte(eval_loss, state.params, all_windows, tc.batch_size, mesh=mesh)
     history["val_step"].append(int(state.step))
     history["val_bpb"].append(final_bpb)
     run.save(state, history)

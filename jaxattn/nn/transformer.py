@@ -219,9 +219,13 @@ class TransformerBlock(nnx.Module):
 class TransformerLM(nnx.Module):
     """Decoder-only language model: tokens ``[B, T]`` -> logits ``[B, T, V]`` (float32).
 
-    With ``cache=`` (from ``init_cache``) it returns ``(logits, new_cache)``: the T tokens
-    continue each sequence of the cache (a prompt or one decode step, same code);
-    ``num_new [B]`` says how many of them are real in each row of a ragged batch.
+    ``positions`` (int ``[B, T]`` or ``[T]``, default ``arange(T)``) say where the tokens
+    sit: tokens may come in any order (a sequence-parallel layout such as
+    ``zigzag_order``), the masks and position encodings follow the positions. With
+    ``cache=`` (from ``init_cache``) it returns ``(logits, new_cache)``: the T tokens
+    continue each sequence of the cache (a prompt or one decode step, same code), their
+    positions come from the cache; ``num_new [B]`` says how many of them are real in each
+    row of a ragged batch.
     """
 
     def __init__(self, config: TransformerConfig, *, attention_fn=None, rngs: nnx.Rngs):
@@ -265,16 +269,16 @@ class TransformerLM(nnx.Module):
             return tuple(SlidingKVCache.create(window=c.window, **shape) for _ in range(c.layers))
         return tuple(KVCache.create(max_length=max_length, **shape) for _ in range(c.layers))
 
-    def __call__(self, tokens, *, cache=None, num_new=None):
+    def __call__(self, tokens, positions=None, *, cache=None, num_new=None):
         B, T = tokens.shape
         if cache is None:
             if T > self.config.max_length:
                 raise ValueError(f"{T} tokens exceed the context length max_length={self.config.max_length}")
-            positions = jnp.arange(T, dtype=jnp.int32)  # [T]
+            positions = jnp.arange(T, dtype=jnp.int32) if positions is None else jnp.asarray(positions)  # [T] or [B, T]
         else:
             if len(cache) != len(self.blocks):
                 raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
-            positions = positions_from_cache(cache[0], T)  # [B, T], for the position embeddings
+            positions = positions_from_cache(cache[0], T, positions)  # [B, T], for the position embeddings
         x = self.embed(tokens)  # [B, T, C]
         if self.config.positions == "learned":
             x = x + self.position_embed(jnp.minimum(positions, self.config.max_length - 1))

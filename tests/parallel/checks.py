@@ -1,0 +1,118 @@
+"""Checks that need 8 devices: run as ``python -m tests.parallel.checks NAME`` in a process of
+their own (the device count is fixed when JAX starts), by tests/parallel/test_parallel.py.
+
+Each check asserts; a clean exit is a pass.
+"""
+
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import chex  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxattn.functional import multi_head_attention  # noqa: E402
+from jaxattn.functional.ring import ring_attention, zigzag_order  # noqa: E402
+from jaxattn.lm import parallel  # noqa: E402
+from jaxattn.lm.checkpoint import RunFolder  # noqa: E402
+from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, make_steps, place_batch  # noqa: E402
+from jaxattn.nn import TransformerConfig  # noqa: E402
+from tests.conftest import normal, reference_attention, value_and_grads  # noqa: E402
+
+CONFIG = TransformerConfig(width=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=48, max_length=64)
+
+
+def ring():
+    """Ring attention equals multi_head_attention (and a float64 reference) in values and
+    gradients: causal and not, GQA and MQA, 3 and 6 tokens per device, the zigzag layout,
+    padding and packed sequences, with the batch and heads sharded too."""
+    mesh = parallel.mesh_from_spec("data=2,seq=4")
+    B, H = 2, 6
+    for T, K, layout, extra in ((24, 3, "contiguous", {}), (24, 1, "zigzag", {}), (48, 2, "zigzag", {"window": 7}),
+                                (24, 6, "contiguous", {"kv_lengths": np.array([13, 24])})):
+        q, k, v = normal((B, T, H, 5), seed=T), normal((B, T, K, 5), seed=K), normal((B, T, K, 7), seed=3)
+        for causal in (True, False):
+            if "window" in extra and not causal:
+                continue
+            order = zigzag_order(T, 4) if layout == "zigzag" else jnp.arange(T)
+            back = jnp.argsort(order)
+
+            def kernel(q, k, v, order=order, back=back, causal=causal, T=T, **masking):
+                # the tokens in the layout's order (with their positions), the output back in order
+                # (kv_lengths counts keys in the arrays' order: it comes with the contiguous layout only)
+                positions = dict(q_positions=order, kv_positions=order) if causal else {}
+                out = ring_attention(q[:, order], k[:, order], v[:, order], mesh=mesh, batch_axis="data", is_causal=causal,
+                                     block_q=3, block_kv=2 if T == 24 else 3, **positions, **masking)
+                return out[:, back]
+
+            out, grads = jax.jit(lambda q, k, v: value_and_grads(kernel, q, k, v, **extra))(q, k, v)
+            expected = value_and_grads(multi_head_attention, q, k, v, is_causal=causal, **extra)
+            chex.assert_trees_all_close(out, expected[0], rtol=1e-5, atol=1e-5)
+            chex.assert_trees_all_close(tuple(grads), tuple(expected[1]), rtol=1e-4, atol=1e-5)
+    # Packed sequences, causal, against the float64 reference; heads over a model axis.
+    mesh = parallel.mesh_from_spec("model=2,seq=4")
+    T = 24
+    segments = np.repeat(np.arange(3), [7, 9, 8])
+    q, k, v = normal((1, T, 4, 5), seed=7), normal((1, T, 2, 5), seed=8), normal((1, T, 2, 5), seed=9)
+    out = jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, head_axis="model", is_causal=True, block_q=2, block_kv=3,
+                                                 q_segment_ids=segments, kv_segment_ids=segments))(q, k, v)
+    expected = reference_attention(q, k, v, q_positions=np.arange(T), kv_positions=np.arange(T),
+                                   q_segment_ids=segments, kv_segment_ids=segments)
+    chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def sharded_step():
+    """One train step on data=2,model=2,seq=2 gives the loss and gradients of one device,
+    and the parameters really are split: each device holds its slice."""
+    mesh = parallel.mesh_from_spec("data=2,model=2,seq=2")
+    tc = TrainConfig(batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=0)
+    optimizer = make_optimizer(tc)
+    batch = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
+    results = {}
+    for name, m in (("one device", None), ("mesh", mesh)):
+        model = init_model(CONFIG, 0, mesh=m)
+        state = init_state(model, optimizer, mesh=m)
+        train_step, window_losses = make_steps(model, optimizer, mesh=m, state=state)
+        grads = jax.grad(lambda p, b: window_losses(p, b).mean())(state.params, place_batch(batch, m))
+        new_state, loss = train_step(state, place_batch(batch, m))
+        results[name] = (float(parallel.fetch(loss)), jax.tree.map(parallel.fetch, grads), new_state)
+    (loss_1, grads_1, _), (loss_m, grads_m, state_m) = results["one device"], results["mesh"]
+    np.testing.assert_allclose(loss_m, loss_1, rtol=1e-6)
+    chex.assert_trees_all_close(grads_m, grads_1, rtol=1e-4, atol=1e-7)
+    q_kernel = state_m.params["blocks"][0]["attn"]["q_proj"]["kernel"]  # [C=32, H*D=32]: data x model
+    assert {shard.data.shape for shard in q_kernel.addressable_shards} == {(16, 16)}, q_kernel.sharding
+    down = state_m.opt_state[1][0].mu["blocks"][1]["mlp"]["down"]["kernel"]  # [48, 32]: model x data, moments too
+    assert {shard.data.shape for shard in down.addressable_shards} == {(24, 16)}, down.sharding
+    norm = state_m.params["blocks"][0]["attn_norm"]["scale"]
+    assert {shard.data.shape for shard in norm.addressable_shards} == {(32,)}  # replicated
+
+
+def checkpoint(folder):
+    """A checkpoint saved from one mesh restores onto another with identical values."""
+    tc = TrainConfig(batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=0)
+    optimizer = make_optimizer(tc)
+    mesh = parallel.mesh_from_spec("data=2,model=2,seq=2")
+    model = init_model(CONFIG, 0, mesh=mesh)
+    state = init_state(model, optimizer, mesh=mesh)
+    train_step, _ = make_steps(model, optimizer, mesh=mesh, state=state)
+    state, _ = train_step(state, place_batch(np.ones((4, 17), np.int32), mesh))
+    run = RunFolder(folder)
+    run.start(CONFIG, tc, "ones")
+    run.save(state, {"step": [], "train_loss": [], "val_step": [], "val_bpb": []})
+    for spec in ("data=4,model=2", "seq=8", None):
+        other = None if spec is None else parallel.mesh_from_spec(spec)
+        template = init_state(init_model(CONFIG, 1, mesh=other), optimizer, mesh=other)  # other values, other layout
+        restored, _ = RunFolder(folder).restore(template)
+        chex.assert_trees_all_equal(jax.tree.map(parallel.fetch, restored), jax.tree.map(parallel.fetch, state))
+        if other is not None:
+            kernel = restored.params["blocks"][0]["mlp"]["up"]["kernel"]
+            assert kernel.sharding.mesh.shape == other.shape
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    globals()[name](*sys.argv[2:])
+    print(f"{name}: ok")
