@@ -49,11 +49,14 @@ PATHS = {
 }
 
 
-def model_configs(max_length: int) -> dict[str, TransformerConfig]:
-    common = dict(width=256, layers=4, heads=8, head_dim=32, mlp_hidden=704, max_length=max_length)
+def model_configs(max_length: int, *, heads: int = 8, head_dim: int = 32, layers: int = 4) -> dict[str, TransformerConfig]:
+    """The GQA and MLA models of this benchmark (by default width 256, 4 layers, 8 heads)."""
+    width = heads * head_dim
+    common = dict(width=width, layers=layers, heads=heads, head_dim=head_dim, mlp_hidden=width * 11 // 4,
+                  max_length=max_length)
     return {
-        "GQA": TransformerConfig(**common, kv_heads=4),
-        "MLA": TransformerConfig(**common, attention="mla", latent_dim=64, rope_dim=16),
+        "GQA": TransformerConfig(**common, kv_heads=max(1, heads // 2)),
+        "MLA": TransformerConfig(**common, attention="mla", latent_dim=2 * head_dim, rope_dim=max(2, head_dim // 2)),
     }
 
 

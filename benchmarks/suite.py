@@ -136,7 +136,8 @@ def decoding(mode, say) -> dict:
     say(f"default TransformerLM, batch 1, prompt {mode.prompt}, {mode.new_tokens} new tokens: "
         f"{result['cached_tokens_per_s']:.0f} tokens/s with the cache, {result['full_recompute_tokens_per_s']:.0f} without")
     steps = argparse.Namespace(capacity=max(256, min(4 * max(mode.seq_lens), 32768)), repeats=mode.repeats)
-    result["steps"] = capacity_part(model_configs(steps.capacity), steps, say)
+    configs = model_configs(steps.capacity, heads=mode.heads, head_dim=mode.head_dim // 2, layers=2 if mode.quick else 4)
+    result["steps"] = capacity_part(configs, steps, say)
     return result
 
 

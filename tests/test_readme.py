@@ -62,3 +62,21 @@ def test_weight_name_table_is_the_loaders_table():
     unknown = {name for name in documented if "." in name and name not in loader and f'"{name}' not in source
                and f"{name}" not in source}
     assert not unknown, f"in the README table, not in jaxattn/lm/hf.py: {sorted(unknown)}"
+
+
+def test_where_is_what_names_files_and_functions_that_exist():
+    text = README.read_text()
+    table = text[text.index("| concept | where it is implemented | where it is tested |") :]
+    table = table[: table.index("\n\n")]
+    root = README.parent
+    rows = table.splitlines()[2:]
+    assert len(rows) >= 15
+    for row in rows:
+        _, concept, implemented, tested, _ = row.split("|")
+        for part in implemented.split(";"):
+            path, _, names = part.partition(":")
+            source = (root / path.strip().strip("`")).read_text()
+            for name in re.findall(r"`(\w+)`", names):
+                assert re.search(rf"^(def|class) {name}\b|^{name} = |\b(def|class) {name}\b", source, re.M), (concept, name)
+        for path in re.findall(r"`([\w/.]+)`", tested):
+            assert (root / path).is_file(), (concept, path)

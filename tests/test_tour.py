@@ -1,12 +1,27 @@
+"""The tour: its numbers follow from its inputs, its figures from the library, and its
+page holds every step and every figure."""
+
+import re
+from html.parser import HTMLParser
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxattn.functional import causal_mask, flash_block_map
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.data import Corpus
 from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, train
 from jaxattn.nn import TransformerConfig
 from jaxattn.tour import run_tour
+
+FIGURES = ("self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "multi_head.png",
+           "rope.png", "kv_cache.png", "mla.png", "flash.png")
+STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention", "Multi-head attention",
+         "Where tokens are: RoPE", "The KV cache", "The next token", "Multi-head latent attention",
+         "Memory-efficient attention")
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +35,18 @@ def tiny_run(tmp_path_factory):
     return path
 
 
-def test_tour_numbers_follow_from_its_own_inputs(tmp_path, tiny_run):
+def test_the_tour(tmp_path, tiny_run):
+    """One run of the tour (it takes a while), three sets of checks."""
     lines = []
     result = run_tour(out=tmp_path, checkpoint=tiny_run, say=lines.append)
+    tour = (tmp_path, result, lines)
+    check_numbers_follow_from_the_inputs(tour)
+    check_every_figure_and_the_page_are_written(tour)
+    check_figures_show_the_librarys_own_computations(tour)
+
+
+def check_numbers_follow_from_the_inputs(tour):
+    _, result, lines = tour
     q, k = np.asarray(result["q"], np.float64), np.asarray(result["k"], np.float64)
     logits = q @ k.T / np.sqrt(q.shape[1])
     expected = np.exp(logits - logits.max(1, keepdims=True))
@@ -32,13 +56,62 @@ def test_tour_numbers_follow_from_its_own_inputs(tmp_path, tiny_run):
     np.testing.assert_allclose(result["causal_weights"], expected / expected.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result["multi_head"][0], result["one_head_loop"], rtol=1e-5, atol=1e-6)
     assert result["words"] == ["The", "next", "day", "is", "bright"]
-    assert (tmp_path / "self_attention.png").stat().st_size > 1000
-    assert (tmp_path / "causal_attention.png").stat().st_size > 1000
     assert any("Step 3. Causal attention" in line for line in lines)
     assert result["cache_difference"] < 1e-4  # cached decoding reproduces the full pass
     probabilities = [p for _, p in result["top5"]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
-    assert any("Step 6. The next token" in line for line in lines)
     assert result["mla_difference"] < 1e-4  # the absorbed path gives the naive path's logits
     (T1, dense1, flash1), _, (T3, dense3, flash3) = result["memory"]
     assert dense3 / dense1 > 100 and flash3 / flash1 < 40  # T grows 16x: quadratic vs linear
+    assert any("lengths [B] = [22]" in line for line in lines)  # shapes named with the glossary's letters
+    assert any("␣ is a space" in line for line in lines)
+
+
+def check_every_figure_and_the_page_are_written(tour):
+    out, _, lines = tour
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 5_000, name
+        assert any(line.startswith("Figure: ") and name in line for line in lines), name
+
+    class Page(HTMLParser):
+        images, headings, text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Page()
+    page.feed((out / "index.html").read_text(encoding="utf-8"))
+    text = "".join(page.text)
+    assert sorted(page.images) == sorted(FIGURES)  # every figure, in place, and nothing else
+    assert all((out / src).is_file() for src in page.images)
+    for number, title in enumerate(STEPS, start=1):
+        assert f"Step {number}. {title}" in text
+    assert "Largest difference from running the kernel head by head" in text  # the printed text is on the page
+    assert not re.search(r"https?://", (out / "index.html").read_text())  # opens without a network
+
+
+def check_figures_show_the_librarys_own_computations(tour):
+    _, result, _ = tour
+    for style, scores in result["rope"]["scores"].items():  # q·k after RoPE depends only on m - n: Toeplitz
+        np.testing.assert_allclose(scores[1:, 1:], scores[:-1, :-1], atol=1e-4, err_msg=style)
+    alignment = result["alignment"]
+    cached = alignment["cached"]
+    T, S = alignment["bottom_right"].shape
+    np.testing.assert_array_equal(alignment["bottom_right"], causal_mask(jnp.arange(T) + cached, jnp.arange(S)))
+    np.testing.assert_array_equal(alignment["top_left"], causal_mask(jnp.arange(T), jnp.arange(S)))  # what jax.nn did
+    visible, complete = result["flash_plan"]
+    x = jnp.zeros((1, 4096, 8, 64))
+    np.testing.assert_array_equal(visible, flash_block_map(x, x, x, is_causal=True))  # the kernel's own plan
+    assert complete.sum() < visible.sum() and not (complete & ~visible).any()
+    raw, scaled = result["scaling"]["raw"], result["scaling"]["scaled"]
+    assert float(raw.max()) > 0.99 and float(scaled.max()) < 0.9  # saturated without the scale, not with it
+    unscaled_gradient, scaled_gradient = result["scaling"]["gradient_norms"]
+    assert scaled_gradient > 1e3 * unscaled_gradient
+    snapshots = result["cache_snapshots"]
+    assert [lengths for _, lengths, _ in snapshots] == [[3, 5], [4, 6], [5, 7]]  # each row writes at its own length
+    assert result["cache_sizes"]["MLA (L+R)"] == 576 and result["cache_sizes"]["MHA (H=128)"] == 32768
+    assert jax.numpy.asarray(result["head_weights"]).shape == (4, 5, 5)

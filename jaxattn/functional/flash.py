@@ -288,13 +288,19 @@ def _backward(static: _Static, q, k, v, spec: MaskSpec, plan, out, lse, d_out):
     return dq, dk, dv
 
 
+def _plan(static: _Static, spec: MaskSpec):
+    """The spec padded to whole blocks, and its plan: which block pairs are visited
+    (``[nq, nk]``) and which of those need no mask."""
+    Tp, Sp = static.padded
+    spec = spec.padded(Tp, Sp)
+    return spec, (spec.block_visibility(static.block_q, static.block_kv), spec.block_completeness(static.block_q, static.block_kv))
+
+
 def _blocks(static: _Static, q, k, v, spec: MaskSpec):
-    """The padded head-major operands, the padded spec and its plan: which block pairs
-    are visited (``[nq, nk]``) and which of those need no mask."""
+    """The padded head-major operands, the padded spec and its plan."""
     Tp, Sp = static.padded
     K = k.shape[2]
-    spec = spec.padded(Tp, Sp)
-    plan = (spec.block_visibility(static.block_q, static.block_kv), spec.block_completeness(static.block_q, static.block_kv))
+    spec, plan = _plan(static, spec)
     return _queries_to_blocks(q, K, Tp), _keys_to_blocks(k, Sp), _keys_to_blocks(v, Sp), spec, plan
 
 
@@ -368,6 +374,15 @@ def flash_attention(
     return _flash(static, q, k, v, spec)
 
 
+def flash_block_plan(q, k, v, *, block_q: int = DEFAULT_BLOCK_Q, block_kv: int = DEFAULT_BLOCK_KV, **masking):
+    """The kernel's own plan for a call: ``(visited, whole)``, bool ``[nq, nk]`` each: which
+    block pairs it computes (forward; the backward visits the same), and which of those it
+    computes without a mask because every query sees every key. Takes ``flash_attention``'s
+    arguments."""
+    static, spec = _prepare(q, k, v, block_q, block_kv, masking)
+    return _plan(static, spec)[1]
+
+
 def flash_block_map(q, k, v, *, block_q: int = DEFAULT_BLOCK_Q, block_kv: int = DEFAULT_BLOCK_KV, **masking):
     """The kernel's own visiting plan for a call: bool ``[nq, nk]``, True where query
     block i visits key block j (forward pass; the backward visits the same pairs).
@@ -375,5 +390,4 @@ def flash_block_map(q, k, v, *, block_q: int = DEFAULT_BLOCK_Q, block_kv: int = 
     Takes the arguments of ``flash_attention``. ``.sum()`` is the number of block pairs
     the kernel computes, out of ``nq * nk``.
     """
-    static, spec = _prepare(q, k, v, block_q, block_kv, masking)
-    return _blocks(static, q, k, v, spec)[4][0]
+    return flash_block_plan(q, k, v, block_q=block_q, block_kv=block_kv, **masking)[0]
