@@ -111,7 +111,7 @@ def position_part(configs, args, say):
 
 def capacity_part(configs, args, say):
     capacities = [c for c in (256, 1024, 4096, 16384, 32768) if c <= args.capacity]
-    say(f"[capacity] one decode step at position 100, median ms")
+    say("[capacity] one decode step at position 100, median ms")
     say(f"{'model':>5} {'path':>7} " + " ".join(f"{c:>8}" for c in capacities))
     rows = []
     for name, config in configs.items():

@@ -112,12 +112,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--block", type=int, default=256,
                         help="sub-block size (queries and keys); per-device memory is a part linear in T/n plus "
                              "a fixed part for the sub-block tiles")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8], help="device counts on the seq axis")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--plot", default="img/parallel-memory.png")
     args = parser.parse_args(argv)
     seq_lens = args.seq_lens or ([512, 1024] if args.quick else [1024, 2048, 4096, 8192])
     BLOCK["size"] = args.block
-    counts = [n for n in (1, 2, 4, 8) if n <= jax.device_count()]
+    counts = [n for n in args.devices if n <= jax.device_count()]
     print(f"device: {device_kind()} x {jax.device_count()}; jax {jax.__version__}; ring attention forward+backward, "
           f"B=1, H={H}, D={D}, float32, min of {args.repeats}")
     print(f"{'T':>6} {'n':>3} {'layout':>20} {'step ms':>9} {'MiB/device':>11} {'critical':>9} "
@@ -132,8 +133,9 @@ def main(argv=None) -> dict:
     plot = viz.line_chart(series, args.plot, title=f"Ring attention: compiled memory per device ({device_kind()})",
                           xlabel="devices on the seq axis", ylabel="MiB per device", logx=True, logy=True)
     n, T = max(counts), max(seq_lens)
+    plot_path = Path(args.plot)
     diagram = viz.ring_diagram(n, {layout: work_per_device(T, n, layout) for layout in LAYOUTS},
-                               Path(args.plot).with_name("parallel-ring.png"))
+                               plot_path.with_name(plot_path.name.replace("memory", "ring")))
     print("\nSummary:")
     for T in seq_lens:
         at = {(r["devices"], r["layout"]): r for r in rows if r["T"] == T}

@@ -141,18 +141,25 @@ def decoding(mode, say) -> dict:
     return result
 
 
+results_plots: list[str] = []  # plots made by parts that run in other processes
+
+
 def parallel(mode, say) -> dict:
     """``benchmarks/parallel.py`` in a process of its own (on a CPU it needs 8 virtual
     devices, which can only be made before JAX starts)."""
     with tempfile.TemporaryDirectory() as folder:
+        slug = re.sub(r"[^a-z0-9]+", "-", device_kind().lower()).strip("-")
         command = [sys.executable, "-m", "benchmarks.parallel", "--json", f"{folder}/parallel.json", "--repeats",
-                   str(mode.repeats), "--plot", str(Path(mode.img) / "parallel-memory.png"), "--seq-lens",
-                   *[str(T) for T in (mode.seq_lens if not mode.quick else mode.seq_lens[:2])]]
+                   str(mode.repeats), "--plot", str(Path(mode.img) / f"bench-{slug}-parallel-memory.png"), "--seq-lens",
+                   *[str(T) for T in (mode.seq_lens if not mode.quick else mode.seq_lens[:2])],
+                   "--devices", *[str(n) for n in mode.parallel_devices]]
         result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         if result.returncode != 0:
             raise RuntimeError(f"benchmarks.parallel failed:\n{result.stderr[-3000:]}")
         say(result.stdout.rstrip())
-        return json.loads(Path(f"{folder}/parallel.json").read_text())
+        ring = json.loads(Path(f"{folder}/parallel.json").read_text())
+        results_plots.extend([ring["plot"], ring["diagram"]])
+        return ring
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -213,6 +220,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--prompt", type=int, default=None, help="decoding: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoding: new tokens")
+    parser.add_argument("--parallel-devices", dest="parallel_devices", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="parallel: device counts on the sequence axis")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
     parser.add_argument("--img", default="img", help="folder for the plots")
     args = parser.parse_args(argv)
@@ -275,7 +284,7 @@ def main(argv=None) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", results["device_kind"].lower()).strip("-")
     path = results_dir / f"{slug}-{results['date']}.json"
-    results["plots"] = plots(results, Path(mode.img))
+    results["plots"] = plots(results, Path(mode.img)) + results_plots
     path.write_text(json.dumps(results, indent=1))
     from benchmarks.table import markdown
 

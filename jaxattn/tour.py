@@ -185,7 +185,7 @@ def why_scale(say, *, out: Path, D: int = 512, S: int = 8, seed: int = 7):
         return float(jnp.linalg.norm(jax.jacobian(lambda q: attention_weights(q, k, scale=scale)[0])(q)))
 
     norms = [gradient_norm(1.0), gradient_norm(None)]
-    say(f"Why divide by sqrt(D)? A sum of D products of unit-variance numbers has variance D: at")
+    say("Why divide by sqrt(D)? A sum of D products of unit-variance numbers has variance D: at")
     say(f"D = {D} raw scores spread over about ±{np.sqrt(D):.0f}, and softmax turns them into an almost")
     say(f"one-hot row (largest weight {float(raw.max()):.3f}) whose gradient all but vanishes")
     say(f"(|| d weights / d q || = {norms[0]:.1e}); scaled, the largest weight is {float(scaled.max()):.3f} and the")
@@ -285,7 +285,7 @@ def step_positions(say, *, out: Path, D: int = 16, N: int = 16, pair: int = 1, s
     rq_half = rope(jnp.broadcast_to(q, (12, D)), jnp.arange(12), style="half")
     points = np.stack([np.asarray(rq_half[:, a]), np.asarray(rq_half[:, b])], axis=1)  # [12, 2]
     spread = max(float(np.ptp(np.diag(scores, d))) for scores in rotated.values() for d in range(1 - N, N))
-    say(f"The score table over (m, n) is constant along each diagonal (largest spread along one:")
+    say("The score table over (m, n) is constant along each diagonal (largest spread along one:")
     say(f"{spread:.1e}): the same pair of tokens scores the same wherever it sits.")
     say("Pairings: 'half' pairs dimension i with i + D/2 (GPT-NeoX, Hugging Face Llama, Qwen2,")
     say("Mistral); 'interleaved' pairs 2i with 2i + 1 (GPT-J, the original Llama, DeepSeek).")
@@ -323,7 +323,7 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def step_kv_cache(say, model, text: str, *, out: Path):
+def step_kv_cache(say, model, text: str, *, out: Path, new: int = 200):
     from jaxattn.lm.generate import generate
     from jaxattn.lm.tokenizer import encode
 
@@ -348,7 +348,6 @@ def step_kv_cache(say, model, text: str, *, out: Path):
     layer = cache[0]
     say(f"Cache per layer: k and v [B, S_max, K, D] = {list(layer.k.shape)}, and lengths [B] = {layer.lengths.tolist()}")
     say("(how many slots each row holds; also the position of its next token).")
-    new = 200
     prompt = [encode(text)]
     with_cache = _timed(lambda: generate(model, prompt, max_new_tokens=new))
     without = _timed(lambda: generate(model, prompt, max_new_tokens=new, use_cache=False))
@@ -490,11 +489,17 @@ def step_memory(say, *, out: Path):
     return rows, (visible, complete)
 
 
-def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, checkpoint=None, say=print) -> dict:
+def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, checkpoint=None, say=print,
+             generated_tokens: int = 200) -> dict:
     """Walks ``text`` through attention, step by step; figures and ``index.html`` go to ``out``.
+    ``generated_tokens``: how many tokens the KV-cache step generates to time the cache.
 
     Returns the arrays each step computed, keyed by name.
     """
+    if checkpoint is not None:  # a wrong --checkpoint is an error now, not after five steps
+        from jaxattn.lm.checkpoint import RunFolder
+
+        RunFolder(checkpoint).read_run()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     page = Page(say)
@@ -506,7 +511,7 @@ def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, che
                                                          out=out)
     positions = step_positions(page, out=out)
     model, source = tour_model(page, checkpoint, out)
-    cache_difference, cached_s, uncached_s, snapshots = step_kv_cache(page, model, text, out=out)
+    cache_difference, cached_s, uncached_s, snapshots = step_kv_cache(page, model, text, out=out, new=generated_tokens)
     top5 = step_next_token(page, model, text, source)
     mla_difference, cache_sizes = step_latent_attention(page, text, seed=seed, out=out)
     memory, flash_plan = step_memory(page, out=out)

@@ -14,6 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path, *, dpi: int = 100) -> Path:
+    """Writes ``fig`` as a PNG at ``path`` (making the folder) and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def attention_heatmap(weights, query_labels, key_labels, path, *, title: str) -> Path:
     """Saves a ``[T, S]`` weight matrix as a labelled heatmap with a colour bar.
 
@@ -35,11 +44,7 @@ def attention_heatmap(weights, query_labels, key_labels, path, *, title: str) ->
             colour = "black" if weights[i, j] > 0.6 * weights.max() else "white"
             ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
     fig.colorbar(image, ax=ax, label="attention weight")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def attention_grid(weights, labels, path, *, layers=None, heads=None, title: str = "Attention weights") -> Path:
@@ -81,11 +86,7 @@ def attention_grid(weights, labels, path, *, layers=None, heads=None, title: str
                 ax.set_xlabel("key", fontsize=8)
     fig.colorbar(image, ax=axes, label="attention weight", shrink=0.6)
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def line_chart(series, path, *, title: str, xlabel: str, ylabel: str, logx=False, logy=False) -> Path:
@@ -102,11 +103,7 @@ def line_chart(series, path, *, title: str, xlabel: str, ylabel: str, logx=False
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def training_curve(history: dict, path) -> Path:
@@ -143,19 +140,7 @@ def ring_diagram(n: int, work: dict, path) -> Path:
     bar_ax.set_ylabel("query x key sub-blocks computed (forward)")
     bar_ax.set_title("Causal work per device: the slowest device sets the step")
     bar_ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def scaling_figure(scores_raw, scores_scaled, weights_raw, weights_scaled, gradient_norms, path, *, D: int) -> Path:

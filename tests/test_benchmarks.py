@@ -23,6 +23,7 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     results = main([
         "--quick", "--seq-lens", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1",
         "--prompt", "4", "--new-tokens", "3", "--results", str(tmp_path), "--img", str(tmp_path),
+        "--parallel-devices", "1", "2",  # 4 and 8 devices: tests/parallel
     ])
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["device_kind"] == results["device_kind"]
@@ -38,6 +39,6 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
         assert row["median_s"] > 0 and row["flops_per_s"] > 0
     assert saved["decoding"]["cached_tokens_per_s"] > 0
     ring = saved["parallel"]["rows"]
-    assert {row["devices"] for row in ring} == {1, 2, 4, 8}
+    assert {row["devices"] for row in ring} == {1, 2}
     assert {row["layout"] for row in ring} == {"causal, contiguous", "causal, zigzag", "not causal"}
     assert all(Path(path).stat().st_size > 1000 for path in saved["plots"])

@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory):
 def test_the_tour(tmp_path, tiny_run):
     """One run of the tour (it takes a while), three sets of checks."""
     lines = []
-    result = run_tour(out=tmp_path, checkpoint=tiny_run, say=lines.append)
+    result = run_tour(out=tmp_path, checkpoint=tiny_run, say=lines.append, generated_tokens=20)
     tour = (tmp_path, result, lines)
     check_numbers_follow_from_the_inputs(tour)
     check_every_figure_and_the_page_are_written(tour)

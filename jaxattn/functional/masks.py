@@ -141,6 +141,15 @@ def _token_array(name: str, value, B: int, length: int, letter: str):
     return value.reshape(-1, length).astype(jnp.int32)
 
 
+def _block_extremes(values, live, n: int, size: int):
+    """Per block of ``size`` tokens, the smallest and largest value among live tokens, over
+    the whole batch: ``values``, ``live`` ``[B|1, n * size]`` -> two ``[n]``."""
+    live = jnp.broadcast_to(live, jnp.broadcast_shapes(live.shape, values.shape))
+    values = jnp.broadcast_to(values, live.shape).reshape(-1, n, size)
+    live = live.reshape(-1, n, size)
+    return jnp.where(live, values, _INT_MAX).min(axis=(0, 2)), jnp.where(live, values, -_INT_MAX).max(axis=(0, 2))
+
+
 def _slice(x, start, size: int, axis: int):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
@@ -328,26 +337,18 @@ class MaskSpec:
             raise ValueError(f"T={T} and S={S} must be multiples of the blocks ({block_q}, {block_kv}); pad first")
         nq, nk = T // block_q, S // block_kv
 
-        def extremes(values, live, n, size):  # [B|1, n * size] -> two [n]: min, max over live tokens
-            live = jnp.broadcast_to(live, jnp.broadcast_shapes(live.shape, values.shape))
-            values = jnp.broadcast_to(values, live.shape).reshape(-1, n, size)
-            live = live.reshape(-1, n, size)
-            low = jnp.where(live, values, _INT_MAX).min(axis=(0, 2))
-            high = jnp.where(live, values, -_INT_MAX).max(axis=(0, 2))
-            return low, high
-
         kv_live = jnp.ones((1, S), bool) if self.kv_valid is None else self.kv_valid  # [B|1, S]
         visible = jnp.broadcast_to(kv_live.reshape(-1, nk, block_kv).any(axis=(0, 2))[None], (nq, nk))
         if self.is_causal:
             q_live = self.q_positions != PAD_QUERY_POSITION
-            q_min, q_max = extremes(self.q_positions, q_live, nq, block_q)
-            kv_min, kv_max = extremes(self.kv_positions, kv_live, nk, block_kv)
+            q_min, q_max = _block_extremes(self.q_positions, q_live, nq, block_q)
+            kv_min, kv_max = _block_extremes(self.kv_positions, kv_live, nk, block_kv)
             visible = visible & (kv_min[None] <= q_max[:, None])
             if self.window is not None:  # some key with q_pos - kv_pos < window
                 visible = visible & (kv_max[None] > q_min[:, None] - self.window)
         if self.q_segment_ids is not None:  # the blocks' ranges of segment ids overlap
-            q_low, q_high = extremes(self.q_segment_ids, jnp.ones((1, T), bool), nq, block_q)
-            kv_low, kv_high = extremes(self.kv_segment_ids, kv_live, nk, block_kv)
+            q_low, q_high = _block_extremes(self.q_segment_ids, jnp.ones((1, T), bool), nq, block_q)
+            kv_low, kv_high = _block_extremes(self.kv_segment_ids, kv_live, nk, block_kv)
             visible = visible & (kv_low[None] <= q_high[:, None]) & (q_low[:, None] <= kv_high[None])
         if self.user_mask is not None:
             user = self.user_mask.reshape(-1, nq, block_q, nk, block_kv).any(axis=(0, 2, 4))  # [nq, nk]
@@ -365,24 +366,18 @@ class MaskSpec:
         T, S = self.T, self.S
         nq, nk = T // block_q, S // block_kv
 
-        def extremes(values, live, n, size):
-            live = jnp.broadcast_to(live, jnp.broadcast_shapes(live.shape, values.shape))
-            values = jnp.broadcast_to(values, live.shape).reshape(-1, n, size)
-            live = live.reshape(-1, n, size)
-            return jnp.where(live, values, _INT_MAX).min(axis=(0, 2)), jnp.where(live, values, -_INT_MAX).max(axis=(0, 2))
-
         complete = self.block_visibility(block_q, block_kv)
         if self.kv_valid is not None:  # no padding key in the block
             complete = complete & self.kv_valid.reshape(-1, nk, block_kv).all(axis=(0, 2))[None]
         if self.is_causal:
-            q_min, q_max = extremes(self.q_positions, self.q_positions != PAD_QUERY_POSITION, nq, block_q)
-            kv_min, kv_max = extremes(self.kv_positions, jnp.ones((1, S), bool), nk, block_kv)
+            q_min, q_max = _block_extremes(self.q_positions, self.q_positions != PAD_QUERY_POSITION, nq, block_q)
+            kv_min, kv_max = _block_extremes(self.kv_positions, jnp.ones((1, S), bool), nk, block_kv)
             complete = complete & (kv_max[None] <= q_min[:, None])  # the latest key is not after the earliest query
             if self.window is not None:
                 complete = complete & (q_max[:, None] - kv_min[None] < self.window)
         if self.q_segment_ids is not None:  # one segment on both sides
-            q_low, q_high = extremes(self.q_segment_ids, jnp.ones((1, T), bool), nq, block_q)
-            kv_low, kv_high = extremes(self.kv_segment_ids, jnp.ones((1, S), bool), nk, block_kv)
+            q_low, q_high = _block_extremes(self.q_segment_ids, jnp.ones((1, T), bool), nq, block_q)
+            kv_low, kv_high = _block_extremes(self.kv_segment_ids, jnp.ones((1, S), bool), nk, block_kv)
             complete = complete & ((q_low == q_high)[:, None] & (kv_low == kv_high)[None] & (q_low[:, None] == kv_low[None]))
         if self.user_mask is not None:
             complete = complete & self.user_mask.reshape(-1, nq, block_q, nk, block_kv).all(axis=(0, 2, 4))

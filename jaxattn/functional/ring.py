@@ -21,7 +21,7 @@ chunk (chunks i and 2n - 1 - i), so every device does about the same work.
 
 The backward pass (``jax.custom_vjp``) runs a second ring: the key/value chunks travel
 again, together with the gradients of their keys and values, which every device adds to
-as they pass; after n steps each chunk's gradients are back at its owner. No device ever
+as they pass; a last hop of the gradients alone brings them back to their owners. No device ever
 holds more than its own chunk and one visiting chunk: the sequence is never gathered.
 
 ``ring_attention`` takes global arrays and a mesh and calls ``jax.shard_map``;
@@ -189,18 +189,22 @@ def _ring_bwd(static, residuals, d_out):
     do = d_out.reshape(B, T, K, G, E)
     delta = jnp.einsum("btkge,btkge->btkg", do.astype(jnp.float32), out.reshape(B, T, K, G, E).astype(jnp.float32))
 
-    def step(i, carry):
-        dq, chunk, dk, dv = carry
+    def gradients(chunk):
         spec = _spec(q_positions, q_segment_ids, chunk, static, T)
-        dq_c, dk_c, dv_c = _chunk_gradients(q_s, do, lse, delta, chunk, spec, static, K)
-        dk, dv = dk + dk_c, dv + dv_c
-        # The chunk moves on with its gradients; after n moves both are home again.
-        chunk, dk, dv = _rotate((chunk, dk, dv), static)
+        return _chunk_gradients(q_s, do, lse, delta, chunk, spec, static, K)
+
+    def step(_, carry):
+        dq, chunk, dk, dv = carry
+        dq_c, dk_c, dv_c = gradients(chunk)
+        chunk, dk, dv = _rotate((chunk, dk + dk_c, dv + dv_c), static)  # the chunk moves on with its gradients
         return dq + dq_c, chunk, dk, dv
 
     zeros = (jnp.zeros(q_s.shape, jnp.float32), chunk, jnp.zeros(chunk.k.shape, jnp.float32),
              jnp.zeros(chunk.v.shape, jnp.float32))
-    dq, chunk, dk, dv = lax.fori_loop(0, static.n, step, zeros)
+    dq, chunk, dk, dv = lax.fori_loop(0, static.n - 1, step, zeros)
+    dq_c, dk_c, dv_c = gradients(chunk)
+    dk, dv = _rotate((dk + dk_c, dv + dv_c), static)  # the n-th move: only the gradients travel, and arrive home
+    dq = dq + dq_c
     dq = (dq * static.scale).reshape(B, T, H, D)
     d_chunk = _Chunk(dk.astype(chunk.k.dtype), dv.astype(chunk.v.dtype), None, None, None)  # positions etc.: no gradient
     return dq.astype(q.dtype), d_chunk, None, None

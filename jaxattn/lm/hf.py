@@ -31,7 +31,7 @@ from typing import Callable
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read bf16 tensors)
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxattn.functional import MLAParams
 from jaxattn.nn import MultiHeadLatentAttention, TransformerConfig, TransformerLM
@@ -287,35 +287,21 @@ def _expand(row: Row, layers: int):
     return [(row.checkpoint.format(i=i), tuple(p.format(i=i) for p in row.params)) for i in range(layers)]
 
 
-def _flat(tree, prefix=""):
-    """Nested dict -> {"a.b.c": leaf}."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _nest(flat: dict, like: dict, prefix: str = ""):
-    """{"a.b.c": leaf} -> a nested dict with the keys (and key types) of ``like``."""
-    return {
-        key: _nest(flat, value, f"{prefix}{key}.") if isinstance(value, dict) else flat[f"{prefix}{key}"]
-        for key, value in like.items()
-    }
+def _key(path: str) -> tuple:
+    """``"blocks.3.attn.q_proj.kernel"`` -> the parameter's key in a flattened state dict."""
+    return tuple(int(part) if part.isdigit() else part for part in path.split("."))
 
 
 def read_weights(tensors: SafetensorsFolder, model_type: str, config: TransformerConfig, expected: dict) -> dict:
-    """Every parameter of ``expected`` (flat name -> ShapeDtypeStruct) from the checkpoint:
-    flat name -> array in the config's dtype. Errors name the tensor and its file."""
+    """Every parameter of ``expected`` (``flax.traverse_util.flatten_dict`` of the model's
+    state: key tuple -> ShapeDtypeStruct) from the checkpoint, as key tuple -> array in the
+    config's dtype. Errors name the tensor and its file."""
     prefix = PREFIXES.get(model_type, "")
     available = {name.removeprefix(prefix): name for name in tensors.names()}
     weights, used = {}, set()
     for row in WEIGHT_TABLES[model_type]:
         for name, targets in _expand(row, config.layers):
-            if not all(target in expected for target in targets):
+            if not all(_key(target) in expected for target in targets):
                 continue  # the model has no such parameter (no bias, tied head, no learned positions)
             if name not in available:
                 where = ", ".join(sorted(set(tensors.file_of.values())))
@@ -324,13 +310,13 @@ def read_weights(tensors: SafetensorsFolder, model_type: str, config: Transforme
             used.add(name)
             converted = row.convert(raw)
             for target, array in zip(targets, converted):
-                want = tuple(expected[target].shape)
+                want = tuple(expected[_key(target)].shape)
                 if array.shape != want:
                     raise LoadError(
                         f"tensor {name!r} in {tensors.file_of[available[name]]!r} has shape {raw.shape}, which gives "
                         f"{array.shape} for {target}; the config.json ({_describe(config)}) needs {want}"
                     )
-                weights[target] = np.asarray(array).astype(jnp.dtype(config.dtype))
+                weights[_key(target)] = np.asarray(array).astype(jnp.dtype(config.dtype))
     tied_head = config.tied_embeddings and "lm_head.weight" in available
     unexpected = [n for n in available if n not in used and not IGNORED.search(n) and not (tied_head and n == "lm_head.weight")]
     if unexpected:
@@ -339,7 +325,7 @@ def read_weights(tensors: SafetensorsFolder, model_type: str, config: Transforme
             f"{str(tensors.folder)!r} holds {len(unexpected)} tensor(s) that this {model_type!r} configuration has no "
             f"place for: {shown} (a feature jaxattn does not implement, or a config.json that does not match)"
         )
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(".".join(map(str, key)) for key in set(expected) - set(weights))
     if missing:
         raise LoadError(f"no tensor of the checkpoint fills {', '.join(missing[:6])}")
     return weights
@@ -363,9 +349,9 @@ def load_hf_model(name, *, dtype: str = "float32"):
     config = transformer_config(hf, dtype=dtype)
     abstract_model = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
-    expected = nnx.to_pure_dict(abstract_state)
-    weights = read_weights(SafetensorsFolder(folder), hf["model_type"], config, _flat(expected))
-    params = _nest({k: jnp.asarray(v) for k, v in weights.items()}, expected)
+    expected = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+    weights = read_weights(SafetensorsFolder(folder), hf["model_type"], config, expected)
+    params = traverse_util.unflatten_dict({key: jnp.asarray(value) for key, value in weights.items()})
     nnx.replace_by_pure_dict(abstract_state, params)
     return nnx.merge(graphdef, abstract_state), load_tokenizer(folder)
 

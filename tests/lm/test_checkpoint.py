@@ -2,8 +2,6 @@
 
 import json
 import multiprocessing
-import os
-import time
 
 import chex
 import pytest

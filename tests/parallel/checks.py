@@ -34,9 +34,7 @@ def ring():
     for T, K, layout, extra in ((24, 3, "contiguous", {}), (24, 1, "zigzag", {}), (48, 2, "zigzag", {"window": 7}),
                                 (24, 6, "contiguous", {"kv_lengths": np.array([13, 24])})):
         q, k, v = normal((B, T, H, 5), seed=T), normal((B, T, K, 5), seed=K), normal((B, T, K, 7), seed=3)
-        for causal in (True, False):
-            if "window" in extra and not causal:
-                continue
+        for causal in (True, False) if T == 24 and K == 3 else (True,):  # not causal once: the rest is the mask
             order = zigzag_order(T, 4) if layout == "zigzag" else jnp.arange(T)
             back = jnp.argsort(order)
 
