@@ -21,6 +21,11 @@ def normal(shape, dtype=jnp.float32, seed=0, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype)
 
 
+def packed_segments(lengths):
+    """Segment ids of sequences of the given lengths packed one after another: int32 [sum(lengths)]."""
+    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+
+
 def value_and_grads(fn, q, k, v, cotangent=None, **kwargs):
     """``fn(q, k, v, **kwargs)`` and the gradients of ``sum(out * cotangent)`` w.r.t. q, k, v."""
     if cotangent is None:

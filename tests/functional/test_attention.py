@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxattn.functional import attention, attention_weights, multi_head_attention, multi_head_attention_weights
-from tests.conftest import normal, reference_attention, value_and_grads
+from tests.conftest import normal, packed_segments, reference_attention, value_and_grads
 
 # Odd, distinct sizes so that a transposed axis cannot hide.
 B, T, S, H, D = 2, 5, 7, 6, 11
@@ -139,11 +139,6 @@ class MultiHeadTest(chex.TestCase):
         )
         chex.assert_shape(out, (B, T, H, 4))
         chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def packed_segments(lengths):
-    """Segment ids of sequences of the given lengths packed one after another: [sum(lengths)]."""
-    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
 
 
 class SegmentIdsTest(chex.TestCase):

@@ -8,7 +8,7 @@ from absl.testing import parameterized
 
 from jaxattn.functional import flash_attention, flash_block_map, multi_head_attention
 from jaxattn.functional.attention import resolve_call
-from tests.conftest import normal, reference_attention, value_and_grads
+from tests.conftest import normal, packed_segments, reference_attention, value_and_grads
 
 B, H = 2, 6
 
@@ -17,8 +17,6 @@ def qkv(T, S, K, D=5, E=7, dtype=jnp.float32):
     return normal((B, T, H, D), dtype, 0), normal((B, S, K, D), dtype, 1), normal((B, S, K, E), dtype, 2)
 
 
-def packed_segments(lengths):
-    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
 
 
 # Block sizes 4 and 3 make every case below span several blocks, none of them full.
