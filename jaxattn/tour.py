@@ -520,6 +520,7 @@ def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, che
     page(f"Done. The whole tour with its figures: {index.resolve()}")
     return {
         "cache_difference": cache_difference,
+        "generation_seconds": {"with_cache": cached_s, "recomputing": uncached_s},
         "mla_difference": mla_difference,
         "memory": memory,
         "flash_plan": flash_plan,

@@ -127,6 +127,11 @@ class RunFolder:
 
     # -------------------------------------------------------------- checkpoints
 
+    def keep_last(self, count: int) -> None:
+        """Keep only the newest ``count`` checkpoints from now on (a run's ``keep_checkpoints``)."""
+        if count != self.keep:
+            self.keep, self._manager = count, None
+
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:

@@ -237,6 +237,7 @@ def _silent(*_args, **_kwargs):
 
 
 def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
+    run.keep_last(tc.keep_checkpoints)
     model = init_model(config, tc.seed, mesh=mesh)
     optimizer = make_optimizer(tc)
     state = init_state(model, optimizer, mesh=mesh)

@@ -16,6 +16,8 @@ from tests.lm.conftest import QUIET, TINY, TINY_TRAIN
 
 def test_checkpoint_round_trip_and_resume_matches_uninterrupted(tmp_path, corpus, monkeypatch):
     train(TINY, TINY_TRAIN, corpus, RunFolder(tmp_path / "straight"), **QUIET)
+    # checkpoints at steps 2, 4 and 6; the run keeps its last keep_checkpoints=2
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
     # The same run, interrupted (Ctrl-C) when it asks for the batch of step 5, then resumed.
     messages = []
 
