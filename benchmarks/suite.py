@@ -141,9 +141,6 @@ def decoding(mode, say) -> dict:
     return result
 
 
-results_plots: list[str] = []  # plots made by parts that run in other processes
-
-
 def parallel(mode, say) -> dict:
     """``benchmarks/parallel.py`` in a process of its own (on a CPU it needs 8 virtual
     devices, which can only be made before JAX starts)."""
@@ -157,9 +154,7 @@ def parallel(mode, say) -> dict:
         if result.returncode != 0:
             raise RuntimeError(f"benchmarks.parallel failed:\n{result.stderr[-3000:]}")
         say(result.stdout.rstrip())
-        ring = json.loads(Path(f"{folder}/parallel.json").read_text())
-        results_plots.extend([ring["plot"], ring["diagram"]])
-        return ring
+        return json.loads(Path(f"{folder}/parallel.json").read_text())
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -284,7 +279,8 @@ def main(argv=None) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", results["device_kind"].lower()).strip("-")
     path = results_dir / f"{slug}-{results['date']}.json"
-    results["plots"] = plots(results, Path(mode.img)) + results_plots
+    ring = results.get("parallel") or {}
+    results["plots"] = plots(results, Path(mode.img)) + [ring[key] for key in ("plot", "diagram") if key in ring]
     path.write_text(json.dumps(results, indent=1))
     from benchmarks.table import markdown
 
