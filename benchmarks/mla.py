@@ -11,6 +11,7 @@ Prints time per step and cache bytes per layer, writes ``img/mla.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,11 @@ from benchmarks.timing import device_kind, time_calls
 from jaxattn import viz
 from jaxattn.functional import (
     AttentionParams,
+    AttentionSettings,
     KVCache,
     LatentCache,
     MLAParams,
+    Rope,
     causal_self_attention,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
@@ -37,6 +40,11 @@ def normal(rng, shape, fan_in):
     return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), jnp.float32)
 
 
+def with_lengths(cache, lengths):
+    """The cache with other lengths (a NamedTuple cache or the sliding window's dataclass)."""
+    return cache._replace(lengths=lengths) if hasattr(cache, "_replace") else dataclasses.replace(cache, lengths=lengths)
+
+
 def time_step(step, weights, x, cache, *, repeats):
     """Min and median seconds of one decode step ``step(weights, x, cache) -> (out, cache)``
     at a fixed context. The step updates the cache in place (donated), as it would inside
@@ -46,7 +54,7 @@ def time_step(step, weights, x, cache, *, repeats):
     state = {"cache": jax.tree.map(jnp.copy, cache)}
 
     def reset():
-        state["cache"] = state["cache"]._replace(lengths=jnp.asarray(fixed_lengths))
+        state["cache"] = with_lengths(state["cache"], jnp.asarray(fixed_lengths))
         return state["cache"]
 
     def call():
@@ -91,7 +99,7 @@ def main(argv=None) -> list[dict]:
         latent = latent._replace(c_kv=jnp.asarray(rng.standard_normal(latent.c_kv.shape), jnp.float32),
                                  k_rope=jnp.asarray(rng.standard_normal(latent.k_rope.shape), jnp.float32), lengths=filled)
         row = {"S": S, "mha_bytes": cache_bytes(kv), "mla_bytes": cache_bytes(latent)}
-        mha_step = lambda p, x, c: causal_self_attention(p, x, cache=c, rope_theta=10000.0)  # noqa: E731
+        mha_step = lambda p, x, c: causal_self_attention(p, x, cache=c, settings=AttentionSettings(rope=Rope()))  # noqa: E731
         row["mha_s"] = time_step(mha_step, mha_weights, x, kv, repeats=args.repeats)[1]
         row["mla_latent_s"] = time_step(lambda p, x, c: mla_decompressed(p, x, c), mla_weights, x, latent, repeats=args.repeats)[1]
         row["mla_absorbed_s"] = time_step(lambda p, x, c: mla_absorbed(p, x, c), mla_weights, x, latent, repeats=args.repeats)[1]

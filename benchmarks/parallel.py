@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks.flash import attention_flops, forward_and_backward  # noqa: E402
 from benchmarks.timing import device_kind, measure  # noqa: E402
 from jaxattn import viz  # noqa: E402
-from jaxattn.functional.masks import MaskSpec  # noqa: E402
+from jaxattn.functional import AttentionContext  # noqa: E402
 from jaxattn.functional.ring import ring_attention, zigzag_order  # noqa: E402
 from jaxattn.lm.parallel import mesh_from_spec  # noqa: E402
 
@@ -64,10 +64,9 @@ def work_per_device(T: int, n: int, layout: str) -> list[int]:
             if layout == "not causal":
                 total += (chunk // block) ** 2
                 continue
-            spec = MaskSpec.resolve(B=1, T=chunk, S=chunk, H=1, is_causal=True,
-                                    q_positions=jnp.asarray(order[device * chunk : (device + 1) * chunk]),
-                                    kv_positions=jnp.asarray(order[source * chunk : (source + 1) * chunk]))
-            total += int(spec.block_visibility(block, block).sum())
+            context = AttentionContext.for_tokens(chunk, order[device * chunk : (device + 1) * chunk]).with_keys(
+                jnp.asarray(order[source * chunk : (source + 1) * chunk])[None])
+            total += int(context.block_visibility(block, block).sum())
         work.append(total)
     return work
 

@@ -34,14 +34,16 @@ import numpy as np
 
 from benchmarks.decode import capacity_part, model_configs, time_generation
 from benchmarks.flash import KERNELS, jax_nn_cudnn, matmul_flops_per_second, prefill_rows
-from benchmarks.mla import time_step
+from benchmarks.mla import time_step, with_lengths
 from benchmarks.timing import device_kind, measure
 from jaxattn import viz
 from jaxattn.functional import (
     AttentionParams,
+    AttentionSettings,
     KVCache,
     LatentCache,
     MLAParams,
+    Rope,
     SlidingKVCache,
     causal_self_attention,
     kv_cache_elements_per_token,
@@ -96,16 +98,17 @@ def families(mode, dtype, say) -> list[dict]:
             K, win = spec["K"], spec["window"]
             weights = AttentionParams(w_q=w(C, H, D), w_k=w(C, K, D), w_v=w(C, K, D), w_o=w(H, D, C))
             if win is None:
-                empty = KVCache.create(batch=B, max_length=S, kv_heads=K, head_dim=D, dtype=dtype)
-            else:
-                empty = SlidingKVCache.create(batch=B, window=win, kv_heads=K, head_dim=D, dtype=dtype)
+                empty = stepping = KVCache.create(batch=B, max_length=S, kv_heads=K, head_dim=D, dtype=dtype)
+            else:  # a prefill of S tokens needs window + S - 1 slots; decode steps only the window
+                empty = SlidingKVCache.create(batch=B, window=win, kv_heads=K, head_dim=D, chunk=S, dtype=dtype)
+                stepping = SlidingKVCache.create(batch=B, window=win, kv_heads=K, head_dim=D, dtype=dtype)
 
             def layer(p, h, c, win=win):
-                return causal_self_attention(p, h, cache=c, rope_theta=10000.0, window=win)
+                return causal_self_attention(p, h, cache=c, settings=AttentionSettings(rope=Rope(), window=win))
 
             # forward: a prefill of all S tokens through the layer, into an empty cache
             forward = measure(lambda p, h, c: layer(p, h, c)[0], weights, h, empty, repeats=mode.repeats)
-            decode = time_step(layer, weights, x, empty._replace(lengths=filled), repeats=mode.repeats)
+            decode = time_step(layer, weights, x, with_lengths(stepping, filled), repeats=mode.repeats)
             per_token = kv_cache_elements_per_token(kv_heads=K, head_dim=D) * jnp.dtype(dtype).itemsize
             cache_bytes = per_token * (S if win is None else win) * B
             rows.append(dict(S=S, family=name, forward_s=forward.median_s, decode_s=decode[1],
@@ -116,7 +119,7 @@ def families(mode, dtype, say) -> list[dict]:
         absorbed_forward = measure(lambda p, h, c: mla_absorbed(p, h, c)[0], mla, h, latent, repeats=mode.repeats)
         for name, step, fwd in (("MLA naive (latent cache)", mla_decompressed, naive_forward),
                                 ("MLA absorbed", mla_absorbed, absorbed_forward)):
-            decode = time_step(lambda p, x, c, step=step: step(p, x, c), mla, x, latent._replace(lengths=filled),
+            decode = time_step(lambda p, x, c, step=step: step(p, x, c), mla, x, with_lengths(latent, filled),
                                repeats=mode.repeats)
             rows.append(dict(S=S, family=name, forward_s=fwd.median_s, decode_s=decode[1],
                              cache_bytes_per_token=per_token, cache_bytes=per_token * S * B))

@@ -111,6 +111,7 @@ def _inspect(args) -> int:
         raise ValueError(f"the text is {len(tokens)} tokens, more than the model's context of {model.config.max_length}")
     labels = [tokenizer.label(int(t)) for t in tokens]
     logits, weights = capture_attention(model, np.asarray(tokens)[None])
+    weights = weights[:, 0]  # [L, H, T, T]: the one text
     print(f"{description}: {model.config.layers} layers x {model.config.heads} heads; "
           f"{len(tokens)} tokens: {' '.join(labels)}  (␣ is a space)")
     print(f"\nMost likely next tokens after {args.text!r}:")
@@ -197,10 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command. What a user can fix (a bad value, a missing or unreadable file or
+    checkpoint: ``ValueError`` and its ``LoadError``/``CheckpointError``, ``FileNotFoundError``,
+    a diverging run) is one line on stderr and exit code 2; anything else is a bug, and its
+    traceback is shown."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"jaxattn {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # whatever was interrupted has said what it saved

@@ -429,8 +429,8 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     p = layer.params()
     h = model.embed(tokens)  # [B, T, C], the layer's input shape
     positions = jnp.arange(tokens.shape[1])
-    q_c, q_r = mla_queries(p, h, positions)
-    c_kv, k_r = mla_latents(p, h, positions)
+    q_c, q_r = mla_queries(p, h, positions, layer.settings)
+    c_kv, k_r = mla_latents(p, h, positions, layer.settings)
     B, T, C = h.shape
 
     def shape(*dims):

@@ -73,3 +73,22 @@ def test_tour_reports_missing_checkpoint_and_bad_text(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["tour", "--text", "   ", "--out", str(tmp_path)]) == 2
     assert "at least one word" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import jaxattn.cli as cli
+    from jaxattn.lm.hf import LoadError
+
+    def user_error(args):
+        raise LoadError("checkpoint 'x' is missing config.json")
+
+    monkeypatch.setattr(cli, "_generate", user_error)
+    assert main(["generate"]) == 2
+    assert capsys.readouterr().err == "jaxattn generate: error: checkpoint 'x' is missing config.json\n"
+
+    def bug(args):
+        return None + 1  # a TypeError: a bug, not something the user typed
+
+    monkeypatch.setattr(cli, "_generate", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["generate"])

@@ -1,11 +1,19 @@
-"""Pure JAX attention: masks, positions, kernels, caches and layers. No Flax, no I/O.
+"""Pure JAX attention: the call context, positions, kernels, caches and layers. No Flax, no I/O.
 
 ``__all__`` is the public surface; the README's API table documents each name.
 """
 
-from jaxattn.functional.attention import attention, attention_weights, multi_head_attention, multi_head_attention_weights
-from jaxattn.functional.decode import decode_attention
-from jaxattn.functional.flash import flash_attention, flash_block_map
+from jaxattn.functional.attention import (
+    attention,
+    attention_weights,
+    dense_kernel,
+    dense_weights,
+    multi_head_attention,
+    multi_head_attention_weights,
+)
+from jaxattn.functional.decode import decode_attention, decode_kernel
+from jaxattn.functional.flash import flash_attention, flash_block_map, flash_kernel
+from jaxattn.functional.kernels import Kernels
 from jaxattn.functional.kv_cache import (
     EMPTY_POSITION,
     KVCache,
@@ -15,22 +23,33 @@ from jaxattn.functional.kv_cache import (
     SlidingKVCache,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
-    next_positions,
 )
-from jaxattn.functional.masks import causal_mask, combine_masks, padding_mask, segment_mask
-from jaxattn.functional.mla import MLAParams, mla_absorbed, mla_decompressed, mla_naive
-from jaxattn.functional.positions import rope, sinusoidal_positions
-from jaxattn.functional.ring import ring_attention, ring_attention_shard, zigzag_order
-from jaxattn.functional.self_attention import AttentionParams, causal_self_attention
+from jaxattn.functional.masks import (
+    AttentionContext,
+    causal_mask,
+    combine_masks,
+    next_positions,
+    padding_mask,
+    segment_mask,
+)
+from jaxattn.functional.mla import MLAParams, MLASettings, mla_absorbed, mla_decompressed, mla_naive
+from jaxattn.functional.positions import Rope, rope, sinusoidal_positions
+from jaxattn.functional.ring import ring_attention, ring_attention_shard, ring_kernel, ring_shard_kernel, zigzag_order
+from jaxattn.functional.self_attention import AttentionParams, AttentionSettings, causal_self_attention
 
 __all__ = [
     "EMPTY_POSITION",
+    "AttentionContext",
     "AttentionParams",
+    "AttentionSettings",
     "KVCache",
     "KVView",
+    "Kernels",
     "LatentCache",
     "LatentView",
     "MLAParams",
+    "MLASettings",
+    "Rope",
     "SlidingKVCache",
     "attention",
     "attention_weights",
@@ -38,8 +57,12 @@ __all__ = [
     "causal_self_attention",
     "combine_masks",
     "decode_attention",
+    "decode_kernel",
+    "dense_kernel",
+    "dense_weights",
     "flash_attention",
     "flash_block_map",
+    "flash_kernel",
     "kv_cache_elements_per_token",
     "latent_cache_elements_per_token",
     "mla_absorbed",
@@ -51,6 +74,8 @@ __all__ = [
     "padding_mask",
     "ring_attention",
     "ring_attention_shard",
+    "ring_kernel",
+    "ring_shard_kernel",
     "rope",
     "segment_mask",
     "sinusoidal_positions",

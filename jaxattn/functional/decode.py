@@ -10,16 +10,16 @@ own layout ``[B, S, K, D]``, by a loop whose trip count is *traced*:
         k_j, v_j = cache[:, j bk : (j + 1) bk]             (a dynamic slice: no copy of the buffer)
         state = online_softmax_step(scores(q, k_j), v_j, mask_j, state)
 
-with the running softmax of ``flash.py`` (the same functions) and the block's mask from the
-call's ``MaskSpec`` (the same rule as every kernel: causal on absolute positions, so a
-step is aligned bottom-right; window; padding). A step therefore costs what the longest
-row holds, whatever the capacity. GQA/MQA read each K/V head once for its G queries;
+with the online softmax of ``softmax.py`` (the same functions as the flash kernel: soft-cap,
+sinks) and the block's mask from the call's ``AttentionContext`` (the same rule as every
+kernel: causal on absolute positions, so a step is aligned bottom-right; window; padding).
+A step therefore costs what the longest row holds, whatever the capacity. GQA/MQA read each K/V head once for its G queries;
 MLA's absorbed path passes its key as two parts, ``[c_kv; k_r]``, whose scores add, and
 its buffers as they are, ``[B, S, L]`` (one head for all queries), so the latent cache is
 never concatenated, reshaped or copied.
 
-Forward only: this is the inference path (training uses ``flash_attention``). Shape
-letters as in ``attention.py``; ``bk`` is the key block.
+Forward only: this is the inference path (training uses ``flash_kernel``). Shape
+letters as in ``heads.py``; ``bk`` is the key block.
 """
 
 from __future__ import annotations
@@ -30,9 +30,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxattn.functional.attention import check_multi_head_shapes, default_scale, group_heads, vmap_heads
-from jaxattn.functional.flash import SoftmaxState, block_scores, online_softmax_finish, online_softmax_step, scaled_queries
-from jaxattn.functional.masks import MaskSpec, combine_masks
+from jaxattn.functional.heads import check_multi_head_shapes, group_heads, vmap_heads
+from jaxattn.functional.masks import AttentionContext, combine_masks
+from jaxattn.functional.softmax import (
+    SoftmaxState,
+    block_scores,
+    online_softmax_finish,
+    online_softmax_step,
+    scaled_queries,
+    soft_cap,
+)
 
 DEFAULT_DECODE_BLOCK = 512  # measured: see benchmarks/decode.py
 # The model uses this kernel for calls with a cache of at most this many new tokens
@@ -71,8 +78,8 @@ def _check_parts(q_parts, k_parts, v):
     return first, sum(part.D for part in shapes)
 
 
-def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOCK, return_visits: bool = False,
-                     **masking):
+def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int = DEFAULT_DECODE_BLOCK,
+                  return_visits: bool = False):
     """Attention of a few queries over a cache, visiting only the slots that hold tokens.
 
     Args:
@@ -80,12 +87,10 @@ def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOC
       k: ``[B, S, K, D]``, or parts ``[B, S, K, D_i]`` matching q's; the scores of the parts add.
         ``[B, S, D]`` (no head axis) is one key head shared by all query heads (MQA).
       v: ``[B, S, K, E]`` (or ``[B, S, E]`` with keys of that form).
-      scale: default ``1/sqrt(sum D_i)``.
+      context: the call; with ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are
+        visited. Its default scale is ``1/sqrt(sum D_i)``.
       block_kv: keys per block (clipped to S).
       return_visits: also return how many key blocks the loop visited (for tests).
-      masking: the keywords of ``multi_head_attention`` (``is_causal``, ``q_positions``,
-        ``kv_positions``, ``kv_lengths``, ``window``, segment ids, ``mask``). With
-        ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are visited.
 
     Returns:
       ``[B, T, H, E]`` in q's dtype (and the visit count, int32 ``[]``).
@@ -94,21 +99,20 @@ def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOC
     shapes, D_total = _check_parts(q_parts, k_parts, v)
     B, T, S, H, K, _, E = shapes
     G = H // K
-    spec = MaskSpec.resolve(B=B, T=T, S=S, H=H, **masking)
-    scale = default_scale(D_total, scale)
+    context.check(B, T, S, H)
+    scale, cap = context.logit_scale(D_total), context.logit_softcap
     if block_kv < 1:
         raise ValueError(f"block_kv must be >= 1, got {block_kv}")
     bk = min(block_kv, S)
-    kv_lengths = masking.get("kv_lengths")
-    longest = S if kv_lengths is None else jnp.minimum(jnp.max(jnp.asarray(kv_lengths)), S)
+    longest = S if context.kv_lengths is None else jnp.minimum(jnp.max(context.kv_lengths), S)
     n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
     q_parts = tuple(scaled_queries(part, scale).reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
 
-    def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk]
+    def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk], sink
         n = len(q_parts)
-        qs, (m, l, acc), ks, (v_block, mask) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
+        qs, (m, l, acc), ks, (v_block, mask, _) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
         s = sum(block_scores(q_i, k_i) for q_i, k_i in zip(qs, ks))  # [T, bk]: the parts' scores add
-        return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
+        return online_softmax_step(soft_cap(s, cap), v_block, mask, SoftmaxState(m, l, acc))
 
     def key_block(j, carry):
         state, visits = carry
@@ -116,16 +120,24 @@ def decode_attention(q, k, v, *, scale=None, block_kv: int = DEFAULT_DECODE_BLOC
         first = jnp.minimum(start, S - bk)  # the last block is slid back to fit; its older keys are masked
         k_blocks = tuple(_block(part, first, bk) for part in k_parts)  # [B, bk, K, D_i]
         v_block = _block(v, first, bk)  # [B, bk, K, E]
-        block = spec.keys(first, bk)
+        block = context.keys(first, bk)
         unseen = (first + jnp.arange(bk) >= start)[None]  # [1, bk]: keys no earlier block visited
         block = dataclasses.replace(block, kv_valid=combine_masks(block.kv_valid, unseen))
         mask = group_heads(block.full_mask(), K)  # [B|1, K|1, G|1, T, bk]
         over_heads, mask = vmap_heads(one_head, mask, n_query=len(q_parts) + 3, n_kv=len(k_parts) + 1, head_axis=1)
-        state = SoftmaxState(*over_heads(*q_parts, *state, *k_blocks, v_block, mask))
+        state = SoftmaxState(*over_heads(*q_parts, *state, *k_blocks, v_block, mask, None))
         return state, visits + 1
 
-    init = (SoftmaxState.empty((B, T, K, G), E), jnp.zeros((), jnp.int32))
+    sinks = context.head_sinks(K)
+    init = (SoftmaxState.start((B, T, K, G), E, None if sinks is None else sinks[None, None]), jnp.zeros((), jnp.int32))
     state, visits = lax.fori_loop(0, n_blocks, key_block, init)
     out, _ = online_softmax_finish(state)  # [B, T, K, G, E]
     out = out.reshape(B, T, H, E).astype(q_parts[0].dtype)
     return (out, visits) if return_visits else out
+
+
+def decode_attention(q, k, v, *, block_kv: int = DEFAULT_DECODE_BLOCK, return_visits: bool = False, **keywords):
+    """``decode_kernel`` with the call described by the keywords of ``multi_head_attention``
+    (with ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are visited)."""
+    context = AttentionContext.from_keywords(q, k, **keywords)
+    return decode_kernel(q, k, v, context, block_kv=block_kv, return_visits=return_visits)

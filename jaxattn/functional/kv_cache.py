@@ -15,15 +15,16 @@ cache (``next_positions``), so they cannot disagree with it.
 
 - ``KVCache``: preallocated ``[B, S_max, K, D]`` keys and ``[B, S_max, K, E]`` values;
   slot j holds position j.
-- ``SlidingKVCache``: for sliding-window layers; keeps only the last ``W`` tokens, so its
-  memory is the window, not the sequence.
+- ``SlidingKVCache``: for sliding-window layers; a ring buffer of ``W + C - 1`` slots (W the
+  window, C the most tokens one call adds) written in place at ``position % capacity``, with
+  the position of each slot beside it, so its memory is the window, not the sequence.
 - ``LatentCache``: MLA's compressed latent ``[B, S_max, L]`` and RoPE key
   ``[B, S_max, R]``; preallocated like ``KVCache``.
 
-The two ways of keeping tokens, writing at each row's length (``_append``) and keeping a
-window (``_slide``), and one policy for what may be written (``_check_new_tokens``: the
-cache's shapes and exactly its dtype), are shared by all three. At the end: how many
-numbers each kind stores per token (DeepSeek-V2, Table 1).
+The two ways of keeping tokens, writing at each row's length (``_append``) and writing
+round a ring (``_write_round``), and one policy for what may be written
+(``_check_new_tokens``: the cache's shapes and exactly its dtype), are shared by all three.
+At the end: how many numbers each kind stores per token (DeepSeek-V2, Table 1).
 
 Shape letters: B batch, T new tokens, S_max capacity, W window, K key/value heads,
 D key width, E value width, L latent width, R RoPE width.
@@ -31,34 +32,18 @@ D key width, E value width, L latent width, R RoPE width.
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn.functional.masks import next_positions
+
 # A position larger than any query position: a key slot holding it is never visible.
 EMPTY_POSITION = jnp.iinfo(jnp.int32).max
-
-
-def next_positions(lengths, T: int):
-    """int32 ``[B, T]``: the positions of T tokens that continue sequences of ``lengths [B]``."""
-    return jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
-
-
-def positions_from_cache(cache, T: int, positions=None):
-    """int32 ``[B, T]``: where T new tokens that continue ``cache`` sit.
-
-    The one rule every layer follows with a cache: the queries' positions are derived
-    from ``cache.lengths``; a caller who passes ``positions`` as well gets an error
-    instead of a silent choice between the two.
-    """
-    if positions is not None:
-        raise ValueError(
-            "with a cache the positions of the new tokens come from cache.lengths "
-            "(cache.lengths[:, None] + arange(T)); do not pass positions as well"
-        )
-    return next_positions(cache.lengths, T)
 
 
 def slot_positions(batch: int, capacity: int):
@@ -94,68 +79,54 @@ def write_at_lengths(buffer, new, lengths):
 # ------------------------------------------------------------- shared by every cache
 
 
-def _check_new_tokens(cache, new: tuple):
+def _check_new_tokens(kind: str, buffers: dict, new: tuple):
     """The one policy for what may enter a cache: entries ``[B, T, ...]`` with the
     buffers' B and trailing axes, and exactly their dtype (no silent cast). Returns (B, T)."""
-    names = cache._fields[:-1]
-    buffers = cache[:-1]
+    names = tuple(buffers)
     if len(new) != len(buffers):
-        raise ValueError(f"{type(cache).__name__}.update takes {len(buffers)} arrays ({', '.join(names)}), got {len(new)}")
-    B = buffers[0].shape[0]
+        raise ValueError(f"{kind}.update takes {len(buffers)} arrays ({', '.join(names)}), got {len(new)}")
+    first = next(iter(buffers.values()))
+    B = first.shape[0]
     T = new[0].shape[1] if new[0].ndim >= 2 else None
-    for name, buffer, x in zip(names, buffers, new):
+    for (name, buffer), x in zip(buffers.items(), new):
         expected = (B, T) + buffer.shape[2:]
         if x.shape != expected:
-            described = ", ".join(f"{n} {b.shape}" for n, b in zip(names, buffers))
+            described = ", ".join(f"{n} {b.shape}" for n, b in buffers.items())
             got = ", ".join(f"{n} {a.shape}" for n, a in zip(names, new))
             raise ValueError(
-                f"new {got} do not fit the {type(cache).__name__} ({described}): "
+                f"new {got} do not fit the {kind} ({described}): "
                 f"need {name} [B={B}, T, {', '.join(map(str, buffer.shape[2:]))}]"
             )
         if x.dtype != buffer.dtype:
             raise ValueError(
-                f"new {name} has dtype {x.dtype} but the {type(cache).__name__} holds {buffer.dtype}; "
+                f"new {name} has dtype {x.dtype} but the {kind} holds {buffer.dtype}; "
                 f"cast it (x.astype({buffer.dtype})) or create the cache with dtype={x.dtype}"
             )
     return B, T
 
 
 def _append(cache, new: tuple, num_new):
-    """Writes the new tokens at each row's length of a preallocated cache.
-
-    Returns ``(buffers, positions [B, S_max], lengths)`` of the new cache.
-    """
-    B, T = _check_new_tokens(cache, new)
+    """Writes the new tokens at each row's length of a preallocated cache (a NamedTuple:
+    its buffers, then ``lengths``). Returns ``(buffers, positions [B, S_max], lengths)``."""
+    buffers = dict(zip(cache._fields[:-1], cache[:-1]))
+    B, T = _check_new_tokens(type(cache).__name__, buffers, new)
     capacity = cache[0].shape[1]
     if T > capacity:
-        shapes = ", ".join(f"{n} {b.shape}" for n, b in zip(cache._fields[:-1], cache[:-1]))
+        shapes = ", ".join(f"{n} {b.shape}" for n, b in buffers.items())
         raise ValueError(f"cannot write {T} tokens into a {type(cache).__name__} of capacity {capacity} ({shapes})")
     num_new = check_num_new(num_new, B, T)
-    buffers = tuple(write_at_lengths(buffer, x, cache.lengths) for buffer, x in zip(cache[:-1], new))
-    return buffers, slot_positions(B, capacity), cache.lengths + num_new
+    written = tuple(write_at_lengths(buffer, x, cache.lengths) for buffer, x in zip(buffers.values(), new))
+    return written, slot_positions(B, capacity), cache.lengths + num_new
 
 
-def _slide(cache, new: tuple, num_new):
-    """Appends the new tokens to a window of the last W tokens.
-
-    Returns ``(view buffers [B, W + T, ...], view positions [B, W + T], kept buffers
-    [B, W, ...], lengths)``: the view is the old window followed by the T new tokens,
-    so that every query of a prefill with T > W still finds the W - 1 tokens before it;
-    the kept window is the last W real tokens of that sequence (one ``dynamic_slice``
-    per row).
-    """
-    B, T = _check_new_tokens(cache, new)
-    W = cache[0].shape[1]
-    num_new = check_num_new(num_new, B, T)
-    view = tuple(jnp.concatenate([buffer, x], axis=1) for buffer, x in zip(cache[:-1], new))  # [B, W + T, ...]
-    positions = next_positions(cache.lengths - W, W + T)  # [B, W + T]
-    positions = jnp.where(positions < 0, EMPTY_POSITION, positions)  # slots before the first token
-
-    def keep_last_window(sequence, start):  # [W + T, ...], [] -> [W, ...]
-        return lax.dynamic_slice_in_dim(sequence, start, W, axis=0)
-
-    kept = tuple(jax.vmap(keep_last_window)(x, num_new) for x in view)
-    return view, positions, kept, cache.lengths + num_new
+def _write_round(buffers: tuple, new: tuple, lengths):
+    """Writes token t of row b at slot ``(lengths[b] + t) % capacity`` of each ``[B, S, ...]``
+    buffer: one scatter per buffer, in place when the buffers are donated."""
+    capacity = buffers[0].shape[1]
+    T = new[0].shape[1]
+    slots = next_positions(lengths, T) % capacity  # [B, T]
+    rows = jnp.arange(slots.shape[0])[:, None]  # [B, 1]
+    return tuple(buffer.at[rows, slots].set(x, unique_indices=True) for buffer, x in zip(buffers, new))
 
 
 def _overflowed(cache):
@@ -229,31 +200,49 @@ class KVCache(NamedTuple):
         return KVView(k, v, positions, jnp.minimum(lengths, self.capacity)), KVCache(k, v, lengths)
 
 
-class SlidingKVCache(NamedTuple):
-    """The last ``W`` keys/values of each sequence, for a sliding-window layer.
+@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "positions", "lengths"],
+         meta_fields=["window", "chunk"])
+@dataclasses.dataclass(frozen=True)
+class SlidingKVCache:
+    """The keys/values a sliding-window layer can still see, in a ring buffer.
 
-    k ``[B, W, K, D]``, v ``[B, W, K, E]`` in time order (slot W-1 is the newest),
-    lengths int32 ``[B]``: tokens seen so far (slot j holds position ``lengths - W + j``).
-    Memory is ``W`` tokens whatever the sequence length.
+    k ``[B, S_w, K, D]``, v ``[B, S_w, K, E]``, positions int32 ``[B, S_w]`` (the absolute
+    position held by each slot; ``EMPTY_POSITION`` while it holds nothing), lengths int32
+    ``[B]`` (tokens seen so far). Token p of a row lives in slot ``p % S_w``. The capacity
+    ``S_w = window + chunk - 1`` (static ``window`` W and ``chunk``, the most tokens one call
+    may add): a call of T <= chunk tokens overwrites only tokens older than the window of
+    its first query, so no query of the call loses a key it needs. Memory is ``S_w`` tokens
+    whatever the sequence length; a decode step (chunk 1) keeps exactly the window.
     """
 
     k: jax.Array
     v: jax.Array
+    positions: jax.Array
     lengths: jax.Array
+    window: int
+    chunk: int
 
     @classmethod
-    def create(cls, *, batch: int, window: int, kv_heads: int, head_dim: int, value_dim=None, dtype=jnp.float32):
+    def create(cls, *, batch: int, window: int, kv_heads: int, head_dim: int, value_dim=None, chunk: int = 1,
+               max_length: int | None = None, dtype=jnp.float32):
+        """Empty buffers of ``window + chunk - 1`` slots (at most ``max_length``, the longest
+        sequence the cache will hold: a cache that never wraps needs no more)."""
         value_dim = head_dim if value_dim is None else value_dim
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        for name, value in (("window", window), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        capacity = window + chunk - 1 if max_length is None else min(window + chunk - 1, max_length)
         return cls(
-            k=jnp.zeros((batch, window, kv_heads, head_dim), dtype),
-            v=jnp.zeros((batch, window, kv_heads, value_dim), dtype),
+            k=jnp.zeros((batch, capacity, kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, capacity, kv_heads, value_dim), dtype),
+            positions=jnp.full((batch, capacity), EMPTY_POSITION, jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
+            window=window,
+            chunk=chunk,
         )
 
     @property
-    def window(self) -> int:
+    def capacity(self) -> int:
         return self.k.shape[1]
 
     def overflowed(self):
@@ -261,10 +250,27 @@ class SlidingKVCache(NamedTuple):
         return jnp.zeros(self.lengths.shape, bool)
 
     def update(self, k_new, v_new, num_new=None):
-        """Appends T tokens; returns ``(KVView, new_cache)`` (the view has W + T slots)."""
-        (k_all, v_all), positions, (k, v), lengths = _slide(self, (k_new, v_new), num_new)
-        every_slot = jnp.full(lengths.shape, k_all.shape[1], jnp.int32)  # the view is window-sized: no bound to use
-        return KVView(k_all, v_all, positions, every_slot), SlidingKVCache(k, v, lengths)
+        """Writes T <= ``chunk`` new tokens in place; returns ``(KVView, new_cache)``.
+
+        Slots are written round the ring, ``position % capacity`` (one scatter, no
+        concatenation: with the cache donated the step updates it in place). The padding
+        of a ragged prompt (tokens past ``num_new[b]``) is written with ``EMPTY_POSITION``:
+        no query sees it, and the next call overwrites it.
+        """
+        B, T = _check_new_tokens("SlidingKVCache", {"k": self.k, "v": self.v}, (k_new, v_new))
+        if T > self.chunk:
+            raise ValueError(
+                f"a call of T={T} tokens into a SlidingKVCache made for at most chunk={self.chunk} per call (window "
+                f"{self.window}, capacity {self.capacity}) could overwrite keys its own queries need; create the cache "
+                f"with chunk >= {T} (capacity window + chunk - 1)"
+            )
+        num_new = check_num_new(num_new, B, T)
+        positions = next_positions(self.lengths, T)  # [B, T]
+        positions = jnp.where(jnp.arange(T)[None] < num_new[:, None], positions, EMPTY_POSITION)
+        k, v, held = _write_round((self.k, self.v, self.positions), (k_new, v_new, positions), self.lengths)
+        lengths = self.lengths + num_new
+        view = KVView(k, v, held, jnp.minimum(lengths, self.capacity))
+        return view, dataclasses.replace(self, k=k, v=v, positions=held, lengths=lengths)
 
 
 class LatentView(NamedTuple):

@@ -1,4 +1,5 @@
-"""Boolean attention masks: the one place where "may query i see key j?" is decided.
+"""The call context: the one place where an attention call is described, and where "may
+query i see key j?" is decided.
 
 Every mask in jaxattn is boolean with ``True`` meaning *may attend*. Masks are built
 from what each token *is* (its absolute position, its segment, whether it holds
@@ -12,14 +13,24 @@ attention received from another device:
                                  and  q_seg[i] == kv_seg[j]             (packed sequences)
                                  and  mask[i, j]                        (anything else, given by the caller)
 
-The chapter: the rule's pieces (``causal_mask``, ``padding_mask``, ``segment_mask``),
-then ``MaskSpec``, which holds the validated masking arguments of one attention call as
-per-token arrays and applies the rule to any block of queries and keys, and finally
-``MaskSpec.block_visibility``, the same rule at the level of whole blocks, which tells a
-blockwise kernel which blocks it may skip.
+and how the scores of the visible keys become logits:
 
-Adding a kind of mask (a prefix-LM mask, say) is a change to this file: a field of
-``MaskSpec``, its term in ``token_mask`` and its bound in ``block_visibility``.
+    s = scale * q . k                      (scale: 1/sqrt(D) unless set)
+    s = cap * tanh(s / cap)                (logit soft-capping, when a cap is set; Gemma 2)
+    softmax over the visible keys and, when set, one learned sink logit per head (gpt-oss)
+
+The chapter: the rule's pieces (``causal_mask``, ``padding_mask``, ``segment_mask``), then
+``AttentionContext``, which holds all of this for one call as per-token arrays and a few
+numbers, applies the rule to any block of queries and keys, and tells a blockwise kernel
+which blocks it may skip (``block_visibility``). Every kernel takes ``(q, k, v, context)``;
+keyword arguments (``is_causal=``, ``window=``, ...) exist only at the public edge and
+become a context in one function, ``AttentionContext.from_keywords``. A model builds the
+token side of a context once per forward (``for_tokens``: positions, segments) and each
+layer completes it with its keys (``self_keys`` or ``with_keys``, from its cache view) and
+its own settings (``for_layer``: window, scale, soft-cap, sinks).
+
+Adding a kind of mask (a prefix-LM mask, say) is a change to this file: a field of the
+context, its term in ``token_mask`` and its bound in ``block_visibility``.
 
 Shape letters: B batch, T queries, S keys, H query heads (see the README glossary).
 """
@@ -27,11 +38,14 @@ Shape letters: B batch, T queries, S keys, H query heads (see the README glossar
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxattn.functional.heads import group_heads
 
 # A finite stand-in for -inf: exp(MASK_VALUE - max) underflows to exactly 0 in float32,
 # while MASK_VALUE - MASK_VALUE stays 0 instead of NaN. Internal to the kernels.
@@ -50,6 +64,35 @@ def _check_integer(name: str, x) -> None:
 def check_window(window) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int, got {window!r}")
+
+
+def check_bool_mask(mask):
+    """``mask`` as a boolean array (``True`` = may attend); any other dtype is a ``TypeError``."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+            "for an additive float bias, add it to the logits yourself"
+        )
+    return mask
+
+
+def default_scale(D: int, scale: float | None = None) -> float:
+    """The logits' multiplier: ``1/sqrt(D)`` unless ``scale`` is given (the one place it is chosen)."""
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
+def check_positive(name: str, value) -> None:
+    """``value`` is None or a finite number > 0 (a scale, a soft-cap)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+
+
+def next_positions(lengths, T: int):
+    """int32 ``[B, T]``: the positions of T tokens that continue sequences of ``lengths [B]``."""
+    return jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
 
 
 # ------------------------------------------------------------------- the rule, by parts
@@ -128,16 +171,19 @@ def combine_masks(*masks):
     return result
 
 
-# ------------------------------------------------- the masking arguments of one call
+# --------------------------------------------------------------- one call, described
 
 
-def _token_array(name: str, value, B: int, length: int, letter: str):
-    """int ``[length]`` or ``[B, length]`` -> int32 ``[B|1, length]``."""
+def token_array(name: str, value, length: int, letter: str, B: int | None = None):
+    """The one form of per-token arrays (positions, segment ids): int ``[length]`` (shared by
+    the batch) or ``[B, length]`` (``[1, length]`` too) -> int32 ``[B|1, length]``."""
     value = jnp.asarray(value)
     if not jnp.issubdtype(value.dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {value.dtype}")
-    if value.shape not in ((length,), (1, length), (B, length)):
-        raise ValueError(f"{name} must be [{letter}={length}] or [B={B}, {letter}={length}], got {value.shape}")
+    rows_ok = value.ndim == 2 and value.shape[1] == length and (B is None or value.shape[0] in (1, B))
+    if not (value.shape == (length,) or rows_ok):
+        batch = "B" if B is None else f"B={B}"
+        raise ValueError(f"{name} must be [{letter}={length}] or [{batch}, {letter}={length}], got {value.shape}")
     return value.reshape(-1, length).astype(jnp.int32)
 
 
@@ -167,44 +213,58 @@ def _pad(x, size: int, axis: int, value=None):
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q_positions", "kv_positions", "kv_valid", "q_segment_ids", "kv_segment_ids", "user_mask"],
-    meta_fields=["T", "S", "window"],
+    data_fields=["q_positions", "kv_positions", "kv_valid", "kv_lengths", "q_segment_ids", "kv_segment_ids",
+                 "user_mask", "sinks"],
+    meta_fields=["T", "S", "window", "scale", "logit_softcap", "record_weights"],
 )
 @dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """The validated masking arguments of one attention call, as per-token arrays.
+class AttentionContext:
+    """Everything about one attention call except q, k and v: which keys each query may see,
+    and how the scores become logits. A pytree (the arrays are its leaves, the numbers static),
+    so it passes through ``jit``, ``vmap``, ``shard_map`` and ``custom_vjp`` like any argument.
 
-    Every field is optional (``None``: that part of the rule does not apply); a leading
-    axis of size 1 is shared by the batch.
-
-    q_positions ``[B|1, T]`` and kv_positions ``[B|1, S]``: int32, set when causal.
-    kv_valid ``[B|1, S]``: bool, False for padding keys.
-    q_segment_ids ``[B|1, T]``, kv_segment_ids ``[B|1, S]``: int32 (packed sequences).
-    user_mask ``[B|1, H|1, T, S]``: bool, the caller's own mask.
-    T, S: how many queries and keys it describes; window: the causal sliding window.
-
-    A pytree (``T``, ``S`` and ``window`` are static), so it passes through ``jit``,
-    ``vmap`` and ``custom_vjp`` like any array argument.
+    Which keys (``None``: that part of the rule does not apply; a leading axis of size 1 is
+    shared by the batch):
+      q_positions ``[B|1, T]``, kv_positions ``[B|1, S]``: int32 absolute positions; set = causal.
+      kv_valid ``[B|1, S]``: bool, False for a padding key.
+      kv_lengths ``[B]``: int32, keys at index ``>= kv_lengths[b]`` hold nothing (a kernel may stop
+        there: the decode kernel does).
+      q_segment_ids ``[B|1, T]``, kv_segment_ids ``[B|1, S]``: int32, packed sequences.
+      user_mask ``[B|1, H|1, T, S]``: bool, the caller's own mask.
+      window: the causal sliding window (static).
+    How the logits are formed:
+      scale: the scores' multiplier; ``None`` means ``1/sqrt(D)`` (``logit_scale``).
+      logit_softcap: ``s -> cap * tanh(s / cap)`` after scaling, before masking; ``None``: off.
+      sinks ``[H]``: float, one learned logit per query head that joins every row's softmax
+        denominator once and is then dropped (its weight goes nowhere); ``None``: off.
+    And: T, S (static) the numbers of queries and keys (S is None until keys are attached);
+    record_weights (static): the layer should hand the weights to ``nnx.capture``
+    (``jaxattn.lm.inspection``); kernels ignore it.
     """
 
     T: int
-    S: int
+    S: int | None = None
     q_positions: jax.Array | None = None
     kv_positions: jax.Array | None = None
     kv_valid: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
     q_segment_ids: jax.Array | None = None
     kv_segment_ids: jax.Array | None = None
     user_mask: jax.Array | None = None
+    sinks: jax.Array | None = None
     window: int | None = None
+    scale: float | None = None
+    logit_softcap: float | None = None
+    record_weights: bool = False
+
+    # --------------------------------------------------------------- building one
 
     @classmethod
-    def resolve(
+    def from_keywords(
         cls,
+        q,
+        k,
         *,
-        B: int,
-        T: int,
-        S: int,
-        H: int,
         mask=None,
         is_causal: bool = False,
         q_positions=None,
@@ -213,56 +273,166 @@ class MaskSpec:
         window=None,
         q_segment_ids=None,
         kv_segment_ids=None,
-    ) -> "MaskSpec":
-        """Checks every masking argument of an attention call of sizes B, T, S, H.
+        scale=None,
+        logit_softcap=None,
+        sinks=None,
+    ) -> "AttentionContext":
+        """The context of a call given as keywords: the public edge of every kernel.
 
-        With ``is_causal`` and no positions, the T queries are the last T of the S keys
-        (``q_pos = arange(T) + S - T``, bottom-right), right for a full pass, a chunk of
-        a prefill and a decode step alike. Errors name the offending shapes.
+        ``q [B, T, H, D]`` and ``k [B, S, K, D]`` (or tuples of parts, the first of which is
+        read) give the sizes. Keywords:
+
+          mask: bool, broadcastable to ``[B, H, T, S]``; ``True`` = may attend.
+          is_causal: key j is visible to query i iff ``kv_pos[j] <= q_pos[i]``.
+          q_positions: int ``[B, T]`` or ``[T]``; default (with ``is_causal``) ``arange(T) + S - T``,
+            the last T positions (bottom-right: right for a full pass, a chunk of a prefill and
+            a decode step alike).
+          kv_positions: int ``[B, S]`` or ``[S]``; default ``arange(S)``.
+          kv_lengths: int ``[B]``; only keys ``j < kv_lengths[b]`` are valid (padding).
+          window: causal sliding window; keeps keys with ``q_pos - kv_pos < window``.
+          q_segment_ids, kv_segment_ids: int ``[B, T]``/``[T]`` and ``[B, S]``/``[S]``: sequences
+            packed in one row; a query sees only keys with its own segment id.
+          scale: the logits' multiplier, ``1/sqrt(D)`` when ``None``.
+          logit_softcap: ``cap`` of ``s -> cap * tanh(s / cap)`` on the scaled scores.
+          sinks: float ``[H]``, one learned logit per query head in every softmax denominator.
+
+        Errors name the offending shapes.
         """
+        first_q = q[0] if isinstance(q, (tuple, list)) else q
+        first_k = k[0] if isinstance(k, (tuple, list)) else k
+        B, T, H = first_q.shape[0], first_q.shape[1], first_q.shape[2]
+        S = first_k.shape[1]
         if not is_causal:
             if window is not None:
                 raise ValueError(f"window={window} is a causal sliding window: pass is_causal=True with it")
             if q_positions is not None or kv_positions is not None:
                 raise ValueError("q_positions/kv_positions decide causality: pass is_causal=True with them")
-        check_window(window)
+        context = cls(T=T)
         if is_causal:
-            q_positions = jnp.arange(T) + (S - T) if q_positions is None else q_positions
+            if q_positions is not None:
+                q_positions = token_array("q_positions", q_positions, T, "T", B)
+            context = cls.for_tokens(T, q_positions, start=S - T, B=B)
             kv_positions = jnp.arange(S) if kv_positions is None else kv_positions
-            q_positions = _token_array("q_positions", q_positions, B, T, "T")
-            kv_positions = _token_array("kv_positions", kv_positions, B, S, "S")
-        kv_valid = None
-        if kv_lengths is not None:
-            kv_lengths = jnp.asarray(kv_lengths)
-            _check_integer("kv_lengths", kv_lengths)
-            if kv_lengths.shape != (B,):
-                raise ValueError(f"kv_lengths must be [B={B}], got {kv_lengths.shape}")
-            kv_valid = padding_mask(kv_lengths, S)  # [B, S]
+            kv_positions = token_array("kv_positions", kv_positions, S, "S", B)
         if (q_segment_ids is None) != (kv_segment_ids is None):
             raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
         if q_segment_ids is not None:
-            q_segment_ids = _token_array("q_segment_ids", q_segment_ids, B, T, "T")
-            kv_segment_ids = _token_array("kv_segment_ids", kv_segment_ids, B, S, "S")
+            q_segment_ids = token_array("q_segment_ids", q_segment_ids, T, "T", B)
+            kv_segment_ids = token_array("kv_segment_ids", kv_segment_ids, S, "S", B)
+        kv_valid = None
+        if kv_lengths is not None:
+            _check_integer("kv_lengths", kv_lengths)
+            kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+            if kv_lengths.shape != (B,):
+                raise ValueError(f"kv_lengths must be [B={B}], got {kv_lengths.shape}")
+            kv_valid = padding_mask(kv_lengths, S)  # [B, S]
         if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != jnp.bool_:
-                raise TypeError(
-                    f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
-                    "for an additive float bias, add it to the logits yourself"
-                )
+            mask = check_bool_mask(mask)
             if mask.ndim > 4:
                 raise ValueError(f"mask must broadcast to [B, H, T, S] = {(B, H, T, S)}, got {mask.shape}")
             mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
             try:
                 jnp.broadcast_shapes(mask.shape, (B, H, T, S))
-            except ValueError:
-                raise ValueError(f"mask {mask.shape} does not broadcast to [B, H, T, S] = {(B, H, T, S)}") from None
+            except ValueError as error:
+                raise ValueError(f"mask {mask.shape} does not broadcast to [B, H, T, S] = {(B, H, T, S)}") from error
             mask = jnp.broadcast_to(mask, mask.shape[:2] + (T, S))  # [B|1, H|1, T, S]
-        return cls(T, S, q_positions, kv_positions, kv_valid, q_segment_ids, kv_segment_ids, mask, window)
+        context = dataclasses.replace(
+            context, S=S, kv_positions=kv_positions, kv_valid=kv_valid, kv_lengths=kv_lengths,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, user_mask=mask,
+        )
+        return context.for_layer(window=window, scale=scale, logit_softcap=logit_softcap, sinks=sinks, H=H)
+
+    @classmethod
+    def for_tokens(cls, T: int, positions=None, *, lengths=None, segment_ids=None, start: int = 0, B: int | None = None,
+                   record_weights: bool = False) -> "AttentionContext":
+        """The token side of a causal call: where the T queries are, and their segments.
+
+        ``positions`` int ``[B, T]`` or ``[T]``; default ``start + arange(T)``. With a cache,
+        pass its ``lengths [B]`` instead: the T tokens then continue each row
+        (``lengths[:, None] + arange(T)``), and passing positions as well is an error, so a
+        call cannot make the queries and the cache disagree. Complete it with ``self_keys``
+        (the keys are these tokens) or ``with_keys`` (a cache's view).
+        """
+        if lengths is not None:
+            if positions is not None:
+                raise ValueError(
+                    "with a cache the positions of the new tokens come from cache.lengths "
+                    "(cache.lengths[:, None] + arange(T)); do not pass positions as well"
+                )
+            if segment_ids is not None:
+                raise ValueError("segment ids (packed sequences) are for calls without a cache")
+            positions = next_positions(lengths, T)  # [B, T]
+        elif positions is None:
+            positions = start + jnp.arange(T, dtype=jnp.int32)  # [T]
+        positions = token_array("positions", positions, T, "T", B)  # [B|1, T]
+        if segment_ids is not None:
+            segment_ids = token_array("segment_ids", segment_ids, T, "T", B)
+        return cls(T=T, q_positions=positions, q_segment_ids=segment_ids, record_weights=record_weights)
+
+    def self_keys(self) -> "AttentionContext":
+        """Keys that are the queries' own tokens (a full pass without a cache)."""
+        return dataclasses.replace(self, S=self.T, kv_positions=self.q_positions, kv_segment_ids=self.q_segment_ids)
+
+    def with_keys(self, kv_positions, kv_lengths=None) -> "AttentionContext":
+        """Keys at ``kv_positions [B|1, S]`` (a cache view's, where an empty slot sits at a
+        position no query reaches) of which row b holds ``kv_lengths[b]`` (a bound the decode
+        kernel stops at)."""
+        if self.q_segment_ids is not None:
+            raise ValueError("segment ids (packed sequences) are for calls without a cache")
+        S = kv_positions.shape[-1]
+        return dataclasses.replace(self, S=S, kv_positions=token_array("kv_positions", kv_positions, S, "S"),
+                                   kv_lengths=kv_lengths)
+
+    def for_layer(self, *, window=None, scale=None, logit_softcap=None, sinks=None, H: int | None = None):
+        """The context completed with one layer's settings (each ``None`` leaves the context's)."""
+        check_window(window)
+        check_positive("scale", scale)
+        check_positive("logit_softcap", logit_softcap)
+        if sinks is not None:
+            sinks = jnp.asarray(sinks)
+            if sinks.ndim != 1 or (H is not None and sinks.shape[0] != H):
+                raise ValueError(f"sinks must be [H{'' if H is None else f'={H}'}], one logit per query head, got {sinks.shape}")
+            if not jnp.issubdtype(sinks.dtype, jnp.floating):
+                raise TypeError(f"sinks must be floating point, got dtype {sinks.dtype}")
+        pick = lambda new, old: old if new is None else new  # noqa: E731
+        return dataclasses.replace(
+            self, window=pick(window, self.window), scale=pick(scale, self.scale),
+            logit_softcap=pick(logit_softcap, self.logit_softcap), sinks=pick(sinks, self.sinks),
+        )
+
+    def check(self, B: int, T: int, S: int, H: int) -> None:
+        """That this context describes a call of these sizes (a kernel's first line)."""
+        if self.T != T or self.S != S:
+            raise ValueError(f"the context describes T={self.T} queries and S={self.S} keys, the call has T={T}, S={S}")
+        for name in ("q_positions", "kv_positions", "kv_valid", "q_segment_ids", "kv_segment_ids"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] not in (1, B):
+                raise ValueError(f"the context's {name} {value.shape} is for another batch than B={B}")
+        if self.sinks is not None and self.sinks.shape != (H,):
+            raise ValueError(f"sinks must be [H={H}], one logit per query head, got {self.sinks.shape}")
+        if self.user_mask is not None and self.user_mask.shape[1] not in (1, H):
+            raise ValueError(f"the context's mask {self.user_mask.shape} is for another number of heads than H={H}")
+
+    def sinks_cotangent(self, d_sinks) -> "AttentionContext":
+        """The cotangent of this context in a ``custom_vjp``: nothing for the masking arrays
+        (integers and booleans), ``d_sinks`` for the sinks."""
+        empty = {name: None for name in ("q_positions", "kv_positions", "kv_valid", "kv_lengths", "q_segment_ids",
+                                         "kv_segment_ids", "user_mask")}
+        return dataclasses.replace(self, sinks=None if self.sinks is None else d_sinks.astype(self.sinks.dtype), **empty)
+
+    # ------------------------------------------------------------------ reading one
 
     @property
     def is_causal(self) -> bool:
         return self.q_positions is not None
+
+    def logit_scale(self, D: int) -> float:
+        """The scores' multiplier: ``1/sqrt(D)`` unless the context sets one (the one place it is chosen)."""
+        return default_scale(D, self.scale)
+
+    def head_sinks(self, K: int):
+        """The sinks as ``[K, G]`` (query head h = (h // G, h % G)), float32; or ``None``."""
+        return None if self.sinks is None else self.sinks.astype(jnp.float32).reshape(K, -1)
 
     def token_mask(self):
         """The rule over the token axes: bool ``[B|1, T, S]``, or ``None`` when nothing is masked."""
@@ -284,9 +454,9 @@ class MaskSpec:
 
     # ------------------------------------------------------------- blocks of a call
 
-    def block(self, q_start, block_q: int, kv_start, block_kv: int) -> "MaskSpec":
-        """The spec of queries ``q_start .. q_start + block_q`` and keys
-        ``kv_start .. kv_start + block_kv`` (starts may be traced)."""
+    def block(self, q_start, block_q: int, kv_start, block_kv: int) -> "AttentionContext":
+        """The context of queries ``q_start .. q_start + block_q`` and keys
+        ``kv_start .. kv_start + block_kv`` (starts may be traced). The logit side is unchanged."""
         return dataclasses.replace(
             self,
             T=block_q,
@@ -294,17 +464,24 @@ class MaskSpec:
             q_positions=_slice(self.q_positions, q_start, block_q, 1),
             kv_positions=_slice(self.kv_positions, kv_start, block_kv, 1),
             kv_valid=_slice(self.kv_valid, kv_start, block_kv, 1),
+            kv_lengths=None,  # a bound of the whole call, not of a block
             q_segment_ids=_slice(self.q_segment_ids, q_start, block_q, 1),
             kv_segment_ids=_slice(self.kv_segment_ids, kv_start, block_kv, 1),
             user_mask=_slice(_slice(self.user_mask, q_start, block_q, 2), kv_start, block_kv, 3),
         )
 
-    def keys(self, kv_start, block_kv: int) -> "MaskSpec":
-        """The spec of all queries and keys ``kv_start .. kv_start + block_kv``."""
+    def grouped_block_mask(self, K: int, q_start, block_q: int, kv_start, block_kv: int):
+        """bool ``[B|1, K|1, G|1, bq, bk]``: the mask of one block with the query heads grouped by
+        the K key/value head they share (``heads.group_heads``); ``None`` when nothing is masked."""
+        mask = self.block(q_start, block_q, kv_start, block_kv).full_mask()
+        return None if mask is None else group_heads(mask, K)
+
+    def keys(self, kv_start, block_kv: int) -> "AttentionContext":
+        """The context of all queries and keys ``kv_start .. kv_start + block_kv``."""
         return self.block(0, self.T, kv_start, block_kv)
 
-    def padded(self, T: int, S: int) -> "MaskSpec":
-        """The spec extended to T queries and S keys for a blockwise kernel: padding
+    def padded(self, T: int, S: int) -> "AttentionContext":
+        """The context extended to T queries and S keys for a blockwise kernel: padding
         keys are invalid, padding queries sit before every key (they see nothing when
         causal; their outputs are discarded either way) and repeat the last segment id
         (so that they widen no block's range of segments)."""

@@ -31,16 +31,17 @@ width, L latent width (d_c), P query latent width (d_c'), R RoPE width (d_h^R).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.functional.attention import default_scale, multi_head_attention
-from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_attention
-from jaxattn.functional.kv_cache import LatentCache, positions_from_cache
-from jaxattn.functional.positions import rope
-
+from jaxattn.functional.kernels import Kernels, attend
+from jaxattn.functional.kv_cache import LatentCache
+from jaxattn.functional.masks import check_positive, default_scale
+from jaxattn.functional.positions import Rope
+from jaxattn.functional.self_attention import call_context
 
 class MLAParams(NamedTuple):
     """MLA weights, named and shaped as in the paper. Query compression is on when
@@ -59,6 +60,24 @@ class MLAParams(NamedTuple):
     w_q: jax.Array | None = None  # [C, H, D]
     q_norm: jax.Array | None = None  # [P]
     kv_norm: jax.Array | None = None  # [L]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLASettings:
+    """How one MLA layer attends, apart from its weights (static: hashable).
+
+    rope: the decoupled RoPE of ``q_r`` and ``k_r`` (DeepSeek: interleaved pairs).
+    epsilon: the latent RMSNorms' epsilon.
+    scale: the logits' multiplier, ``None`` for ``1/sqrt(D + R)``.
+    """
+
+    rope: Rope = Rope(style="interleaved")
+    epsilon: float = 1e-6
+    scale: float | None = None
+
+    def __post_init__(self):
+        check_positive("epsilon", self.epsilon)
+        check_positive("scale", self.scale)
 
 
 class MLADims(NamedTuple):
@@ -116,7 +135,7 @@ def rms_norm(x, scale, epsilon: float):
     return (normed * scale).astype(x.dtype)
 
 
-def mla_queries(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6):
+def mla_queries(params: MLAParams, h, positions, settings: MLASettings = MLASettings()):
     """Equations 12-14: h ``[B, T, C]`` -> ``(q_c [B, T, H, D], q_r [B, T, H, R])``.
 
     ``positions`` int ``[B, T]`` or ``[T]``.
@@ -124,59 +143,37 @@ def mla_queries(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_sty
     if params.w_dq is not None:
         c_q = h @ params.w_dq  # [B, T, P]
         if params.q_norm is not None:
-            c_q = rms_norm(c_q, params.q_norm, epsilon)
+            c_q = rms_norm(c_q, params.q_norm, settings.epsilon)
         q_c = jnp.einsum("btp,phd->bthd", c_q, params.w_uq)  # [B, T, H, D]
         q_r = jnp.einsum("btp,phr->bthr", c_q, params.w_qr)  # [B, T, H, R]
     else:
         q_c = jnp.einsum("btc,chd->bthd", h, params.w_q)
         q_r = jnp.einsum("btc,chr->bthr", h, params.w_qr)
-    q_r = rope(q_r, positions, theta=rope_theta, style=rope_style)  # [B, T, H, R]
-    return q_c, q_r
+    return q_c, settings.rope(q_r, positions)  # [B, T, H, R]
 
 
-def mla_latents(params: MLAParams, h, positions, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6):
+def mla_latents(params: MLAParams, h, positions, settings: MLASettings = MLASettings()):
     """Equations 9 and 15: h ``[B, S, C]`` -> ``(c_kv [B, S, L], k_r [B, S, R])``, what MLA caches."""
     c_kv = h @ params.w_dkv  # [B, S, L]
     if params.kv_norm is not None:
-        c_kv = rms_norm(c_kv, params.kv_norm, epsilon)
-    k_r = rope(h @ params.w_kr, positions, theta=rope_theta, style=rope_style)  # [B, S, R]
-    return c_kv, k_r
+        c_kv = rms_norm(c_kv, params.kv_norm, settings.epsilon)
+    return c_kv, settings.rope(h @ params.w_kr, positions)  # [B, S, R]
 
 
-def mla_scale(dims: MLADims, scale):
+def mla_scale(dims: MLADims, settings: MLASettings) -> float:
     """``1/sqrt(D + R)``: the query/key width of MLA is the content part plus the RoPE part."""
-    return default_scale(dims.D + dims.R, scale)
+    return default_scale(dims.D + dims.R, settings.scale)
 
 
-def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, q_positions, kv_positions, scale, attention_fn):
+def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, context, kernels, cached, record):
     """Equations 10, 11, 16-19 over latents: decompress K, V per head and attend."""
     B, S = c_kv.shape[:2]
     k_c = jnp.einsum("bsl,lhd->bshd", c_kv, params.w_uk)  # [B, S, H, D]
     v_c = jnp.einsum("bsl,lhe->bshe", c_kv, params.w_uv)  # [B, S, H, E]
     k = jnp.concatenate([k_c, jnp.broadcast_to(k_r[:, :, None, :], (B, S, dims.H, dims.R))], axis=-1)  # [B, S, H, D+R]
     q = jnp.concatenate([q_c, q_r], axis=-1)  # [B, T, H, D+R]
-    o = attention_fn(
-        q, k, v_c, is_causal=True, q_positions=q_positions, kv_positions=kv_positions, scale=mla_scale(dims, scale)
-    )  # [B, T, H, E]
+    o = attend(kernels, q, k, v_c, context, cached=cached, record=record)  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o)  # [B, T, C]
-
-
-def mla_naive(
-    params: MLAParams, h, positions=None, *, rope_theta=10000.0, rope_style="interleaved", epsilon=1e-6, scale=None,
-    attention_fn=multi_head_attention,
-):
-    """Path 1: causal MLA over ``h [B, T, C]`` with K and V decompressed for every head.
-
-    ``positions`` int ``[B, T]`` or ``[T]``, default ``arange(T)``. ``attention_fn`` is the
-    kernel (``multi_head_attention``'s signature, e.g. ``flash_attention``). Returns ``[B, T, C]``.
-    """
-    dims = check_mla_params(params)
-    _check_hidden(h, dims)
-    positions = jnp.arange(h.shape[1], dtype=jnp.int32) if positions is None else jnp.asarray(positions)
-    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
-    q_c, q_r = mla_queries(params, h, positions, **kwargs)
-    c_kv, k_r = mla_latents(params, h, positions, **kwargs)
-    return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, positions, positions, scale, attention_fn)
 
 
 def _check_hidden(h, dims: MLADims):
@@ -184,23 +181,39 @@ def _check_hidden(h, dims: MLADims):
         raise ValueError(f"MLA takes h [B, T, C={dims.C}], got {h.shape}")
 
 
+def mla_naive(params: MLAParams, h, positions=None, *, settings: MLASettings = MLASettings(),
+              kernels: Kernels = Kernels(), context=None, record=None):
+    """Path 1: causal MLA over ``h [B, T, C]`` with K and V decompressed for every head.
+
+    ``positions`` int ``[B, T]`` or ``[T]``, default ``arange(T)`` (or the model's ``context``);
+    ``kernels`` chooses the kernel (``flash_kernel``, say). Returns ``[B, T, C]``.
+    """
+    dims = check_mla_params(params)
+    _check_hidden(h, dims)
+    context = call_context(h, positions, context=context)
+    q_c, q_r = mla_queries(params, h, context.q_positions, settings)
+    c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
+    context = context.self_keys().for_layer(scale=mla_scale(dims, settings))
+    return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, context, kernels, False, record)
+
+
 # ------------------------------------------------------------ paths that use a cache
 
 
-def _cached_latents(params, h, cache: LatentCache, num_new, kwargs):
+def _cached_latents(params, dims, h, cache: LatentCache, num_new, settings, context):
     """Queries and latents of the new tokens at the positions that continue the cache,
-    written into it. Returns ``(q_c, q_r, q_positions [B, T], LatentView, new_cache)``."""
-    q_positions = positions_from_cache(cache, h.shape[1])  # [B, T]
-    q_c, q_r = mla_queries(params, h, q_positions, **kwargs)
-    c_kv, k_r = mla_latents(params, h, q_positions, **kwargs)
+    written into it. Returns ``(q_c, q_r, context, LatentView, new_cache)``, the context
+    completed with the cache's keys and the scale."""
+    context = call_context(h, context=context, cache=cache)
+    q_c, q_r = mla_queries(params, h, context.q_positions, settings)
+    c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
     view, new_cache = cache.update(c_kv, k_r, num_new)
-    return q_c, q_r, q_positions, view, new_cache
+    context = context.with_keys(view.positions, view.lengths).for_layer(scale=mla_scale(dims, settings))
+    return q_c, q_r, context, view, new_cache
 
 
-def mla_decompressed(
-    params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
-    epsilon=1e-6, scale=None, attention_fn=multi_head_attention,
-):
+def mla_decompressed(params: MLAParams, h, cache: LatentCache, *, num_new=None, settings: MLASettings = MLASettings(),
+                     kernels: Kernels = Kernels(), context=None, record=None):
     """Path 2: store only the latents of the T new tokens, decompress the whole cache at use.
 
     h ``[B, T, C]`` continues each sequence of ``cache`` (a ``LatentCache``).
@@ -208,18 +221,13 @@ def mla_decompressed(
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
-    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
-    q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
-    out = _decompressed_attention(
-        params, dims, q_c, q_r, view.c_kv, view.k_rope, q_positions, view.positions, scale, attention_fn
-    )
+    q_c, q_r, context, view, new_cache = _cached_latents(params, dims, h, cache, num_new, settings, context)
+    out = _decompressed_attention(params, dims, q_c, q_r, view.c_kv, view.k_rope, context, kernels, True, record)
     return out, new_cache
 
 
-def mla_absorbed(
-    params: MLAParams, h, cache: LatentCache, *, num_new=None, rope_theta=10000.0, rope_style="interleaved",
-    epsilon=1e-6, scale=None, attention_fn=multi_head_attention, decode_max_tokens: int = DECODE_MAX_TOKENS,
-):
+def mla_absorbed(params: MLAParams, h, cache: LatentCache, *, num_new=None, settings: MLASettings = MLASettings(),
+                 kernels: Kernels = Kernels(), context=None, record=None):
     """Path 3: attention directly over the cached latents, with W_uk and W_uv absorbed.
 
     ``q_c . k_c = q_c . (c_kv W_uk) = (q_c W_uk^T) . c_kv``: each head's query moves into
@@ -227,24 +235,17 @@ def mla_absorbed(
     ``[c_kv; k_r]`` (width L + R) and one value ``c_kv`` (width L): an MQA. The heads'
     latent outputs go through W_uv, then W_o. The scale stays ``1/sqrt(D + R)``.
 
-    A decode step (at most ``decode_max_tokens`` new tokens) runs ``decode_attention``
-    with the key as two parts, ``(c_kv, k_r)``, whose scores add: the cache is read up
-    to its longest row and never concatenated. Longer calls use ``attention_fn``.
+    The key travels as two parts, ``(c_kv, k_r)``, whose scores add: the decode kernel (a
+    step of at most ``kernels.decode_max_tokens`` tokens) reads the buffers as they are, up
+    to the longest row, never concatenated; any other kernel gets them joined.
 
     h ``[B, T, C]`` continues each sequence of ``cache``. Returns ``([B, T, C], new_cache)``.
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
-    kwargs = dict(rope_theta=rope_theta, rope_style=rope_style, epsilon=epsilon)
-    q_c, q_r, q_positions, view, new_cache = _cached_latents(params, h, cache, num_new, kwargs)
+    q_c, q_r, context, view, new_cache = _cached_latents(params, dims, h, cache, num_new, settings, context)
     q_latent = jnp.einsum("bthd,lhd->bthl", q_c, params.w_uk)  # [B, T, H, L]
-    masking = dict(is_causal=True, q_positions=q_positions, kv_positions=view.positions, scale=mla_scale(dims, scale))
-    if h.shape[1] <= decode_max_tokens:  # the buffers as they are: [B, S, L] and [B, S, R], one head for all
-        o_latent = decode_attention((q_latent, q_r), (view.c_kv, view.k_rope), view.c_kv, kv_lengths=view.lengths,
-                                    **masking)  # [B, T, H, L]
-    else:
-        q = jnp.concatenate([q_latent, q_r], axis=-1)  # [B, T, H, L+R]
-        k = jnp.concatenate([view.c_kv, view.k_rope], axis=-1)[:, :, None, :]  # [B, S, 1, L+R]
-        o_latent = attention_fn(q, k, view.c_kv[:, :, None, :], **masking)  # [B, T, H, L]
+    o_latent = attend(kernels, (q_latent, q_r), (view.c_kv, view.k_rope), view.c_kv, context, cached=True,
+                      record=record)  # [B, T, H, L]
     o = jnp.einsum("bthl,lhe->bthe", o_latent, params.w_uv)  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o), new_cache  # [B, T, C]

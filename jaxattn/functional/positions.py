@@ -9,7 +9,11 @@ depend only on the distance between the two tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
+
+from jaxattn.functional.masks import token_array
 
 ROPE_STYLES = ("half", "interleaved")
 
@@ -34,24 +38,16 @@ def sinusoidal_positions(T: int, C: int, *, base: float = 10000.0):
 def _token_positions(x, positions):
     """Positions index the token axes of ``x``; heads broadcast.
 
-    ``x [B, T, H, D]`` takes ``[B, T]`` or ``[T]`` (and the older ``[B, T, 1]``); any other
-    ``x [..., D]`` takes positions that broadcast to ``x.shape[:-1]`` (``[B, S]`` or ``[S]``
-    for ``[B, S, R]``, ``[T]`` for ``[T, D]``). Returns positions shaped to broadcast
-    against ``x.shape[:-1]``.
+    ``x [B, T, ...]`` (``[B, T, H, D]`` queries or keys, ``[B, S, R]`` MLA's RoPE key) takes
+    ``[B, T]`` or ``[T]`` (the one form of ``masks.token_array``); ``x [T, D]`` takes ``[T]``.
+    Returns int32 positions shaped to broadcast against ``x.shape[:-1]``.
     """
-    given = jnp.asarray(positions)
-    if not jnp.issubdtype(given.dtype, jnp.integer):
-        raise TypeError(f"positions must be integers, got dtype {given.dtype}")
-    positions = given[..., None] if x.ndim == 4 and given.ndim in (1, 2) else given  # [B|1, T, 1]: heads share it
-    try:
-        jnp.broadcast_shapes(positions.shape, x.shape[:-1])
-    except ValueError:
-        expected = "[B, T] or [T]" if x.ndim == 4 else f"a shape that broadcasts to {x.shape[:-1]}"
-        raise ValueError(
-            f"positions {given.shape} do not fit x {x.shape}: positions index the token axes, "
-            f"so they must be {expected}"
-        ) from None
-    return positions
+    if x.ndim == 2:
+        return token_array("positions", positions, x.shape[0], "T")[0]  # [T]
+    if x.ndim < 2:
+        raise ValueError(f"rope takes x [..., T, D] with tokens on an axis, got x.shape={x.shape}")
+    positions = token_array("positions", positions, x.shape[1], "T", x.shape[0])  # [B|1, T]
+    return positions.reshape(positions.shape + (1,) * (x.ndim - 3))  # [B|1, T, 1...]: heads share it
 
 
 def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
@@ -65,9 +61,8 @@ def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
       x: ``[B, T, H, D]`` (queries or keys of H heads), or any ``[..., D]`` such as
         MLA's shared RoPE key ``[B, S, R]``; D even.
       positions: int, indexing the token axes: ``[B, T]`` or ``[T]`` for
-        ``x [B, T, H, D]`` (every head of a token shares its position; ``[B, T, 1]`` is
-        accepted too), otherwise broadcastable to ``x.shape[:-1]`` (``[B, S]`` for
-        ``[B, S, R]``).
+        ``x [B, T, H, D]`` (every head of a token shares its position) and for ``[B, S, R]``;
+        ``[T]`` for ``x [T, D]``.
       theta: the base of the frequencies.
       style: which elements form a pair.
         ``"half"``: ``(i, i + D/2)``, the two halves of the head (GPT-NeoX,
@@ -96,3 +91,24 @@ def rope(x, positions, *, theta: float = 10000.0, style: str = "half"):
         out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [..., D/2, 2]
         out = out.reshape(xf.shape)
     return out.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """The RoPE of one layer (static, hashable): base ``theta`` and pairing ``style``.
+
+    ``Rope(...)(x, positions)`` is ``rope(x, positions, theta=..., style=...)``; a layer with
+    ``rope=None`` has no position encoding of its own (learned or sinusoidal positions, NoPE).
+    """
+
+    theta: float = 10000.0
+    style: str = "half"
+
+    def __post_init__(self):
+        if self.style not in ROPE_STYLES:
+            raise ValueError(f"rope style must be one of {ROPE_STYLES}, got {self.style!r}")
+        if not self.theta > 0:
+            raise ValueError(f"rope theta must be > 0, got {self.theta}")
+
+    def __call__(self, x, positions):
+        return rope(x, positions, theta=self.theta, style=self.style)

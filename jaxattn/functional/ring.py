@@ -4,17 +4,19 @@ arXiv 2310.01889).
 Each of the n devices on the sequence axis holds a chunk of the queries, keys and values
 (with their absolute positions). The key/value chunks travel around the ring with
 ``lax.ppermute``; at every step each device folds the chunk it holds into the running
-softmax of its own queries, the same online softmax as ``flash_attention``
-(``fold_block``; each chunk is visited in sub-blocks of ``block_kv`` keys, so memory per
-device is linear in its chunk), and passes it on:
+softmax of its own queries, with the online softmax of ``softmax.py`` that the flash and
+decode kernels use (``fold_block``; each chunk is visited in sub-blocks of at most
+``block_kv`` keys, so memory per device is linear in its chunk), and passes it on:
 
     step 0:  device i attends to chunk i,      then sends it to device i + 1
     step 1:  device i attends to chunk i - 1,  then sends it on
     ...
     step n-1: device i attends to chunk i + 1; every query has seen every key
 
-Masks come from positions (the rule of ``masks.py``), so any assignment of tokens to
-devices is correct; sub-blocks that a device's queries cannot see are skipped. With a
+Masks come from positions (the rule of ``masks.py``, carried by the call's
+``AttentionContext``), so any assignment of tokens to devices is correct; sub-blocks that
+a device's queries cannot see are skipped. A learned sink starts each query row's softmax
+once, on the device that owns the row, not once per hop. With a
 causal mask and chunks in order, device i has i + 1 chunks of work and the last device
 n: the load is unbalanced. ``zigzag_order`` gives each device one early and one late
 chunk (chunks i and 2n - 1 - i), so every device does about the same work.
@@ -24,13 +26,15 @@ again, together with the gradients of their keys and values, which every device 
 as they pass; a last hop of the gradients alone brings them back to their owners. No device ever
 holds more than its own chunk and one visiting chunk: the sequence is never gathered.
 
-``ring_attention`` takes global arrays and a mesh and calls ``jax.shard_map``;
-``ring_attention_shard`` is the per-device function for use inside a ``shard_map`` of your
-own. Shape letters as in ``attention.py``; ``n`` is the size of the sequence axis.
+``ring_kernel`` takes global arrays, a context and a mesh and calls ``jax.shard_map``;
+``ring_shard_kernel`` is the per-device function for use inside a ``shard_map`` of your
+own; ``ring_attention`` and ``ring_attention_shard`` are their keyword forms. Shape letters
+as in ``heads.py``; ``n`` is the size of the sequence axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple
 
@@ -40,16 +44,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxattn.functional.attention import check_multi_head_shapes, default_scale
-from jaxattn.functional.flash import (
-    SoftmaxState,
-    block_gradients,
-    fold_block,
-    grouped_block_mask,
-    online_softmax_finish,
-    scaled_queries,
-)
-from jaxattn.functional.masks import MaskSpec, check_window, padding_mask
+from jaxattn.functional.heads import check_multi_head_shapes
+from jaxattn.functional.masks import AttentionContext, padding_mask
+from jaxattn.functional import softmax
 
 DEFAULT_RING_BLOCK = 512
 
@@ -82,9 +79,9 @@ class _Static(NamedTuple):
     axis_name: str
     n: int
     scale: float
+    cap: float | None
     block_q: int
     block_kv: int
-    window: int | None
 
 
 def _rotate(tree, static: _Static):
@@ -93,16 +90,17 @@ def _rotate(tree, static: _Static):
     return jax.tree.map(lambda x: lax.ppermute(x, static.axis_name, perm), tree)
 
 
-def _spec(q_positions, q_segment_ids, chunk: _Chunk, static: _Static, T: int) -> MaskSpec:
-    return MaskSpec(T=T, S=chunk.k.shape[1], q_positions=q_positions, kv_positions=chunk.positions, kv_valid=chunk.valid,
-                    q_segment_ids=q_segment_ids, kv_segment_ids=chunk.segment_ids, window=static.window)
+def _against(context: AttentionContext, chunk: _Chunk) -> AttentionContext:
+    """This device's queries against the chunk it holds now."""
+    return dataclasses.replace(context, S=chunk.k.shape[1], kv_positions=chunk.positions, kv_valid=chunk.valid,
+                               kv_segment_ids=chunk.segment_ids)
 
 
-def _visit_pairs(spec: MaskSpec, bq: int, bk: int, body, carry):
+def _visit_pairs(context: AttentionContext, bq: int, bk: int, body, carry):
     """Runs ``body(i, j, masked, carry)`` for every (query sub-block i, key sub-block j) of a
     chunk pair that the mask lets any query see; ``masked`` is False (a static choice: two
     loops) where every query sees every key of the pair, so no mask is built there."""
-    visible, complete = spec.block_visibility(bq, bk), spec.block_completeness(bq, bk)  # [nq, nk]
+    visible, complete = context.block_visibility(bq, bk), context.block_completeness(bq, bk)  # [nq, nk]
 
     def query_block(i, carry):
         for masked, blocks in ((False, complete[i]), (True, visible[i] & ~complete[i])):
@@ -121,21 +119,21 @@ def _put(x, update, start):
     return lax.dynamic_update_slice_in_dim(x, update, start, axis=1)
 
 
-def _fold_chunk(q, state, chunk: _Chunk, spec: MaskSpec, static: _Static, K: int):
+def _fold_chunk(q, state, chunk: _Chunk, context: AttentionContext, static: _Static, K: int):
     """Folds one chunk into the state of the device's queries, sub-block pair by sub-block pair."""
     bq, bk = static.block_q, static.block_kv
 
     def body(i, j, masked, state):
         rows, keys = i * bq, j * bk
-        mask = grouped_block_mask(spec, K, rows, bq, keys, bk) if masked else None
-        part = fold_block(_take(q, rows, bq), SoftmaxState(*(_take(x, rows, bq) for x in state)),
-                          _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask, head_axis=1)
-        return SoftmaxState(*(_put(x, y, rows) for x, y in zip(state, part)))
+        mask = context.grouped_block_mask(K, rows, bq, keys, bk) if masked else None
+        part = softmax.fold_block(_take(q, rows, bq), softmax.SoftmaxState(*(_take(x, rows, bq) for x in state)),
+                          _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask, head_axis=1, cap=static.cap)
+        return softmax.SoftmaxState(*(_put(x, y, rows) for x, y in zip(state, part)))
 
-    return _visit_pairs(spec, bq, bk, body, state)
+    return _visit_pairs(context, bq, bk, body, state)
 
 
-def _chunk_gradients(q, do, lse, delta, chunk: _Chunk, spec: MaskSpec, static: _Static, K: int):
+def _chunk_gradients(q, do, lse, delta, chunk: _Chunk, context: AttentionContext, static: _Static, K: int):
     """This device's queries against one chunk: (dq [B, T, K, G, D], dk [B, S_c, K, D], dv)."""
     bq, bk = static.block_q, static.block_kv
     grads = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(chunk.k.shape, jnp.float32), jnp.zeros(chunk.v.shape, jnp.float32))
@@ -143,55 +141,57 @@ def _chunk_gradients(q, do, lse, delta, chunk: _Chunk, spec: MaskSpec, static: _
     def body(i, j, masked, grads):
         dq, dk, dv = grads
         rows, keys = i * bq, j * bk
-        mask = grouped_block_mask(spec, K, rows, bq, keys, bk) if masked else None
-        dq_ij, dk_ij, dv_ij = block_gradients(*(_take(x, rows, bq) for x in (q, do, lse, delta)), _take(chunk.k, keys, bk),
-                                              _take(chunk.v, keys, bk), mask, head_axis=1)  # dk, dv per query head
+        mask = context.grouped_block_mask(K, rows, bq, keys, bk) if masked else None
+        rows_of = (_take(x, rows, bq) for x in (q, do, lse, delta))
+        dq_ij, dk_ij, dv_ij = softmax.block_gradients(*rows_of, _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask,
+                                                      head_axis=1, cap=static.cap)  # dk, dv per query head
         dq = _put(dq, _take(dq, rows, bq) + dq_ij, rows)
         dk = _put(dk, _take(dk, keys, bk) + dk_ij.sum(3), keys)  # sum the G query heads sharing a K/V head
         dv = _put(dv, _take(dv, keys, bk) + dv_ij.sum(3), keys)
         return dq, dk, dv
 
-    return _visit_pairs(spec, bq, bk, body, grads)
+    return _visit_pairs(context, bq, bk, body, grads)
 
 
-def _ring_forward(static: _Static, q, chunk: _Chunk, q_positions, q_segment_ids):
+def _ring_forward(static: _Static, q, chunk: _Chunk, context: AttentionContext):
     B, T, H, D = q.shape
     K, E = chunk.k.shape[2], chunk.v.shape[3]
-    q_s = scaled_queries(q, static.scale).reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
+    q_s = softmax.scaled_queries(q, static.scale).reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
 
     def step(_, carry):
         state, chunk = carry
-        state = _fold_chunk(q_s, state, chunk, _spec(q_positions, q_segment_ids, chunk, static, T), static, K)
+        state = _fold_chunk(q_s, state, chunk, _against(context, chunk), static, K)
         return state, _rotate(chunk, static)
 
-    state, last = lax.fori_loop(0, static.n - 1, step, (SoftmaxState.empty((B, T, K, H // K), E), chunk))
-    state = _fold_chunk(q_s, state, last, _spec(q_positions, q_segment_ids, last, static, T), static, K)
-    out, lse = online_softmax_finish(state)  # [B, T, K, G, E], [B, T, K, G]
+    sinks = context.head_sinks(K)  # the sink starts each row's softmax once, not once per hop
+    start = softmax.SoftmaxState.start((B, T, K, H // K), E, None if sinks is None else sinks[None, None])
+    state, last = lax.fori_loop(0, static.n - 1, step, (start, chunk))
+    state = _fold_chunk(q_s, state, last, _against(context, last), static, K)
+    out, lse = softmax.online_softmax_finish(state)  # [B, T, K, G, E], [B, T, K, G]
     return out.reshape(B, T, H, E).astype(q.dtype), lse
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(static: _Static, q, chunk: _Chunk, q_positions, q_segment_ids):
-    return _ring_forward(static, q, chunk, q_positions, q_segment_ids)[0]
+def _ring(static: _Static, q, chunk: _Chunk, context: AttentionContext):
+    return _ring_forward(static, q, chunk, context)[0]
 
 
-def _ring_fwd(static, q, chunk, q_positions, q_segment_ids):
-    out, lse = _ring_forward(static, q, chunk, q_positions, q_segment_ids)
-    return out, (q, chunk, q_positions, q_segment_ids, out, lse)
+def _ring_fwd(static, q, chunk, context):
+    out, lse = _ring_forward(static, q, chunk, context)
+    return out, (q, chunk, context, out, lse)
 
 
 def _ring_bwd(static, residuals, d_out):
-    q, chunk, q_positions, q_segment_ids, out, lse = residuals
+    q, chunk, context, out, lse = residuals
     B, T, H, D = q.shape
     K, E = chunk.k.shape[2], chunk.v.shape[3]
     G = H // K
-    q_s = scaled_queries(q, static.scale).reshape(B, T, K, G, D)
+    q_s = softmax.scaled_queries(q, static.scale).reshape(B, T, K, G, D)
     do = d_out.reshape(B, T, K, G, E)
     delta = jnp.einsum("btkge,btkge->btkg", do.astype(jnp.float32), out.reshape(B, T, K, G, E).astype(jnp.float32))
 
     def gradients(chunk):
-        spec = _spec(q_positions, q_segment_ids, chunk, static, T)
-        return _chunk_gradients(q_s, do, lse, delta, chunk, spec, static, K)
+        return _chunk_gradients(q_s, do, lse, delta, chunk, _against(context, chunk), static, K)
 
     def step(_, carry):
         dq, chunk, dk, dv = carry
@@ -207,116 +207,131 @@ def _ring_bwd(static, residuals, d_out):
     dq = dq + dq_c
     dq = (dq * static.scale).reshape(B, T, H, D)
     d_chunk = _Chunk(dk.astype(chunk.k.dtype), dv.astype(chunk.v.dtype), None, None, None)  # positions etc.: no gradient
-    return dq.astype(q.dtype), d_chunk, None, None
+    sinks = context.head_sinks(K)
+    # This device's rows only: shard_map sums the sinks' cotangent over the devices that share them.
+    d_sinks = None if sinks is None else softmax.sink_gradient(sinks[None, None], lse, delta, rows_axes=(0, 1))
+    d_sinks = None if d_sinks is None else d_sinks.reshape(H)  # [K, G] -> [H]
+    return dq.astype(q.dtype), d_chunk, context.sinks_cotangent(d_sinks)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention_shard(
-    q,
-    k,
-    v,
-    *,
-    axis_name: str,
-    q_positions=None,
-    kv_positions=None,
-    kv_valid=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    window: int | None = None,
-    scale: float | None = None,
-    block_q: int = DEFAULT_RING_BLOCK,
-    block_kv: int = DEFAULT_RING_BLOCK,
-):
+def sub_block_size(size: int, block: int) -> int:
+    """The sub-block of a chunk of ``size`` tokens: near-equal sub-blocks of at most ``block``
+    tokens covering it (the chunk is padded up to a multiple, by less than one token per
+    sub-block): ``sub_block_size(1031, 512) == 344`` (3 sub-blocks, 1 token of padding), where
+    a divisor of the prime 1031 would be 1."""
+    count = -(-size // min(block, size))
+    return -(-size // count)
+
+
+def ring_shard_kernel(q, k, v, context: AttentionContext, *, axis_name: str, block_q: int = DEFAULT_RING_BLOCK,
+                      block_kv: int = DEFAULT_RING_BLOCK):
     """The per-device ring attention, for use inside ``jax.shard_map`` over ``axis_name``.
 
-    This device's chunk: q ``[B, T_c, H, D]``, k ``[B, S_c, K, D]``, v ``[B, S_c, K, E]``;
-    ``q_positions [B|1, T_c]`` and ``kv_positions [B|1, S_c]`` (absolute; given together,
-    they make the attention causal), ``kv_valid [B|1, S_c]`` (padding), segment ids
-    ``[B|1, T_c]`` / ``[B|1, S_c]``. A chunk pair is computed in sub-blocks of the largest
-    sizes up to ``block_q`` / ``block_kv`` that divide T_c / S_c; sub-blocks no query can see
-    are skipped. Returns this device's ``[B, T_c, H, E]``.
+    This device's chunk: q ``[B, T_c, H, D]``, k ``[B, S_c, K, D]``, v ``[B, S_c, K, E]`` and
+    the context of its tokens (positions, validity, segment ids of its queries and keys; the
+    sinks of its heads). A chunk pair is computed in near-equal sub-blocks of at most
+    ``block_q`` x ``block_kv`` tokens (a chunk whose length they do not divide is padded, and
+    the padding masked); sub-blocks no query can see are skipped. Returns this device's
+    ``[B, T_c, H, E]``; differentiable in q, k, v and the sinks.
     """
-    shapes = check_multi_head_shapes(q, k, v)
-    if (q_positions is None) != (kv_positions is None):
-        raise ValueError("pass both q_positions and kv_positions (causal), or neither")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if window is not None and q_positions is None:
-        raise ValueError(f"window={window} is a causal sliding window: pass positions with it")
-    check_window(window)
+    B, T, S, H, K, D, E = check_multi_head_shapes(q, k, v)
+    context = dataclasses.replace(context, T=T, S=S)  # the call's context, as this device sees it
+    context.check(B, T, S, H)
+    if context.user_mask is not None:
+        raise ValueError("ring attention takes no dense mask: describe the call by positions, validity and segment ids")
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_kv={block_kv}")
+    if context.kv_lengths is not None:  # a bound in array order: per-token validity travels with the chunk
+        context = dataclasses.replace(context, kv_valid=padding_mask(context.kv_lengths, S) if context.kv_valid is None
+                                      else context.kv_valid, kv_lengths=None)
+    bq, bk = sub_block_size(T, block_q), sub_block_size(S, block_kv)
+    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    static = _Static(axis_name, lax.axis_size(axis_name), context.logit_scale(D), context.logit_softcap, bq, bk)
+    if (Tp, Sp) != (T, S):
+        context = context.padded(Tp, Sp)
+        q, k, v = (jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0))) for x, size in ((q, Tp), (k, Sp), (v, Sp)))
+    chunk = _Chunk(k, v, context.kv_positions, context.kv_valid, context.kv_segment_ids)
+    return _ring(static, q, chunk, context)[:, :T]
 
-    def tile(size, block):  # the largest sub-block up to `block` that tiles the chunk
-        return max(b for b in range(1, min(block, size) + 1) if size % b == 0)
 
-    static = _Static(axis_name, lax.axis_size(axis_name), default_scale(shapes.D, scale), tile(shapes.T, block_q),
-                     tile(shapes.S, block_kv), window)
-
-    def as_rows(x, length):
-        return None if x is None else jnp.asarray(x).reshape(-1, length)
-
-    chunk = _Chunk(k, v, as_rows(kv_positions, shapes.S), as_rows(kv_valid, shapes.S), as_rows(kv_segment_ids, shapes.S))
-    return _ring(static, q, chunk, as_rows(q_positions, shapes.T), as_rows(q_segment_ids, shapes.T))
-
-
-def ring_attention(
-    q,
-    k,
-    v,
-    *,
-    mesh,
-    seq_axis: str = "seq",
-    batch_axis: str | None = None,
-    head_axis: str | None = None,
-    is_causal: bool = False,
-    q_positions=None,
-    kv_positions=None,
-    kv_lengths=None,
-    window: int | None = None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    scale: float | None = None,
-    block_q: int = DEFAULT_RING_BLOCK,
-    block_kv: int = DEFAULT_RING_BLOCK,
-):
+def ring_kernel(q, k, v, context: AttentionContext, *, mesh, seq_axis: str = "seq", batch_axis: str | None = None,
+                head_axis: str | None = None, block_q: int = DEFAULT_RING_BLOCK, block_kv: int = DEFAULT_RING_BLOCK):
     """Self-attention over a sequence sharded across ``mesh``'s ``seq_axis``, by ring.
 
-    Global arrays with the arguments and numerics of ``multi_head_attention``: q
-    ``[B, T, H, D]``, k ``[B, T, K, D]``, v ``[B, T, K, E]`` -> ``[B, T, H, E]``, T divisible
-    by the axis size. The token order is the layout: position i of the arrays goes to
-    device ``i // (T / n)``; causality follows ``q_positions``/``kv_positions`` (default
-    ``arange(T)``), so reordering the tokens (and their positions) with ``zigzag_order``
-    balances a causal call. ``batch_axis`` / ``head_axis`` name mesh axes that also shard
-    the batch and the heads (data and tensor parallelism). ``kv_lengths [B]`` counts valid
-    keys in token order.
+    Global arrays with the shapes and numerics of ``dense_kernel``: q ``[B, T, H, D]``,
+    k ``[B, T, K, D]``, v ``[B, T, K, E]`` -> ``[B, T, H, E]``, T divisible by the axis size.
+    The token order is the layout: position i of the arrays goes to device ``i // (T / n)``;
+    causality follows the context's positions, so reordering the tokens (and their
+    positions) with ``zigzag_order`` balances a causal call. ``batch_axis`` / ``head_axis``
+    name mesh axes that also shard the batch and the heads (data and tensor parallelism);
+    the sinks are split with the heads. A batch or head axis that does not divide B (or H
+    and K) is not used (the layout changes, the values do not). ``kv_lengths [B]`` counts
+    valid keys in token order.
     """
-    shapes = check_multi_head_shapes(q, k, v)
-    B, T, S = shapes.B, shapes.T, shapes.S
+    B, T, S, H, K, D, E = check_multi_head_shapes(q, k, v)
     if T != S:
         raise ValueError(f"ring attention is self-attention: q and k need the same length, got T={T}, S={S}")
     n = mesh.shape[seq_axis]
     if T % n:
         raise ValueError(f"T={T} tokens cannot be split evenly over the {n} devices of mesh axis {seq_axis!r}")
-    spec = MaskSpec.resolve(B=B, T=T, S=S, H=shapes.H, is_causal=is_causal, q_positions=q_positions,
-                            kv_positions=kv_positions, window=window, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids)
-    kv_valid = None if kv_lengths is None else padding_mask(jnp.asarray(kv_lengths), S)
+    context.check(B, T, S, H)
+    if context.kv_lengths is not None:
+        context = dataclasses.replace(context, kv_valid=padding_mask(context.kv_lengths, S) if context.kv_valid is None
+                                      else context.kv_valid, kv_lengths=None)
+    if batch_axis is not None and B % mesh.shape[batch_axis]:
+        batch_axis = None
+    if head_axis is not None and (H % mesh.shape[head_axis] or K % mesh.shape[head_axis]):
+        head_axis = None
     tokens = PartitionSpec(batch_axis, seq_axis, head_axis, None)
 
     def rows(x):  # [B|1, T] token arrays: the batch is sharded only when it is really B
         return None if x is None else PartitionSpec(batch_axis if x.shape[0] == B and B > 1 else None, seq_axis)
 
-    extras = dict(q_positions=spec.q_positions, kv_positions=spec.kv_positions, kv_valid=kv_valid,
-                  q_segment_ids=spec.q_segment_ids, kv_segment_ids=spec.kv_segment_ids)
-    present = {name: x for name, x in extras.items() if x is not None}
+    specs = dataclasses.replace(
+        context, **{name: rows(getattr(context, name)) for name in
+                    ("q_positions", "kv_positions", "kv_valid", "q_segment_ids", "kv_segment_ids")},
+        sinks=None if context.sinks is None else PartitionSpec(head_axis),
+    )
 
-    def per_device(q, k, v, present):
-        return ring_attention_shard(q, k, v, axis_name=seq_axis, window=window, scale=scale, block_q=block_q,
-                                    block_kv=block_kv, **present)
+    def per_device(q, k, v, context):
+        return ring_shard_kernel(q, k, v, context, axis_name=seq_axis, block_q=block_q, block_kv=block_kv)
 
-    run = jax.shard_map(per_device, mesh=mesh, in_specs=(tokens, tokens, tokens, {n: rows(x) for n, x in present.items()}),
-                        out_specs=tokens, check_vma=False)
-    return run(q, k, v, present)
+    run = jax.shard_map(per_device, mesh=mesh, in_specs=(tokens, tokens, tokens, specs), out_specs=tokens,
+                        check_vma=False)
+    return run(q, k, v, context)
+
+
+# --------------------------------------------------------------- the keyword edges
+
+
+def ring_attention_shard(q, k, v, *, axis_name: str, q_positions=None, kv_positions=None, kv_valid=None,
+                         q_segment_ids=None, kv_segment_ids=None, window: int | None = None, scale: float | None = None,
+                         logit_softcap: float | None = None, sinks=None, block_q: int = DEFAULT_RING_BLOCK,
+                         block_kv: int = DEFAULT_RING_BLOCK):
+    """``ring_shard_kernel`` with this device's tokens given as keywords: ``q_positions
+    [B|1, T_c]`` and ``kv_positions [B|1, S_c]`` (absolute; given together, they make the
+    attention causal), ``kv_valid [B|1, S_c]`` (padding), segment ids, and the logit side of
+    ``multi_head_attention`` (``sinks``: this device's heads)."""
+    if (q_positions is None) != (kv_positions is None):
+        raise ValueError("pass both q_positions and kv_positions (causal), or neither")
+    context = AttentionContext.from_keywords(
+        q, k, is_causal=q_positions is not None, q_positions=q_positions, kv_positions=kv_positions, window=window,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, logit_softcap=logit_softcap,
+        sinks=sinks,
+    )
+    if kv_valid is not None:
+        kv_valid = jnp.asarray(kv_valid, bool).reshape(-1, k.shape[1])
+        context = dataclasses.replace(context, kv_valid=kv_valid)
+    return ring_shard_kernel(q, k, v, context, axis_name=axis_name, block_q=block_q, block_kv=block_kv)
+
+
+def ring_attention(q, k, v, *, mesh, seq_axis: str = "seq", batch_axis: str | None = None, head_axis: str | None = None,
+                   block_q: int = DEFAULT_RING_BLOCK, block_kv: int = DEFAULT_RING_BLOCK, **keywords):
+    """``ring_kernel`` with the call described by the keywords of ``multi_head_attention``
+    (except ``mask``: the ring is described by positions, validity and segment ids)."""
+    context = AttentionContext.from_keywords(q, k, **keywords)
+    return ring_kernel(q, k, v, context, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis,
+                       block_q=block_q, block_kv=block_kv)

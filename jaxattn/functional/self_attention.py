@@ -1,26 +1,27 @@
 """The causal self-attention layer as a function: projections, RoPE, cache, kernel, output.
 
     q = x W_q + b_q      k = x W_k + b_k      v = x W_v + b_v         [B, T, H|K, D|E]
-    q, k = RoPE(q, pos), RoPE(k, pos)                                  (when rope_theta is set)
+    q, k = RoPE(q, pos), RoPE(k, pos)                                  (when the layer has RoPE)
     k, v = the cache's keys and values, with this call's written in   (when a cache is given)
     o = attention(q, k, v), causal on absolute positions               [B, T, H, E]
     y = o W_o + b_o                                                    [B, T, C]
 
 This is the whole standard attention layer of a decoder (GPT-2, Llama, Qwen2, Mistral:
 they differ only in which biases exist, whether RoPE is used and the window). The
-parameters are a plain pytree (``AttentionParams``), so the same function serves the NNX
-module ``jaxattn.nn.MultiHeadAttention``, the benchmarks and checkpoint loaders. MLA's
+parameters are a plain pytree (``AttentionParams``), the layer's static settings one
+hashable value (``AttentionSettings``), so the same function serves the NNX module
+``jaxattn.nn.MultiHeadAttention``, the benchmarks and checkpoint loaders. MLA's
 counterpart is ``jaxattn.functional.mla``.
 
-Kernels: ``attention_fn`` (default ``multi_head_attention``) serves calls without a cache
-and long calls with one (a prompt); a call with a cache and at most ``decode_max_tokens``
-new tokens (a decode step; default ``DECODE_MAX_TOKENS``) uses ``decode_attention``,
-which reads the cache only up to its longest row instead of the whole buffer.
+The call: a ``context`` (``AttentionContext``) says where the T tokens are; a model builds
+it once per forward and passes it to every layer. Without one, the layer builds it from
+``positions`` (int ``[B, T]`` or ``[T]``, default ``arange(T)``) or, with a cache, from the
+cache's lengths (passing positions as well is then an error: a call cannot make the
+queries and the cache disagree). The layer completes it with its keys and settings.
 
-Positions: without a cache, ``positions`` (int ``[B, T]`` or ``[T]``, default
-``arange(T)``) say where the T tokens are. With a cache they are *derived* from the
-cache's lengths (``next_positions``), and passing positions as well is an error: a call
-cannot make the queries and the cache disagree.
+Kernels: ``kernels`` (``Kernels``) chooses, in one place for every attention layer, the
+kernel of each call: ``dense_kernel`` (or another) for full calls, ``decode_kernel`` for a
+cached call of a few tokens, which reads the cache only up to its longest row.
 
 Shape letters: B batch, T tokens now, S keys (cached + new), C model width, H query
 heads, K key/value heads, D query/key width, E value width.
@@ -28,16 +29,15 @@ heads, K key/value heads, D query/key width, E value width.
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.functional.attention import multi_head_attention
-from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_attention
-from jaxattn.functional.kv_cache import positions_from_cache
-from jaxattn.functional.positions import rope
+from jaxattn.functional.kernels import Kernels, attend
+from jaxattn.functional.masks import AttentionContext, check_positive, check_window
+from jaxattn.functional.positions import Rope
 
 
 class AttentionParams(NamedTuple):
@@ -51,6 +51,24 @@ class AttentionParams(NamedTuple):
     b_k: jax.Array | None = None  # [K, D]
     b_v: jax.Array | None = None  # [K, E]
     b_o: jax.Array | None = None  # [C]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """How one attention layer attends, apart from its weights (static: hashable).
+
+    rope: the layer's ``Rope``, or ``None`` for none (positions then only decide causality).
+    window: causal sliding window, or ``None``.
+    scale: the logits' multiplier, ``None`` for ``1/sqrt(D)``.
+    """
+
+    rope: Rope | None = None
+    window: int | None = None
+    scale: float | None = None
+
+    def __post_init__(self):
+        check_window(self.window)
+        check_positive("scale", self.scale)
 
 
 class AttentionDims(NamedTuple):
@@ -87,37 +105,45 @@ def _project(x, weight, bias, equation):
     return y if bias is None else y + bias
 
 
+def call_context(x, positions=None, *, context: AttentionContext | None = None, cache=None):
+    """The token side of a layer's call: ``context`` when the model built it, else from
+    ``positions`` (default ``arange(T)``) or the cache's lengths."""
+    B, T = x.shape[:2]
+    if context is None:
+        return AttentionContext.for_tokens(T, positions, lengths=None if cache is None else cache.lengths, B=B)
+    if positions is not None:
+        raise ValueError("pass the positions in the context, or positions without a context, not both")
+    if context.T != T:
+        raise ValueError(f"the context describes T={context.T} tokens, x has T={T}: {x.shape}")
+    return context
+
+
 def causal_self_attention(
     params: AttentionParams,
     x,
     positions=None,
     *,
+    settings: AttentionSettings = AttentionSettings(),
+    kernels: Kernels = Kernels(),
+    context: AttentionContext | None = None,
     cache=None,
     num_new=None,
-    rope_theta: float | None = None,
-    rope_style: str = "half",
-    window: int | None = None,
-    scale: float | None = None,
-    attention_fn=multi_head_attention,
-    decode_max_tokens: int = DECODE_MAX_TOKENS,
+    record=None,
 ):
     """One causal self-attention layer (the module docstring has the equations).
 
     Args:
       params: ``AttentionParams``.
       x: ``[B, T, C]``.
-      positions: int ``[B, T]`` or ``[T]``; default ``arange(T)``. Must be ``None`` with a
-        cache (the positions then continue the cache: ``cache.lengths[:, None] + arange(T)``).
+      positions: int ``[B, T]`` or ``[T]``; default ``arange(T)``. Only without a context
+        and a cache.
+      settings: ``AttentionSettings`` (RoPE, window, scale).
+      kernels: ``Kernels``: which kernel serves this call.
+      context: the call's ``AttentionContext`` (token side), when a model built it.
       cache: a ``KVCache`` or ``SlidingKVCache`` in the dtype of ``x``; this call's keys
         and values are written into it.
       num_new: int ``[B]``, with a cache: how many of the T tokens of each row are real.
-      rope_theta: RoPE base; ``None`` means no RoPE (positions then only decide causality).
-      rope_style: ``"half"`` or ``"interleaved"`` (see ``rope``).
-      window: causal sliding window.
-      scale: logit multiplier, default ``1/sqrt(D)``.
-      attention_fn: the kernel, any function with the signature of ``multi_head_attention``.
-      decode_max_tokens: calls with a cache and at most this many new tokens use
-        ``decode_attention`` instead (0: never).
+      record: called with the weights ``[B, H, T, S]`` when ``context.record_weights``.
 
     Returns:
       ``[B, T, C]``, or ``(out, new_cache)`` when a cache is given.
@@ -125,27 +151,20 @@ def causal_self_attention(
     dims = check_attention_params(params)
     if x.ndim != 3 or x.shape[-1] != dims.C:
         raise ValueError(f"attention takes x [B, T, C={dims.C}], got {x.shape}")
-    T = x.shape[1]
-    if cache is not None:
-        positions = positions_from_cache(cache, T, positions)  # [B, T]
-    elif positions is None:
-        positions = jnp.arange(T, dtype=jnp.int32)  # [T]
+    context = call_context(x, positions, context=context, cache=cache)
     q = _project(x, params.w_q, params.b_q, "btc,chd->bthd")  # [B, T, H, D]
     k = _project(x, params.w_k, params.b_k, "btc,ckd->btkd")  # [B, T, K, D]
     v = _project(x, params.w_v, params.b_v, "btc,cke->btke")  # [B, T, K, E]
-    if rope_theta is not None:
-        q = rope(q, positions, theta=rope_theta, style=rope_style)
-        k = rope(k, positions, theta=rope_theta, style=rope_style)
+    if settings.rope is not None:
+        q, k = settings.rope(q, context.q_positions), settings.rope(k, context.q_positions)
     new_cache = None
-    kv_positions = positions
-    kernel = attention_fn
-    if cache is not None:
+    if cache is None:
+        context = context.self_keys()
+    else:
         view, new_cache = cache.update(k, v, num_new)
-        k, v, kv_positions = view.k, view.v, view.positions  # [B, S, K, D], [B, S, K, E], [B, S]
-        if T <= decode_max_tokens:
-            kernel = partial(decode_attention, kv_lengths=view.lengths)
-    o = kernel(
-        q, k, v, is_causal=True, q_positions=positions, kv_positions=kv_positions, window=window, scale=scale
-    )  # [B, T, H, E]
+        k, v = view.k, view.v  # [B, S, K, D], [B, S, K, E]
+        context = context.with_keys(view.positions, view.lengths)
+    context = context.for_layer(window=settings.window, scale=settings.scale)
+    o = attend(kernels, q, k, v, context, cached=cache is not None, record=record)  # [B, T, H, E]
     out = _project(o, params.w_o, params.b_o, "bthe,hec->btc")  # [B, T, C]
     return out if cache is None else (out, new_cache)

@@ -9,6 +9,12 @@ A folder that already holds a run is never replaced unless asked (``overwrite``)
 resuming checks that the folder really holds a run; two processes never train into one
 folder at once (the second is told who holds it). Loading a model for inference reads
 the parameters only, not the optimizer state.
+
+Folders written by release 0.2.0 still load: its ``run.json`` stored MLA's widths for
+standard attention too (dropped on reading, ``migrate_model_config``), and its attention
+layers kept flat ``q_proj``/``k_proj``/``v_proj``/``o_proj`` kernels ``[C, H*D]`` where this
+release keeps head-shaped ``w_q [C, H, D]`` ... (reshaped on reading, ``LEGACY_ATTENTION``;
+the optimizer's moments too, so such a run can be resumed).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -40,6 +47,75 @@ class CheckpointError(ValueError):
 
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# ------------------------------------------------------- what release 0.2.0 wrote
+
+
+def migrate_model_config(saved: dict) -> dict:
+    """``run.json``'s model config as this release reads it. Release 0.2.0 wrote MLA's
+    ``latent_dim``/``rope_dim`` (64, 16) for standard attention too, which it ignored and
+    this release refuses: they are dropped there."""
+    saved = dict(saved)
+    if saved.get("attention", "standard") == "standard":
+        for name in ("latent_dim", "rope_dim"):
+            saved.pop(name, None)
+    return saved
+
+
+# This release's attention parameter -> release 0.2.0's (flat nnx.Linear) name.
+LEGACY_ATTENTION = {"w_q": ("q_proj", "kernel"), "w_k": ("k_proj", "kernel"), "w_v": ("v_proj", "kernel"),
+                    "w_o": ("o_proj", "kernel"), "b_q": ("q_proj", "bias"), "b_k": ("k_proj", "bias"),
+                    "b_v": ("v_proj", "bias"), "b_o": ("o_proj", "bias")}
+
+
+def _flat_shape(name: str, shape: tuple) -> tuple:
+    """The 0.2.0 shape of a head-shaped attention parameter: heads and head width merged."""
+    if name == "w_o":  # [H, E, C] -> [H*E, C]
+        return (shape[0] * shape[1], shape[2])
+    if name == "b_o":  # [C]
+        return shape
+    return shape[:-2] + (shape[-2] * shape[-1],)  # [C, H, D] -> [C, H*D]; [H, D] -> [H*D]
+
+
+def _map_attention(tree, convert):
+    """Applies ``convert(attn_dict)`` to every standard attention layer's parameter dict (one
+    holding ``w_q``) found in ``tree``: dicts, lists, tuples and NamedTuples (optimizer state)."""
+    if isinstance(tree, dict):
+        if "w_q" in tree or "q_proj" in tree:
+            return convert(tree)
+        return {key: _map_attention(value, convert) for key, value in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map_attention(value, convert) for value in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_attention(value, convert) for value in tree)
+    return tree
+
+
+def legacy_layout(tree):
+    """A tree (arrays or ``ShapeDtypeStruct``) in this release's attention layout -> 0.2.0's,
+    the shapes of a template to restore such a checkpoint into (on the host)."""
+
+    def convert(attn):
+        old = {}
+        for name, value in attn.items():
+            module, leaf = LEGACY_ATTENTION[name]
+            old.setdefault(module, {})[leaf] = jax.ShapeDtypeStruct(_flat_shape(name, value.shape), value.dtype)
+        return old
+
+    return _map_attention(tree, convert)
+
+
+def from_legacy_layout(tree, template):
+    """Restored 0.2.0 values -> this release's layout, shaped (and placed) as ``template``."""
+
+    def convert(old):
+        return {name: old[module][leaf] for name, (module, leaf) in LEGACY_ATTENTION.items()
+                if module in old and leaf in old[module]}
+
+    reshaped = _map_attention(tree, convert)
+    return jax.tree.map(lambda value, like: jax.device_put(np.asarray(value).reshape(like.shape),
+                                                           getattr(like, "sharding", None)), reshaped, template)
 
 
 class RunFolder:
@@ -64,13 +140,13 @@ class RunFolder:
         try:
             return json.loads((self.path / RUN_FILE).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{str(self.path / RUN_FILE)!r} is unreadable: {error}") from None
+            raise CheckpointError(f"{str(self.path / RUN_FILE)!r} is unreadable: {error}") from error
 
     def model_config(self) -> TransformerConfig:
         try:
-            return TransformerConfig(**self.read_run()["model"])
-        except (KeyError, TypeError) as error:
-            raise CheckpointError(f"{str(self.path / RUN_FILE)!r} has no valid model config: {error}") from None
+            return TransformerConfig(**migrate_model_config(self.read_run()["model"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{str(self.path / RUN_FILE)!r} has no valid model config: {error}") from error
 
     def start(self, config: TransformerConfig, train_config, data_name: str) -> None:
         """Claims the folder for a new run; refuses to replace another run unless ``overwrite``."""
@@ -108,13 +184,13 @@ class RunFolder:
         with open(self.path / LOCK_FILE, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as error:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 raise CheckpointError(
                     f"{str(self.path)!r} is in use: {holder} is training in it. Wait for that run to end "
                     "(or stop it; its checkpoint is kept), or choose another --out"
-                ) from None
+                ) from error
             handle.seek(0)
             handle.truncate()
             started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -166,16 +242,31 @@ class RunFolder:
         try:
             return self.manager.restore(step, args=args)
         except Exception as error:  # orbax raises many types for a damaged folder
-            raise CheckpointError(f"checkpoint {step} in {str(self.path)!r} cannot be restored: {error}") from None
+            raise CheckpointError(f"checkpoint {step} in {str(self.path)!r} cannot be restored: {error}") from error
+
+    def _is_legacy(self, step: int) -> bool:
+        """Whether checkpoint ``step`` keeps release 0.2.0's flat attention kernels."""
+        try:
+            params = dict(ocp.StandardCheckpointer().metadata(self.path / CHECKPOINTS / str(step) / "state")
+                          .item_metadata["params"])
+        except Exception:  # a damaged folder: restoring it will say what is wrong
+            return False
+        found = []
+        _map_attention(params, lambda attn: found.append("q_proj" in attn) or attn)
+        return any(found)
 
     def restore(self, template_state):
         """Restores the latest checkpoint into the structure (and shardings) of
         ``template_state``, for resuming training. Returns ``(state, history)``."""
         step = self._step_to_restore()
         tree = {"step": template_state.step, "params": template_state.params, "opt_state": template_state.opt_state}
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(tree)), history=ocp.args.JsonRestore())
+        legacy = self._is_legacy(step)
+        item = legacy_layout(_abstract(tree)) if legacy else _abstract(tree)
+        if legacy:  # restored on the host in the old shapes, then reshaped and placed as the template
+            item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), item)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(item), history=ocp.args.JsonRestore())
         restored = self._restore(step, args)
-        state = restored["state"]
+        state = from_legacy_layout(restored["state"], tree) if legacy else restored["state"]
         return type(template_state)(state["step"], state["params"], state["opt_state"]), restored["history"]
 
     def restore_params(self, template_params):
@@ -183,10 +274,13 @@ class RunFolder:
         read), into the structure, dtypes and shardings of ``template_params`` (arrays or
         ``jax.ShapeDtypeStruct``)."""
         step = self._step_to_restore()
-        item = {"params": _abstract(template_params)}
+        legacy = self._is_legacy(step)
+        params = _abstract(template_params)
+        item = {"params": legacy_layout(params) if legacy else params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-        return self._restore(step, args)["state"]["params"]
+        restored = self._restore(step, args)["state"]["params"]
+        return from_legacy_layout(restored, params) if legacy else restored
 
     def load_model(self) -> TransformerLM:
         """The trained model of the latest checkpoint (for generation and the tour).

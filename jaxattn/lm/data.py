@@ -43,7 +43,7 @@ def load_corpus(path=None, *, min_tokens: int = 2) -> Corpus:
             raise ValueError(
                 f"data file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
                 "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
-            ) from None
+            ) from error
     tokens = encode(text)
     if len(tokens) < 2 * min_tokens:
         raise ValueError(f"data file {name!r} has {len(tokens)} bytes; need at least {2 * min_tokens} to train")

@@ -99,7 +99,7 @@ def _generate_cached(graphdef, params, prompt, lengths, key, *, max_new_tokens, 
     B, P = prompt.shape
     # Created inside the program and carried through the scan: every step writes into the
     # same buffers (lax.dynamic_update_slice in place), no step copies the cache.
-    cache = model.init_cache(B, max_length=cache_length)
+    cache = model.init_cache(B, max_length=cache_length, chunk=P)  # a window cache: window + P - 1 slots
     logits, cache = model(prompt, cache=cache, num_new=lengths)  # prefill: [B, P, V]
     keys = jax.random.split(key, max_new_tokens)
     first = sample_token(_last_logits(logits, lengths), keys[0], sampling)  # [B]

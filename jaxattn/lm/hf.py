@@ -33,7 +33,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors c
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxattn.functional import MLAParams
+from jaxattn.functional import MLAParams, MLASettings, Rope
 from jaxattn.nn import MultiHeadLatentAttention, TransformerConfig, TransformerLM
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
@@ -69,7 +69,7 @@ def model_folder(name) -> Path:
             f"could not fetch {str(name)!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Without network access, download the model elsewhere (config.json, *.safetensors, tokenizer.json) "
             "and pass its local folder instead, e.g. `jaxattn inspect ./gpt2 \"some text\"`"
-        ) from None
+        ) from error
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -79,7 +79,7 @@ def read_hf_config(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise LoadError(f"{str(path)!r} is unreadable: {error}") from None
+        raise LoadError(f"{str(path)!r} is unreadable: {error}") from error
 
 
 # ----------------------------------------------------------- 2. config.json -> config
@@ -155,27 +155,36 @@ def transformer_config(hf: dict, *, dtype: str = "float32") -> TransformerConfig
     try:
         return CONFIGS[model_type](hf, dtype)
     except KeyError as error:
-        raise LoadError(f"config.json of this {model_type!r} checkpoint lacks {error}") from None
+        raise LoadError(f"config.json of this {model_type!r} checkpoint lacks {error}") from error
 
 
 # --------------------------------------------------------------- 3. the weight tables
 
 
-def _same(x):
+def _same(x, shapes):
     return (x,)
 
 
-def _transpose(x):  # torch Linear [out, in] -> nnx.Linear kernel [in, out]
+def _transpose(x, shapes):  # torch Linear [out, in] -> nnx.Linear kernel [in, out]
     return (x.T,)
 
 
-def _split_three(x):  # GPT-2's fused c_attn, Conv1D [C, 3C] (or bias [3C]) -> q, k, v
-    return tuple(np.split(x, 3, axis=-1))
+def _heads(x, shapes):  # [H*D] -> [H, D]; GPT-2's Conv1D [H*E, C] -> [H, E, C]
+    return (x.reshape(shapes[0]),)
+
+
+def _transpose_heads(x, shapes):  # torch Linear [H*D, C] -> [C, H, D]; [C, H*E] -> [H, E, C]
+    return (x.T.reshape(shapes[0]),)
+
+
+def _split_three_heads(x, shapes):  # GPT-2's fused c_attn, Conv1D [C, 3C] (or bias [3C]) -> q, k, v in heads
+    return tuple(part.reshape(shape) for part, shape in zip(np.split(x, 3, axis=-1), shapes))
 
 
 @dataclass(frozen=True)
 class Row:
-    """One checkpoint tensor (``{i}``: the layer) -> jaxattn parameter path(s), via ``convert``."""
+    """One checkpoint tensor (``{i}``: the layer) -> jaxattn parameter path(s), via
+    ``convert(tensor, target_shapes)``."""
 
     checkpoint: str
     params: tuple[str, ...]
@@ -191,12 +200,10 @@ GPT2_TABLE = _rows(
     ("wpe.weight", "position_embed.embedding"),
     ("h.{i}.ln_1.weight", "blocks.{i}.attn_norm.scale"),
     ("h.{i}.ln_1.bias", "blocks.{i}.attn_norm.bias"),
-    ("h.{i}.attn.c_attn.weight", ("blocks.{i}.attn.q_proj.kernel", "blocks.{i}.attn.k_proj.kernel",
-                                  "blocks.{i}.attn.v_proj.kernel"), _split_three),
-    ("h.{i}.attn.c_attn.bias", ("blocks.{i}.attn.q_proj.bias", "blocks.{i}.attn.k_proj.bias",
-                                "blocks.{i}.attn.v_proj.bias"), _split_three),
-    ("h.{i}.attn.c_proj.weight", "blocks.{i}.attn.o_proj.kernel"),  # Conv1D stores [in, out] already
-    ("h.{i}.attn.c_proj.bias", "blocks.{i}.attn.o_proj.bias"),
+    ("h.{i}.attn.c_attn.weight", ("blocks.{i}.attn.w_q", "blocks.{i}.attn.w_k", "blocks.{i}.attn.w_v"), _split_three_heads),
+    ("h.{i}.attn.c_attn.bias", ("blocks.{i}.attn.b_q", "blocks.{i}.attn.b_k", "blocks.{i}.attn.b_v"), _split_three_heads),
+    ("h.{i}.attn.c_proj.weight", "blocks.{i}.attn.w_o", _heads),  # Conv1D stores [in, out] already
+    ("h.{i}.attn.c_proj.bias", "blocks.{i}.attn.b_o"),
     ("h.{i}.ln_2.weight", "blocks.{i}.mlp_norm.scale"),
     ("h.{i}.ln_2.bias", "blocks.{i}.mlp_norm.bias"),
     ("h.{i}.mlp.c_fc.weight", "blocks.{i}.mlp.up.kernel"),
@@ -211,8 +218,9 @@ GPT2_TABLE = _rows(
 LLAMA_TABLE = _rows(
     ("model.embed_tokens.weight", "embed.embedding"),
     ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.scale"),
-    *((f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"blocks.{{i}}.attn.{p}_proj.kernel", _transpose) for p in "qkvo"),
-    *((f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"blocks.{{i}}.attn.{p}_proj.bias") for p in "qkvo"),
+    *((f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"blocks.{{i}}.attn.w_{p}", _transpose_heads) for p in "qkvo"),
+    *((f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"blocks.{{i}}.attn.b_{p}", _heads) for p in "qkv"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "blocks.{i}.attn.b_o"),
     ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.scale"),
     *((f"model.layers.{{i}}.mlp.{p}_proj.weight", f"blocks.{{i}}.mlp.{p}.kernel", _transpose) for p in ("gate", "up", "down")),
     *((f"model.layers.{{i}}.mlp.{p}_proj.bias", f"blocks.{{i}}.mlp.{p}.bias") for p in ("gate", "up", "down")),
@@ -241,7 +249,7 @@ class SafetensorsFolder:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError) as error:
-                raise LoadError(f"{str(index)!r} is unreadable: {error}") from None
+                raise LoadError(f"{str(index)!r} is unreadable: {error}") from error
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
@@ -263,7 +271,7 @@ class SafetensorsFolder:
         try:
             return safe_open(str(path), framework="np")
         except (SafetensorError, OSError, ValueError) as error:
-            raise LoadError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+            raise LoadError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -275,7 +283,7 @@ class SafetensorsFolder:
         try:
             return self._open(path).get_tensor(name)
         except Exception as error:  # a damaged data section
-            raise LoadError(f"tensor {name!r} in {str(path)!r} cannot be read: {error}") from None
+            raise LoadError(f"tensor {name!r} in {str(path)!r} cannot be read: {error}") from error
 
 
 # ------------------------------------------------------------- 5. into a TransformerLM
@@ -288,7 +296,7 @@ def _expand(row: Row, layers: int):
 
 
 def _key(path: str) -> tuple:
-    """``"blocks.3.attn.q_proj.kernel"`` -> the parameter's key in a flattened state dict."""
+    """``"blocks.3.attn.w_q"`` -> the parameter's key in a flattened state dict."""
     return tuple(int(part) if part.isdigit() else part for part in path.split("."))
 
 
@@ -308,14 +316,21 @@ def read_weights(tensors: SafetensorsFolder, model_type: str, config: Transforme
                 raise LoadError(f"tensor {name!r} (for {', '.join(targets)}) is missing from {where} in {str(tensors.folder)!r}")
             raw = tensors[available[name]]
             used.add(name)
-            converted = row.convert(raw)
-            for target, array in zip(targets, converted):
-                want = tuple(expected[_key(target)].shape)
+            wants = tuple(tuple(expected[_key(target)].shape) for target in targets)
+
+            def mismatch(got, target, want):
+                return LoadError(
+                    f"tensor {name!r} in {tensors.file_of[available[name]]!r} has shape {raw.shape}, which gives "
+                    f"{got} for {target}; the config.json ({_describe(config)}) needs {want}"
+                )
+
+            try:
+                converted = row.convert(raw, wants)
+            except ValueError as error:  # a reshape into heads that cannot fit
+                raise mismatch("no fit", ", ".join(targets), ", ".join(map(str, wants))) from error
+            for target, array, want in zip(targets, converted, wants):
                 if array.shape != want:
-                    raise LoadError(
-                        f"tensor {name!r} in {tensors.file_of[available[name]]!r} has shape {raw.shape}, which gives "
-                        f"{array.shape} for {target}; the config.json ({_describe(config)}) needs {want}"
-                    )
+                    raise mismatch(array.shape, target, want)
                 weights[_key(target)] = np.asarray(array).astype(jnp.dtype(config.dtype))
     tied_head = config.tied_embeddings and "lm_head.weight" in available
     unexpected = [n for n in available if n not in used and not IGNORED.search(n) and not (tied_head and n == "lm_head.weight")]
@@ -391,7 +406,7 @@ def load_tokenizer(folder: Path):
     try:
         return HFTokenizer(Tokenizer.from_file(str(path)))
     except Exception as error:
-        raise LoadError(f"{str(path)!r} is not a readable tokenizer: {error}") from None
+        raise LoadError(f"{str(path)!r} is not a readable tokenizer: {error}") from error
 
 
 # ------------------------------------------------------------ 7. DeepSeek's MLA layer
@@ -400,14 +415,14 @@ MLA_LATENT_NORM_EPSILON = 1e-6
 
 
 def mla_from_hf(tensors, hf: dict, *, prefix: str = "", dtype: str = "float32"):
-    """One DeepSeek-V2/V3 attention layer's weights as ``(MLAParams, keyword arguments)``.
+    """One DeepSeek-V2/V3 attention layer's weights as ``(MLAParams, MLASettings)``.
 
     ``tensors``: a mapping from names to arrays (e.g. ``SafetensorsFolder`` or a dict);
     ``prefix``: the layer's prefix, e.g. ``"model.layers.0.self_attn."``. ``hf``: the
     ``config.json`` dict (``num_attention_heads`` H, ``qk_nope_head_dim`` D,
     ``qk_rope_head_dim`` R, ``v_head_dim`` E, ``kv_lora_rank`` L, ``q_lora_rank`` P or null,
-    ``rope_interleave``). The keyword arguments (``rope_theta``, ``rope_style``,
-    ``epsilon``) go to the ``mla_*`` functions or the module.
+    ``rope_interleave``). The settings (its RoPE, the latent norms' epsilon) go to the
+    ``mla_*`` functions or the module.
 
     The latent norms' epsilon is 1e-6 whatever ``rms_norm_eps`` says: DeepSeek's code and
     transformers build ``q_a_layernorm``/``kv_a_layernorm`` with their default epsilon
@@ -427,7 +442,7 @@ def mla_from_hf(tensors, hf: dict, *, prefix: str = "", dtype: str = "float32"):
         try:
             array = np.asarray(tensors[key])
         except KeyError:
-            raise LoadError(f"tensor {key!r} is missing") from None
+            raise LoadError(f"tensor {key!r} is missing") from error
         if shape is not None and array.shape != shape:
             raise LoadError(f"tensor {key!r} has shape {array.shape}; the config needs {shape}")
         return array.astype(np.float32)
@@ -451,19 +466,19 @@ def mla_from_hf(tensors, hf: dict, *, prefix: str = "", dtype: str = "float32"):
         q = get("q_proj.weight", (H * (D + R), C)).reshape(H, D + R, C)
         fields.update(w_q=q[:, :D].transpose(2, 0, 1), w_qr=q[:, D:].transpose(2, 0, 1))
     params = MLAParams(**{name: jnp.asarray(value, jnp.dtype(dtype)) for name, value in fields.items()})
-    kwargs = dict(rope_theta=_rope_theta(hf), rope_style="interleaved" if hf.get("rope_interleave", True) else "half",
-                  epsilon=MLA_LATENT_NORM_EPSILON)
-    return params, kwargs
+    settings = MLASettings(rope=Rope(_rope_theta(hf), "interleaved" if hf.get("rope_interleave", True) else "half"),
+                           epsilon=MLA_LATENT_NORM_EPSILON)
+    return params, settings
 
 
 def mla_layer_from_hf(tensors, hf: dict, *, prefix: str = "", dtype: str = "float32") -> MultiHeadLatentAttention:
     """The same weights as a ``MultiHeadLatentAttention`` module."""
-    params, kwargs = mla_from_hf(tensors, hf, prefix=prefix, dtype=dtype)
+    params, settings = mla_from_hf(tensors, hf, prefix=prefix, dtype=dtype)
     L, H, D = params.w_uk.shape
     layer = MultiHeadLatentAttention(
         params.w_dkv.shape[0], heads=H, head_dim=D, value_dim=params.w_uv.shape[-1], latent_dim=L,
         rope_dim=params.w_kr.shape[-1], query_latent_dim=None if params.w_dq is None else params.w_dq.shape[-1],
-        dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), **kwargs,
+        settings=settings, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
     )
     for name, value in params._asdict().items():
         if value is not None:

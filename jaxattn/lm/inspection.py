@@ -1,9 +1,10 @@
 """Looking inside a model: what each head attends to on a text.
 
 ``load_any`` opens whatever ``jaxattn inspect`` is given (a jaxattn run folder, a Hugging
-Face folder or a hub id); ``capture_attention`` runs the model once and keeps every
-layer's attention weights; ``head_roles`` measures, per layer and head, the three habits
-a learner should look for in a real model:
+Face folder or a hub id); ``capture_attention`` runs the model once, each layer computing
+its weights once and sowing them (``nnx.capture``), and keeps every layer's weights for the
+whole batch; ``head_roles`` measures, per layer and head, the three habits a learner
+should look for in a real model:
 
 - the **attention sink**: much weight on the first token, whatever it is (Xiao et al.
   2023, arXiv 2309.17453);
@@ -11,7 +12,7 @@ a learner should look for in a real model:
   induction heads, Olsson et al. 2022);
 - **self** attention: each token looks at itself.
 
-Shape letters: L layers, H heads, T tokens.
+Shape letters: L layers, B batch, H heads, T tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-
-from jaxattn.functional import multi_head_attention, multi_head_attention_weights
+from flax import nnx
 
 
 def load_any(name, *, dtype: str = "float32"):
@@ -43,29 +43,16 @@ def load_any(name, *, dtype: str = "float32"):
     return model, tokenizer, f"Hugging Face {model.config.width}-wide, {model.config.layers}-layer model {name}"
 
 
-def capture_attention(model, tokens):
-    """Runs ``model`` on tokens ``[1, T]`` and returns ``(logits [1, T, V], weights [L, H, T, T])``.
-
-    Each attention layer's kernel is wrapped, for this call only, by one that also
-    records ``multi_head_attention_weights`` of the same queries and keys; the model's
-    own forward pass (and any jitted copy of it) is not touched.
-    """
-    captured = []
-
-    def recording_kernel(q, k, v, **masking):
-        captured.append(multi_head_attention_weights(q, k, **masking)[0])  # [H, T, S]
-        return multi_head_attention(q, k, v, **masking)
-
-    layers = [block.attn for block in model.blocks]
-    kernels = [layer.attention_fn for layer in layers]
-    try:
-        for layer in layers:
-            layer.attention_fn = recording_kernel
-        logits = model(jnp.asarray(tokens))
-    finally:
-        for layer, kernel in zip(layers, kernels):
-            layer.attention_fn = kernel
-    return logits, jnp.stack(captured)  # [L, H, T, T]
+def capture_attention(model, tokens, positions=None):
+    """Runs ``model`` once on tokens ``[B, T]`` and returns ``(logits [B, T, V], weights
+    [L, B, H, T, T])``: every layer's attention weights, computed once in the forward pass
+    itself (``record_weights=True``: each layer sows what it averages values with; Flax's
+    ``nnx.capture`` collects them). The logits are the plain forward pass's."""
+    forward = nnx.capture(lambda model, tokens: model(tokens, positions, record_weights=True), nnx.Intermediate)
+    logits, sown = forward(model, jnp.asarray(tokens))
+    sown = nnx.to_pure_dict(sown)
+    weights = [sown["blocks"][layer]["attn"]["attention_weights"][0] for layer in range(len(model.blocks))]
+    return logits, jnp.stack(weights)  # [L, B, H, T, T]
 
 
 class HeadRoles(NamedTuple):

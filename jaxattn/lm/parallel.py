@@ -10,23 +10,42 @@ A mesh has three named axes (``mesh_from_spec("data=2,model=2,seq=2")``):
 - ``seq``: the sequence is split over it, and attention runs by ring
   (``jaxattn.functional.ring_attention``) in the load-balanced ``zigzag_order``.
 
-``param_specs`` says how each parameter of a ``TransformerLM`` is laid out (the rules are
-by parameter name, so they hold for any size of model); an axis is used only where it
-divides the dimension. The compiled train step takes and returns state with these
-shardings; XLA inserts the communication. ``initialize`` starts ``jax.distributed``
-so that the same program runs across processes and hosts (CPU collectives: gloo).
+Every parameter is made with the names of its axes (``jaxattn.nn.layers``: ``("embed",
+"heads", "head_dim")`` for a query projection); ``LOGICAL_AXES`` is the one table that maps
+those names to mesh axes, and ``param_specs`` applies it (an axis is used only where it
+divides the dimension, and once per array). The compiled train step takes and returns
+state with these shardings; XLA inserts the communication. While a sharded step is traced
+(``layout``), the model lays a few activations out by name too (``jaxattn.nn.layers.constrain``).
+
+A layout must never change values. One did: on a 2 x 2 x 2 mesh, XLA's partitioner (both
+GSPMD and Shardy, jax 0.10.2, CPU) returns wrong rows from a gather (the embedding lookup)
+whose table is split over one mesh axis when its output is asked to be split over all
+three; which layout propagation asks for depends on unrelated parameters' layouts, so
+flipping the output projection's rule changed the loss by 0.13%. ``tests/parallel/
+xla_gather_bug.py`` reproduces it in 20 lines; the model works around it by laying the
+lookup's output out like the token ids (``("batch", "length", "embed")``), after which the
+partitioner reshards correctly. ``tests/parallel/checks.py`` (``layouts``) checks loss and
+gradients against one device for many tables and meshes.
+
+``initialize`` starts ``jax.distributed`` so that the same program runs across processes
+and hosts (CPU collectives: gloo).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import partial
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattn.functional.ring import ring_attention
+from jaxattn.functional.ring import ring_kernel
+from jaxattn.nn.layers import mesh_spec
 
 MESH_AXES = ("data", "model", "seq")
 
@@ -63,37 +82,52 @@ def mesh_from_spec(spec: str, devices=None) -> Mesh:
 
 # --------------------------------------------------------------------- layout rules
 
-# Parameter name (the last two parts of its path) -> how its axes are split: "model" for
-# the head or hidden-unit axis, "fsdp" for the other matrix axis (split over data).
-_RULES = {
-    ("q_proj", "kernel"): ("fsdp", "model"), ("k_proj", "kernel"): ("fsdp", "model"),
-    ("v_proj", "kernel"): ("fsdp", "model"), ("o_proj", "kernel"): ("model", "fsdp"),
-    ("q_proj", "bias"): ("model",), ("k_proj", "bias"): ("model",), ("v_proj", "bias"): ("model",),
-    ("up", "kernel"): ("fsdp", "model"), ("gate", "kernel"): ("fsdp", "model"), ("down", "kernel"): ("model", "fsdp"),
-    ("up", "bias"): ("model",), ("gate", "bias"): ("model",),
-    ("embed", "embedding"): ("fsdp", None), ("unembed", "kernel"): ("fsdp", None),
-    # MLA: heads over model, the model width over data.
-    ("attn", "w_q"): ("fsdp", "model", None), ("attn", "w_qr"): (None, "model", None), ("attn", "w_uq"): (None, "model", None),
-    ("attn", "w_uk"): (None, "model", None), ("attn", "w_uv"): (None, "model", None), ("attn", "w_o"): ("model", None, "fsdp"),
-    ("attn", "w_dkv"): ("fsdp", None), ("attn", "w_kr"): ("fsdp", None), ("attn", "w_dq"): ("fsdp", None),
+# The one table: the name of a parameter's (or activation's) axis -> the mesh axis it is
+# split over (None: replicated). FSDP splits the model width over "data"; tensor
+# parallelism splits heads and hidden units over "model"; the batch goes over "data".
+LOGICAL_AXES = {
+    "batch": "data",
+    "length": None,
+    "vocab": None,
+    "embed": "data",
+    "heads": "model",
+    "kv_heads": "model",
+    "head_dim": None,
+    "mlp": "model",
+    "latent": None,
+    "query_latent": None,
+    "rope": None,
+    "positions": None,
 }
 
 
-def _spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
-    names = tuple(str(getattr(key, "key", key)) for key in path)
-    rule = _RULES.get(names[-2:], ())
-    axes = []
-    for dim, role in zip(shape, rule):
-        axis = {"fsdp": "data", "model": "model"}.get(role)
-        axes.append(axis if axis is not None and mesh.shape[axis] > 1 and dim % mesh.shape[axis] == 0 else None)
-    return P(*axes)
+def param_specs(model, mesh: Mesh, rules: dict = LOGICAL_AXES):
+    """The ``PartitionSpec`` of every parameter of ``model`` (a pure dict like
+    ``nnx.to_pure_dict(nnx.state(model))``), from the axis names each parameter was made
+    with and the table ``rules``; unnamed axes (norm scales) are replicated."""
+    state = nnx.state(model, nnx.Param)
+    names = nnx.to_pure_dict(nnx.get_partition_spec(state))  # the logical names, as a PartitionSpec per leaf
+    shapes = nnx.to_pure_dict(state)
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(lambda axes, x: mesh_spec(tuple(axes), x.shape, mesh_shape, rules), names, shapes,
+                        is_leaf=lambda x: isinstance(x, P))
 
 
-def param_specs(params: dict, mesh: Mesh):
-    """The ``PartitionSpec`` of every parameter (a tree like ``params``): heads and hidden
-    units over ``model``, the other matrix axis over ``data``; norms and anything the rules
-    do not name are replicated."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: _spec_for(path, x.shape, mesh), params)
+def state_specs(state, model, optimizer, mesh: Mesh, rules: dict = LOGICAL_AXES):
+    """The specs of a ``TrainState``: the parameters' (``param_specs``), the optimizer's moments
+    like their parameters (``optax.tree_map_params``), everything else replicated."""
+    params = param_specs(model, mesh, rules)
+    opt = optax.tree_map_params(optimizer, lambda _, spec: spec, state.opt_state, params,
+                                transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    return type(state)(P(), params, opt)
+
+
+@contextlib.contextmanager
+def layout(mesh: Mesh, rules: dict = LOGICAL_AXES):
+    """While tracing a sharded program: the mesh and the table in force, so that the model's
+    named activations (``jaxattn.nn.layers.constrain``) are laid out by them."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), spmd.logical_axis_rules(tuple(rules.items())):
+        yield
 
 
 def shard(tree, specs, mesh: Mesh):
@@ -121,16 +155,16 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def batch_spec(mesh: Mesh) -> P:
-    """Token batches ``[B, T + 1]``: rows over ``data`` (the ring splits the sequence)."""
-    return P("data" if mesh.shape["data"] > 1 else None, None)
+def batch_spec(mesh: Mesh, rules: dict = LOGICAL_AXES) -> P:
+    """Token batches ``[B, T + 1]``: rows over the batch's mesh axis (the ring splits the sequence)."""
+    axis = rules.get("batch")
+    return P(axis if axis is not None and mesh.shape[axis] > 1 else None, None)
 
 
-def ring_kernel(mesh: Mesh):
+def mesh_kernel(mesh: Mesh, rules: dict = LOGICAL_AXES):
     """The attention kernel of a model trained on ``mesh``: ring attention over ``seq``, with
-    the batch over ``data`` and the heads over ``model``."""
-    return partial(
-        ring_attention, mesh=mesh, seq_axis="seq",
-        batch_axis="data" if mesh.shape["data"] > 1 else None,
-        head_axis="model" if mesh.shape["model"] > 1 else None,
-    )
+    the batch and the heads over the mesh axes the table gives them (each mesh axis once)."""
+    batch, heads = rules.get("batch"), rules.get("heads")
+    batch = batch if batch is not None and batch != "seq" and mesh.shape[batch] > 1 else None
+    heads = heads if heads is not None and heads not in ("seq", batch) and mesh.shape[heads] > 1 else None
+    return partial(ring_kernel, mesh=mesh, seq_axis="seq", batch_axis=batch, head_axis=heads)

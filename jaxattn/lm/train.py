@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +85,9 @@ def default_model_config(attention: str = "gqa") -> TransformerConfig:
     kv_heads = {"mha": heads, "gqa": heads // 2, "mqa": 1, "mla": heads}
     if attention not in kv_heads:
         raise ValueError(f"attention must be one of {sorted(kv_heads)}, got {attention!r}")
+    mla = dict(attention="mla", latent_dim=64, rope_dim=16) if attention == "mla" else {}
     return TransformerConfig(
-        width=128, layers=4, heads=heads, kv_heads=kv_heads[attention], head_dim=32, mlp_hidden=352, max_length=1024,
-        attention="mla" if attention == "mla" else "standard", latent_dim=64, rope_dim=16,
+        width=128, layers=4, heads=heads, kv_heads=kv_heads[attention], head_dim=32, mlp_hidden=352, max_length=1024, **mla,
     )
 
 
@@ -118,19 +118,20 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def init_model(config: TransformerConfig, seed: int, *, mesh=None) -> TransformerLM:
-    """The model at initialisation; on a mesh its attention runs by ring (``parallel.ring_kernel``)."""
-    return TransformerLM(config, attention_fn=None if mesh is None else parallel.ring_kernel(mesh), rngs=nnx.Rngs(seed))
+def init_model(config: TransformerConfig, seed: int, *, mesh=None, rules=parallel.LOGICAL_AXES) -> TransformerLM:
+    """The model at initialisation; on a mesh its attention runs by ring (``parallel.mesh_kernel``)."""
+    attention_fn = None if mesh is None else parallel.mesh_kernel(mesh, rules)
+    return TransformerLM(config, attention_fn=attention_fn, rngs=nnx.Rngs(seed))
 
 
-def init_state(model: TransformerLM, optimizer, *, mesh=None) -> TrainState:
+def init_state(model: TransformerLM, optimizer, *, mesh=None, rules=parallel.LOGICAL_AXES) -> TrainState:
     """Step 0, the parameters and a fresh optimizer state; on a mesh, every array laid out
-    by ``parallel.param_specs`` (the optimizer's moments like their parameters)."""
+    by ``parallel.state_specs`` (the table ``rules``; the optimizer's moments like their parameters)."""
     params = nnx.to_pure_dict(nnx.state(model))
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     if mesh is None:
         return state
-    return parallel.shard(state, parallel.param_specs(state, mesh), mesh)
+    return parallel.shard(state, parallel.state_specs(state, model, optimizer, mesh, rules), mesh)
 
 
 def check_mesh(tc: "TrainConfig", mesh) -> None:
@@ -144,12 +145,23 @@ def check_mesh(tc: "TrainConfig", mesh) -> None:
         raise ValueError(f"seq_len={tc.seq_len} must be a multiple of {2 * seq} (two chunks per device of the seq axis)")
 
 
-def make_steps(model: TransformerLM, optimizer, *, mesh=None, state=None):
-    """The jitted train step and the per-window evaluation loss for ``model``'s structure.
+class Steps(NamedTuple):
+    """The compiled functions of a run: ``train(state, batch) -> (state, loss)``,
+    ``window_losses(params, batch) -> [B]`` (mean nats per window, for evaluation) and
+    ``gradients(params, batch) -> (loss, grads)``."""
 
-    On a mesh the step takes and returns ``state`` with its shardings (``state`` gives
-    them) and, when the sequence is split, feeds the tokens in ``zigzag_order`` (the loss,
-    a mean over tokens, does not depend on their order).
+    train: Callable
+    window_losses: Callable
+    gradients: Callable
+
+
+def make_steps(model: TransformerLM, optimizer, *, mesh=None, state=None, rules=parallel.LOGICAL_AXES) -> Steps:
+    """The jitted steps of a run (``Steps``) for ``model``'s structure.
+
+    On a mesh the train step takes and returns ``state`` with its shardings (``state`` gives
+    them), every step is traced under ``parallel.layout`` (the table ``rules``) and, when the
+    sequence is split, feeds the tokens in ``zigzag_order`` (the loss, a mean over tokens,
+    does not depend on their order).
     """
     graphdef = nnx.graphdef(model)
     seq = 1 if mesh is None else mesh.shape["seq"]
@@ -174,18 +186,27 @@ def make_steps(model: TransformerLM, optimizer, *, mesh=None, state=None):
     def window_losses(params, batch):  # [B] mean nats per window
         return token_losses(params, batch).mean(axis=1)
 
+    gradients = jax.value_and_grad(loss_of)
     if mesh is None:
-        return jax.jit(train_step), jax.jit(window_losses)
+        return Steps(jax.jit(train_step), jax.jit(window_losses), jax.jit(gradients))
     shardings = parallel.shardings_of(state)
-    return (jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0),
-            jax.jit(window_losses))
+
+    def under_layout(compiled):
+        def run(*args):
+            with parallel.layout(mesh, rules):
+                return compiled(*args)
+
+        return run
+
+    return Steps(under_layout(jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)),
+                 under_layout(jax.jit(window_losses)), under_layout(jax.jit(gradients)))
 
 
-def place_batch(batch: np.ndarray, mesh=None):
-    """A host batch ``[B, T + 1]`` on the device, or split over the mesh's ``data`` axis."""
+def place_batch(batch: np.ndarray, mesh=None, rules=parallel.LOGICAL_AXES):
+    """A host batch ``[B, T + 1]`` on the device, or split over the batch's mesh axis."""
     if mesh is None:
         return jnp.asarray(batch)
-    return parallel.shard(batch, parallel.batch_spec(mesh), mesh)
+    return parallel.shard(batch, parallel.batch_spec(mesh, rules), mesh)
 
 
 def bits_per_byte(eval_loss, params, windows: np.ndarray, batch_size: int, *, mesh=None) -> float:
@@ -241,7 +262,7 @@ def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
     model = init_model(config, tc.seed, mesh=mesh)
     optimizer = make_optimizer(tc)
     state = init_state(model, optimizer, mesh=mesh)
-    train_step, eval_loss = make_steps(model, optimizer, mesh=mesh, state=state)
+    train_step, eval_loss, _ = make_steps(model, optimizer, mesh=mesh, state=state)
     history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": []}  # train_loss in nats, val_bpb in bits/byte
     if resume:
         state, history = run.restore(state)

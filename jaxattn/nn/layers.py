@@ -1,4 +1,15 @@
-"""Feed-forward layers and norms of a transformer block.
+"""Parameters, feed-forward layers and norms of a transformer block.
+
+Every parameter is made with the names of its axes (``logical``): ``("embed", "mlp")`` for
+an MLP's up projection, ``("embed", "heads", "head_dim")`` for a query projection. The
+names say what each axis is, not how it is laid out; ``jaxattn.lm.parallel`` maps them to
+mesh axes with one table. Norm scales carry no names (replicated).
+
+Activations are named too (``constrain``): batch (B) and length (T) besides the above.
+
+The names: vocab (V), embed (C, the model width), heads (H), kv_heads (K), head_dim (D or E),
+mlp (the MLP's hidden units), latent (L), query_latent (P), rope (R), positions (the
+learned position table's rows), batch (B), length (T).
 
 Shape letters: B batch, T tokens, C model width.
 """
@@ -8,9 +19,49 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 # GPT-2's initialisation: small normal weights keep the residual stream's scale in check.
 default_kernel_init = nnx.initializers.normal(stddev=0.02)
+
+
+def logical(init, *axes: str | None):
+    """``init`` for a parameter whose axes are named ``axes`` (Flax ``nnx.with_partitioning``;
+    nothing is placed on devices until a mesh is chosen)."""
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def mesh_spec(axes, shape, mesh_shape: dict, rules: dict) -> PartitionSpec:
+    """The layout of an array whose axes are named ``axes``: each name becomes the mesh axis
+    ``rules`` gives it, where that mesh axis has more than one device and divides the array's
+    axis (else the axis is replicated); a mesh axis is used once per array, by its first name."""
+    used, layout = set(), []
+    for name, size in zip(axes, shape):
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in used or mesh_shape.get(axis, 1) <= 1 or size % mesh_shape[axis]:
+            layout.append(None)
+            continue
+        used.add(axis)
+        layout.append(axis)
+    return PartitionSpec(*layout)
+
+
+def constrain(x, axes):
+    """``x`` laid out by the names of its axes while a mesh and logical axis rules are in force
+    (``jaxattn.lm.parallel`` sets both while it traces a sharded step); otherwise ``x`` as is."""
+    rules = dict(spmd.get_logical_axis_rules() or ())
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, mesh_spec(axes, x.shape, dict(mesh.shape), rules))
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple) -> nnx.Param:
+    """A parameter of ``shape`` drawn from ``init``, its axes named ``axes``."""
+    if len(axes) != len(shape):
+        raise ValueError(f"name every axis of a parameter: shape {shape}, axes {axes}")
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Mlp(nnx.Module):
@@ -19,8 +70,11 @@ class Mlp(nnx.Module):
 
     def __init__(self, width: int, hidden: int, *, bias: bool = False, dtype=jnp.float32, out_init=default_kernel_init,
                  rngs: nnx.Rngs):
-        self.up = nnx.Linear(width, hidden, use_bias=bias, dtype=dtype, kernel_init=default_kernel_init, rngs=rngs)
-        self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=out_init, rngs=rngs)
+        zeros = nnx.initializers.zeros_init()
+        self.up = nnx.Linear(width, hidden, use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
+                             bias_init=logical(zeros, "mlp"), rngs=rngs)
+        self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
+                               bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
         return self.down(jax.nn.gelu(self.up(x), approximate=True))
@@ -31,10 +85,13 @@ class SwiGluMlp(nnx.Module):
 
     def __init__(self, width: int, hidden: int, *, bias: bool = False, dtype=jnp.float32, out_init=default_kernel_init,
                  rngs: nnx.Rngs):
-        linear = dict(use_bias=bias, dtype=dtype, rngs=rngs)
-        self.gate = nnx.Linear(width, hidden, kernel_init=default_kernel_init, **linear)
-        self.up = nnx.Linear(width, hidden, kernel_init=default_kernel_init, **linear)
-        self.down = nnx.Linear(hidden, width, kernel_init=out_init, **linear)
+        zeros = nnx.initializers.zeros_init()
+        up = dict(use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
+                  bias_init=logical(zeros, "mlp"), rngs=rngs)
+        self.gate = nnx.Linear(width, hidden, **up)
+        self.up = nnx.Linear(width, hidden, **up)
+        self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
+                               bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

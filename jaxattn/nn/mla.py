@@ -12,20 +12,20 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.functional import LatentCache, MLAParams, mla_absorbed, mla_naive, multi_head_attention
-from jaxattn.functional.decode import DECODE_MAX_TOKENS
-from jaxattn.functional.kv_cache import positions_from_cache
+from jaxattn.functional import Kernels, LatentCache, MLAParams, MLASettings, mla_absorbed, mla_naive
+from jaxattn.functional.self_attention import call_context
+from jaxattn.nn.layers import param
 
 
 class MultiHeadLatentAttention(nnx.Module):
     """Causal MLA. Call: ``x [B, T, C]``, ``positions`` int ``[B, T]`` or ``[T]`` (default
-    ``arange(T)``) -> ``[B, T, C]``; with ``cache=`` (a ``LatentCache``) ->
-    ``(out, new_cache)``, the positions then coming from the cache.
+    ``arange(T)``) or the model's ``context`` -> ``[B, T, C]``; with ``cache=`` (a
+    ``LatentCache``) -> ``(out, new_cache)``, the positions then coming from the cache.
 
     Sizes: ``heads`` H, ``head_dim`` D, ``value_dim`` E, ``latent_dim`` L, ``rope_dim`` R,
-    ``query_latent_dim`` P (``None``: no query compression). ``attention_fn`` is the kernel
-    of both paths (``multi_head_attention``'s signature); a call with a cache and at most
-    ``decode_max_tokens`` new tokens uses ``decode_attention`` over the latents.
+    ``query_latent_dim`` P (``None``: no query compression). ``settings`` (``MLASettings``):
+    the decoupled RoPE, the latent norms' epsilon, the scale. ``kernels`` (``Kernels``)
+    chooses the kernel of both paths; a cached step uses ``decode_attention`` over the latents.
     """
 
     def __init__(
@@ -39,11 +39,8 @@ class MultiHeadLatentAttention(nnx.Module):
         value_dim: int | None = None,
         query_latent_dim: int | None = None,
         latent_norms: bool = True,
-        rope_theta: float = 10000.0,
-        rope_style: str = "interleaved",
-        epsilon: float = 1e-6,
-        attention_fn=multi_head_attention,
-        decode_max_tokens: int = DECODE_MAX_TOKENS,
+        settings: MLASettings = MLASettings(),
+        kernels: Kernels = Kernels(),
         dtype=jnp.float32,
         out_stddev: float = 0.02,
         rngs: nnx.Rngs,
@@ -56,47 +53,41 @@ class MultiHeadLatentAttention(nnx.Module):
             raise ValueError(f"MLA's decoupled RoPE width rope_dim must be even, got {rope_dim}")
         C, H, D, E, L, R, P = width, heads, head_dim, value_dim, latent_dim, rope_dim, query_latent_dim
 
-        def weight(*shape, fan_in, stddev=None):
+        def weight(shape, axes, *, fan_in, stddev=None):
             stddev = 1.0 / math.sqrt(fan_in) if stddev is None else stddev
-            return nnx.Param(nnx.initializers.normal(stddev)(rngs.params(), shape, jnp.float32))
+            return param(rngs, nnx.initializers.normal(stddev), shape, axes)
 
-        self.w_dkv = weight(C, L, fan_in=C)
-        self.w_kr = weight(C, R, fan_in=C)
-        self.w_uk = weight(L, H, D, fan_in=L)
-        self.w_uv = weight(L, H, E, fan_in=L)
-        self.w_o = weight(H, E, C, fan_in=H * E, stddev=out_stddev)
-        self.kv_norm = nnx.Param(jnp.ones((L,))) if latent_norms else None
+        ones = nnx.initializers.ones_init()
+        self.w_dkv = weight((C, L), ("embed", "latent"), fan_in=C)
+        self.w_kr = weight((C, R), ("embed", "rope"), fan_in=C)
+        self.w_uk = weight((L, H, D), ("latent", "heads", "head_dim"), fan_in=L)
+        self.w_uv = weight((L, H, E), ("latent", "heads", "head_dim"), fan_in=L)
+        self.w_o = weight((H, E, C), ("heads", "head_dim", "embed"), fan_in=H * E, stddev=out_stddev)
+        self.kv_norm = param(rngs, ones, (L,), ("latent",)) if latent_norms else None
         if P is None:
-            self.w_q = weight(C, H, D, fan_in=C)
-            self.w_qr = weight(C, H, R, fan_in=C)
+            self.w_q = weight((C, H, D), ("embed", "heads", "head_dim"), fan_in=C)
+            self.w_qr = weight((C, H, R), ("embed", "heads", "rope"), fan_in=C)
             self.w_dq = self.w_uq = self.q_norm = None
         else:
-            self.w_dq = weight(C, P, fan_in=C)
-            self.w_uq = weight(P, H, D, fan_in=P)
-            self.w_qr = weight(P, H, R, fan_in=P)
-            self.q_norm = nnx.Param(jnp.ones((P,))) if latent_norms else None
+            self.w_dq = weight((C, P), ("embed", "query_latent"), fan_in=C)
+            self.w_uq = weight((P, H, D), ("query_latent", "heads", "head_dim"), fan_in=P)
+            self.w_qr = weight((P, H, R), ("query_latent", "heads", "rope"), fan_in=P)
+            self.q_norm = param(rngs, ones, (P,), ("query_latent",)) if latent_norms else None
             self.w_q = None
-        self.rope_theta, self.rope_style, self.epsilon, self.dtype = rope_theta, rope_style, epsilon, dtype
-        self.attention_fn, self.decode_max_tokens = attention_fn, decode_max_tokens
+        self.settings, self.kernels, self.dtype = settings, kernels, dtype
 
     def params(self) -> MLAParams:
         """The weights as the functional ``MLAParams`` pytree, in the compute dtype."""
+        names = MLAParams._fields
+        return MLAParams(*(None if getattr(self, n) is None else getattr(self, n)[...].astype(self.dtype) for n in names))
 
-        def value(p):
-            return None if p is None else p[...].astype(self.dtype)
+    def _record(self, weights):
+        self.sow(nnx.Intermediate, "attention_weights", weights)
 
-        return MLAParams(
-            w_dkv=value(self.w_dkv), w_kr=value(self.w_kr), w_uk=value(self.w_uk), w_uv=value(self.w_uv),
-            w_o=value(self.w_o), w_qr=value(self.w_qr), w_dq=value(self.w_dq), w_uq=value(self.w_uq),
-            w_q=value(self.w_q), q_norm=value(self.q_norm), kv_norm=value(self.kv_norm),
-        )
-
-    def __call__(self, x, positions=None, *, cache: LatentCache | None = None, num_new=None):
-        kwargs = dict(
-            rope_theta=self.rope_theta, rope_style=self.rope_style, epsilon=self.epsilon, attention_fn=self.attention_fn
-        )
+    def __call__(self, x, positions=None, *, context=None, cache: LatentCache | None = None, num_new=None):
         x = x.astype(self.dtype)
+        context = call_context(x, positions, context=context, cache=cache)  # with a cache, from its lengths
+        common = dict(settings=self.settings, kernels=self.kernels, context=context, record=self._record)
         if cache is None:
-            return mla_naive(self.params(), x, positions, **kwargs)
-        positions_from_cache(cache, x.shape[1], positions)  # with a cache, positions must not be passed
-        return mla_absorbed(self.params(), x, cache, num_new=num_new, decode_max_tokens=self.decode_max_tokens, **kwargs)
+            return mla_naive(self.params(), x, **common)
+        return mla_absorbed(self.params(), x, cache, num_new=num_new, **common)

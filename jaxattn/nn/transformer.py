@@ -15,27 +15,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.functional import (
+    AttentionContext,
+    AttentionSettings,
+    Kernels,
     KVCache,
     LatentCache,
+    MLASettings,
+    Rope,
     SlidingKVCache,
-    flash_attention,
+    dense_kernel,
+    flash_kernel,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
-    multi_head_attention,
     sinusoidal_positions,
 )
 from jaxattn.functional.decode import DECODE_MAX_TOKENS
-from jaxattn.functional.kv_cache import positions_from_cache
 from jaxattn.nn.attention import MultiHeadAttention
+from jaxattn.nn.layers import Mlp, SwiGluMlp, constrain, default_kernel_init, logical, make_norm
 from jaxattn.nn.mla import MultiHeadLatentAttention
-from jaxattn.nn.layers import Mlp, SwiGluMlp, default_kernel_init, make_norm
 
 POSITION_KINDS = ("learned", "sinusoidal", "rope")
 MLP_KINDS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("standard", "mla")
 # The kernels a Config can name; any other kernel can be passed as attention_fn=.
-ATTENTION_KERNELS = {"dense": multi_head_attention, "flash": flash_attention}
+ATTENTION_KERNELS = {"dense": dense_kernel, "flash": flash_kernel}
+MLA_DEFAULTS = {"latent_dim": 64, "rope_dim": 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +51,10 @@ class TransformerConfig:
     ``window`` makes every layer a causal sliding-window layer whose cache holds only
     ``window`` tokens; ``max_length`` is the context length (learned positions and the
     default cache). ``attention="mla"`` uses multi-head latent attention (``latent_dim``
-    L, ``rope_dim`` R, ``query_latent_dim`` P) instead of MHA/GQA/MQA. ``attention_kernel``:
-    ``"dense"`` (``multi_head_attention``) or ``"flash"`` (``flash_attention``, memory
-    linear in the sequence), for either attention.
+    L, default 64, ``rope_dim`` R, default 16, ``query_latent_dim`` P) instead of
+    MHA/GQA/MQA, with its own decoupled RoPE (``rope_theta``, ``rope_style``) and latent norms
+    (``norm_epsilon``). ``attention_kernel``: ``"dense"`` (``dense_kernel``) or ``"flash"``
+    (``flash_kernel``, memory linear in the sequence), for either attention.
 
     ``decode_max_tokens``: a call with a cache and at most this many new tokens (a decode
     step) uses ``decode_attention``, whose cost follows the tokens in the cache, not its
@@ -56,7 +62,8 @@ class TransformerConfig:
     ``benchmarks/decode.py``). ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias`` and ``mlp_bias`` add
     biases to the attention's input and output projections and to the MLP (GPT-2 has all
     three, Qwen2 the first). A combination that a model would silently ignore is a
-    ``ValueError`` that says what and why (e.g. a window or ``kv_heads != heads`` with MLA).
+    ``ValueError`` that says what and why and what to do instead (e.g. a window or
+    ``kv_heads != heads`` with MLA, ``latent_dim`` with standard attention).
     """
 
     vocab_size: int = 256
@@ -77,8 +84,8 @@ class TransformerConfig:
     max_length: int = 1024
     dtype: str = "float32"
     attention: str = "standard"
-    latent_dim: int = 64
-    rope_dim: int = 16
+    latent_dim: int | None = None
+    rope_dim: int | None = None
     query_latent_dim: int | None = None
     attention_kernel: str = "dense"
     decode_max_tokens: int = DECODE_MAX_TOKENS
@@ -89,6 +96,10 @@ class TransformerConfig:
     def __post_init__(self):
         if self.kv_heads is None:
             object.__setattr__(self, "kv_heads", self.heads)  # normalised once: MHA
+        if self.attention == "mla":  # normalised once: MLA's default widths
+            for name, value in MLA_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention_kernel must be one of {tuple(ATTENTION_KERNELS)}, got {self.attention_kernel!r}")
         if self.attention not in ATTENTION_KINDS:
@@ -108,7 +119,7 @@ class TransformerConfig:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int or None, got {self.window!r}")
         for name in ("vocab_size", "width", "layers", "head_dim", "mlp_hidden", "max_length", "latent_dim", "rope_dim"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.attention == "mla":
             if self.window is not None:
@@ -125,11 +136,18 @@ class TransformerConfig:
                 raise ValueError(f"MLA's decoupled RoPE width rope_dim must be even, got {self.rope_dim}")
             if self.qkv_bias or self.out_bias:
                 raise ValueError("attention='mla' would ignore qkv_bias/out_bias: MLA's projections have no biases")
-        elif self.query_latent_dim is not None:
-            raise ValueError(
-                f"query_latent_dim={self.query_latent_dim} compresses MLA's queries; attention='standard' "
-                "would ignore it (set attention='mla' or leave it None)"
-            )
+            if self.positions != "rope":
+                raise ValueError(
+                    f"attention='mla' encodes positions with its own decoupled RoPE (rope_dim={self.rope_dim}); "
+                    f"positions={self.positions!r} would add a second encoding on top: leave positions='rope'"
+                )
+        else:
+            for name in ("latent_dim", "rope_dim", "query_latent_dim"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} is a width of MLA; attention='standard' would ignore it "
+                        "(set attention='mla', or leave it None)"
+                    )
         if self.attention == "standard" and self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {self.head_dim}")
 
@@ -155,62 +173,45 @@ def cache_bytes_per_token(config: TransformerConfig) -> int:
     return cache_elements_per_token(config) * config.compute_dtype.itemsize
 
 
+def attention_settings(config: TransformerConfig) -> AttentionSettings | MLASettings:
+    """The static settings of every attention layer of a model."""
+    rope = Rope(config.rope_theta, config.rope_style)
+    if config.attention == "mla":
+        return MLASettings(rope=rope, epsilon=config.norm_epsilon)
+    return AttentionSettings(rope=rope if config.positions == "rope" else None, window=config.window)
+
+
 class TransformerBlock(nnx.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: TransformerConfig, *, attention_fn=None, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, kernels: Kernels = Kernels(), rngs: nnx.Rngs):
         dtype = config.compute_dtype
-        attention_fn = ATTENTION_KERNELS[config.attention_kernel] if attention_fn is None else attention_fn
         # GPT-2: scale the residual projections by 1/sqrt(2 * layers).
-        out_init = nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.layers))
+        out_stddev = 0.02 / math.sqrt(2 * config.layers)
+        out_init = nnx.initializers.normal(stddev=out_stddev)
         self.attn_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         if config.attention == "mla":
             self.attn = MultiHeadLatentAttention(
-                config.width,
-                heads=config.heads,
-                head_dim=config.head_dim,
-                latent_dim=config.latent_dim,
-                rope_dim=config.rope_dim,
-                query_latent_dim=config.query_latent_dim,
-                rope_theta=config.rope_theta,
-                rope_style=config.rope_style,
-                attention_fn=attention_fn,
-                decode_max_tokens=config.decode_max_tokens,
-                dtype=dtype,
-                out_stddev=0.02 / math.sqrt(2 * config.layers),
-                rngs=rngs,
+                config.width, heads=config.heads, head_dim=config.head_dim, latent_dim=config.latent_dim,
+                rope_dim=config.rope_dim, query_latent_dim=config.query_latent_dim, settings=attention_settings(config),
+                kernels=kernels, dtype=dtype, out_stddev=out_stddev, rngs=rngs,
             )
         else:
-            self.attn = self._standard_attention(config, attention_fn, out_init, rngs)
+            self.attn = MultiHeadAttention(
+                config.width, heads=config.heads, kv_heads=config.kv_heads, head_dim=config.head_dim,
+                settings=attention_settings(config), qkv_bias=config.qkv_bias, out_bias=config.out_bias, kernels=kernels,
+                dtype=dtype, out_init=out_init, rngs=rngs,
+            )
         self.mlp_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         mlp_class = SwiGluMlp if config.mlp == "swiglu" else Mlp
         self.mlp = mlp_class(config.width, config.mlp_hidden, bias=config.mlp_bias, dtype=dtype, out_init=out_init, rngs=rngs)
 
-    @staticmethod
-    def _standard_attention(config: TransformerConfig, attention_fn, out_init, rngs):
-        return MultiHeadAttention(
-            config.width,
-            heads=config.heads,
-            kv_heads=config.kv_heads,
-            head_dim=config.head_dim,
-            rope_theta=config.rope_theta if config.positions == "rope" else None,
-            rope_style=config.rope_style,
-            window=config.window,
-            qkv_bias=config.qkv_bias,
-            out_bias=config.out_bias,
-            attention_fn=attention_fn,
-            decode_max_tokens=config.decode_max_tokens,
-            dtype=config.compute_dtype,
-            out_init=out_init,
-            rngs=rngs,
-        )
-
-    def __call__(self, x, positions=None, *, cache=None, num_new=None):  # [B, T, C] -> [B, T, C]
-        """``positions`` int ``[B, T]`` or ``[T]`` without a cache; with one they come from it."""
+    def __call__(self, x, context: AttentionContext, *, cache=None, num_new=None):  # [B, T, C] -> [B, T, C]
+        """``context``: the call's token side, from the model (with a cache, from its lengths)."""
         if cache is None:
-            x = x + self.attn(self.attn_norm(x), positions)
+            x = x + self.attn(self.attn_norm(x), context=context)
         else:
-            attended, cache = self.attn(self.attn_norm(x), positions, cache=cache, num_new=num_new)
+            attended, cache = self.attn(self.attn_norm(x), context=context, cache=cache, num_new=num_new)
             x = x + attended
         x = x + self.mlp(self.mlp_norm(x))
         return x if cache is None else (x, cache)
@@ -221,34 +222,39 @@ class TransformerLM(nnx.Module):
 
     ``positions`` (int ``[B, T]`` or ``[T]``, default ``arange(T)``) say where the tokens
     sit: tokens may come in any order (a sequence-parallel layout such as
-    ``zigzag_order``), the masks and position encodings follow the positions. With
-    ``cache=`` (from ``init_cache``) it returns ``(logits, new_cache)``: the T tokens
-    continue each sequence of the cache (a prompt or one decode step, same code), their
-    positions come from the cache; ``num_new [B]`` says how many of them are real in each
-    row of a ragged batch.
+    ``zigzag_order``), the masks and position encodings follow the positions.
+    ``segment_ids`` (int ``[B, T]`` or ``[T]``) pack several sequences into one row: a token
+    attends only within its segment. With ``cache=`` (from ``init_cache``) it returns
+    ``(logits, new_cache)``: the T tokens continue each sequence of the cache (a prompt or
+    one decode step, same code), their positions come from the cache; ``num_new [B]`` says
+    how many of them are real in each row of a ragged batch. The call's context is built
+    once here and shared by every layer. ``record_weights=True`` makes every attention layer
+    sow its weights (read them with ``jaxattn.lm.inspection.capture_attention``).
     """
 
-    def __init__(self, config: TransformerConfig, *, attention_fn=None, rngs: nnx.Rngs):
-        """``attention_fn`` overrides the kernel that ``config.attention_kernel`` names."""
+    def __init__(self, config: TransformerConfig, *, attention_fn=None, decode_fn=None, rngs: nnx.Rngs):
+        """``attention_fn`` (a kernel ``(q, k, v, context)``) serves every attention call instead of
+        the kernels ``config`` names, cached ones included, unless ``decode_fn`` is given too."""
         self.config = config
         dtype = config.compute_dtype
-        self.embed = nnx.Embed(
-            config.vocab_size, config.width, dtype=dtype, embedding_init=default_kernel_init, rngs=rngs
-        )
+        kernels = Kernels.choose(attention_fn, decode_fn, default=ATTENTION_KERNELS[config.attention_kernel],
+                                 decode_max_tokens=config.decode_max_tokens)
+        self.embed = nnx.Embed(config.vocab_size, config.width, dtype=dtype,
+                               embedding_init=logical(default_kernel_init, "vocab", "embed"), rngs=rngs)
         if config.positions == "learned":
-            self.position_embed = nnx.Embed(
-                config.max_length, config.width, dtype=dtype, embedding_init=default_kernel_init, rngs=rngs
-            )
-        self.blocks = nnx.List([TransformerBlock(config, attention_fn=attention_fn, rngs=rngs) for _ in range(config.layers)])
+            self.position_embed = nnx.Embed(config.max_length, config.width, dtype=dtype,
+                                            embedding_init=logical(default_kernel_init, "positions", "embed"), rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(config, kernels=kernels, rngs=rngs) for _ in range(config.layers)])
         self.final_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         if not config.tied_embeddings:
-            self.unembed = nnx.Linear(
-                config.width, config.vocab_size, use_bias=False, dtype=dtype, kernel_init=default_kernel_init, rngs=rngs
-            )
+            self.unembed = nnx.Linear(config.width, config.vocab_size, use_bias=False, dtype=dtype,
+                                      kernel_init=logical(default_kernel_init, "embed", "vocab"), rngs=rngs)
 
-    def init_cache(self, batch: int, max_length: int | None = None):
-        """Empty per-layer caches: ``KVCache`` of ``max_length`` (default the context),
-        a ``SlidingKVCache`` of the window for sliding-window models, or MLA's
+    def init_cache(self, batch: int, max_length: int | None = None, *, chunk: int | None = None):
+        """Empty per-layer caches: a ``KVCache`` of ``max_length`` slots (default the context),
+        a ``SlidingKVCache`` for sliding-window layers (``window + chunk - 1`` slots, at most
+        ``max_length``; ``chunk``, the most tokens one call adds, defaults to ``max_length``:
+        pass the prompt's length, or 1 for steps only, to keep it near the window), or MLA's
         ``LatentCache``."""
         c = self.config
         max_length = c.max_length if max_length is None else max_length
@@ -266,31 +272,34 @@ class TransformerLM(nnx.Module):
             )
         shape = dict(batch=batch, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
         if c.window is not None:
-            return tuple(SlidingKVCache.create(window=c.window, **shape) for _ in range(c.layers))
+            chunk = max_length if chunk is None else chunk
+            return tuple(SlidingKVCache.create(window=c.window, chunk=chunk, max_length=max_length, **shape)
+                         for _ in range(c.layers))
         return tuple(KVCache.create(max_length=max_length, **shape) for _ in range(c.layers))
 
-    def __call__(self, tokens, positions=None, *, cache=None, num_new=None):
+    def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False):
         B, T = tokens.shape
         if cache is None:
             if T > self.config.max_length:
                 raise ValueError(f"{T} tokens exceed the context length max_length={self.config.max_length}")
-            positions = jnp.arange(T, dtype=jnp.int32) if positions is None else jnp.asarray(positions)  # [T] or [B, T]
-        else:
-            if len(cache) != len(self.blocks):
-                raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
-            positions = positions_from_cache(cache[0], T, positions)  # [B, T], for the position embeddings
-        x = self.embed(tokens)  # [B, T, C]
+        elif len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
+        context = AttentionContext.for_tokens(T, positions, lengths=None if cache is None else cache[0].lengths,
+                                              segment_ids=segment_ids, B=B, record_weights=record_weights)
+        # The embedding lookup laid out like the tokens: see jaxattn.lm.parallel (an XLA gather bug).
+        x = constrain(self.embed(tokens), ("batch", "length", "embed"))  # [B, T, C]
+        positions = jnp.minimum(context.q_positions, self.config.max_length - 1)  # [B|1, T]
         if self.config.positions == "learned":
-            x = x + self.position_embed(jnp.minimum(positions, self.config.max_length - 1))
+            x = x + self.position_embed(positions)
         elif self.config.positions == "sinusoidal":
             table = sinusoidal_positions(self.config.max_length, self.config.width)  # [max_length, C]
-            x = x + table[jnp.minimum(positions, self.config.max_length - 1)].astype(x.dtype)
+            x = x + table[positions].astype(x.dtype)
         new_cache = []
         for layer, block in enumerate(self.blocks):
             if cache is None:
-                x = block(x, positions)
+                x = block(x, context)
             else:
-                x, layer_cache = block(x, cache=cache[layer], num_new=num_new)  # positions from the cache
+                x, layer_cache = block(x, context, cache=cache[layer], num_new=num_new)
                 new_cache.append(layer_cache)
         x = self.final_norm(x)
         if self.config.tied_embeddings:

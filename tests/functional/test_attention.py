@@ -333,3 +333,15 @@ class AttentionWeightsTest(chex.TestCase):
                 expected = np.exp(np.where(allowed, logits, -np.inf) - logits.max(-1, keepdims=True))
                 expected /= expected.sum(-1, keepdims=True)
                 chex.assert_trees_all_close(weights[b, h], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ring_sub_blocks_stay_near_the_target_for_any_chunk_length():
+    from jaxattn.functional.ring import sub_block_size
+
+    assert sub_block_size(1031, 512) == 344  # a prime chunk: 3 sub-blocks and 1 token of padding, not 1031 of 1
+    assert sub_block_size(7, 3) == 3 and sub_block_size(12, 3) == 3 and sub_block_size(5, 512) == 5
+    for size in range(1, 200):
+        for block in (1, 3, 16, 64):
+            sub = sub_block_size(size, block)
+            count = -(-size // sub)
+            assert sub <= block and count * sub - size < count, (size, block, sub)  # less than a token per block

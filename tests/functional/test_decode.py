@@ -101,3 +101,18 @@ def test_a_decode_step_updates_the_donated_cache_in_place():
         temporaries[capacity] = compiled.memory_analysis().temp_size_in_bytes
     cache_bytes = sum(leaf.nbytes for layer in model.init_cache(1, max_length=8192) for leaf in layer[:2])
     assert temporaries[8192] - temporaries[256] < 0.1 * cache_bytes, (temporaries, cache_bytes)
+
+
+def test_a_sliding_window_decode_step_writes_its_ring_buffer_in_place():
+    # The compiled step of a sliding-window model (window 4096, one token per call): every cache
+    # buffer it returns aliases the one it was given, and no temporary is as large as one
+    # window buffer (the cache of release 0.2.0 concatenated W + T slots every step).
+    model = TransformerLM(TransformerConfig(width=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=48,
+                                            max_length=8192, window=4096), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(1, max_length=8192, chunk=1)
+    assert cache[0].k.shape == (1, 4096, 2, 8)  # exactly the window
+    compiled = jax.jit(make_decode_step(graphdef), donate_argnums=2).lower(params, jnp.zeros((1,), jnp.int32), cache).compile()
+    aliases = compiled.as_text().split("input_output_alias={")[1].split("}, entry")[0]
+    assert aliases.count("alias") == len(jax.tree.leaves(cache)), aliases  # k, v, positions, lengths of each layer
+    assert compiled.memory_analysis().temp_size_in_bytes < cache[0].k.nbytes

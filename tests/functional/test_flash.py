@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxattn.functional import flash_attention, flash_block_map, multi_head_attention
-from jaxattn.functional.attention import resolve_call
+from jaxattn.functional import AttentionContext, flash_attention, flash_block_map, multi_head_attention
 from tests.conftest import normal, packed_segments, reference_attention, value_and_grads
 
 B, H = 2, 6
@@ -120,7 +119,7 @@ class FlashTest(chex.TestCase):
         assert int(full.sum()) == 64 and int(causal.sum()) == 36  # 8x8 blocks; causal: the lower triangle
         assert int(packed.sum()) == 4 * 3  # each sequence: 2 query blocks see 1 and 2 of its own key blocks
         # The map is never False where a key is visible: compare with the token-level mask.
-        _, spec, _ = resolve_call(q, k, v, is_causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+        spec = AttentionContext.from_keywords(q, k, is_causal=True, q_segment_ids=segments, kv_segment_ids=segments)
         token_level = np.asarray(spec.full_mask()).any(axis=(0, 1)).reshape(8, 8, 8, 8).any(axis=(1, 3))
         np.testing.assert_array_equal(np.asarray(packed), token_level)
 

@@ -5,12 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from jaxattn.functional import (
     EMPTY_POSITION,
     KVCache,
     LatentCache,
     SlidingKVCache,
+    decode_attention,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
     multi_head_attention,
@@ -90,41 +92,75 @@ class KVCacheTest(chex.TestCase):
 
 class SlidingKVCacheTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    def test_equals_windowed_attention_and_keeps_only_the_window(self):
+    @parameterized.named_parameters(
+        ("one_token_steps", [1] * 11, 1),  # capacity = the window
+        ("prefill_longer_than_the_window", [5, 1, 1, 4], 5),
+        ("chunks_shorter_than_the_window", [2, 2, 2, 2, 2, 1], 2),
+    )
+    def test_equals_windowed_attention_and_keeps_window_plus_chunk(self, chunks, chunk):
         T, W = 11, 3
         q, k, v = normal((B, T, H, D), 3), normal((B, T, K, D), 4), normal((B, T, K, E), 5)
-        cache = SlidingKVCache.create(batch=B, window=W, kv_heads=K, head_dim=D, value_dim=E)
-        run = self.variant(lambda c, q, k, v: attend_through_cache(c, q, k, v, [5, 1, 1, 4], window=W))
+        cache = SlidingKVCache.create(batch=B, window=W, kv_heads=K, head_dim=D, value_dim=E, chunk=chunk)
+        run = self.variant(lambda c, q, k, v: attend_through_cache(c, q, k, v, chunks, window=W))
         out, cache = run(cache, q, k, v)
         expected = multi_head_attention(q, k, v, is_causal=True, window=W)
         chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
-        chex.assert_shape(cache.k, (B, W, K, D))  # memory is the window, not the sequence
-        np.testing.assert_array_equal(cache.k, k[:, T - W :])
+        capacity = W + chunk - 1
+        chex.assert_shape(cache.k, (B, capacity, K, D))  # memory is the window (and one call), not the sequence
+        last = np.arange(T - capacity, T)  # token p lives in slot p % capacity
+        np.testing.assert_array_equal(cache.k[:, last % capacity], k[:, last])
+        np.testing.assert_array_equal(cache.positions[:, last % capacity], np.broadcast_to(last, (B, capacity)))
 
-    def test_short_sequences_hide_empty_slots(self):
-        cache = SlidingKVCache.create(batch=1, window=4, kv_heads=1, head_dim=2)
-        view, cache = cache.update(jnp.ones((1, 2, 1, 2)), jnp.ones((1, 2, 1, 2)))
-        np.testing.assert_array_equal(view.positions[0, :4], [EMPTY_POSITION] * 4)
-        np.testing.assert_array_equal(view.positions[0, 4:], [0, 1])
-        np.testing.assert_array_equal(cache.lengths, [2])
+    def test_short_sequences_hide_empty_slots_and_padding(self):
+        cache = SlidingKVCache.create(batch=2, window=4, kv_heads=1, head_dim=2, chunk=3)  # 6 slots
+        view, cache = cache.update(jnp.ones((2, 3, 1, 2)), jnp.ones((2, 3, 1, 2)), num_new=jnp.array([3, 2]))
+        E_ = EMPTY_POSITION
+        np.testing.assert_array_equal(view.positions, [[0, 1, 2, E_, E_, E_], [0, 1, E_, E_, E_, E_]])
+        np.testing.assert_array_equal(cache.lengths, [3, 2])
+        view, cache = cache.update(2 * jnp.ones((2, 1, 1, 2)), 2 * jnp.ones((2, 1, 1, 2)))  # overwrites the padding
+        np.testing.assert_array_equal(view.positions, [[0, 1, 2, 3, E_, E_], [0, 1, 2, E_, E_, E_]])
+
+    def test_a_call_longer_than_its_chunk_is_refused(self):
+        cache = SlidingKVCache.create(batch=1, window=4, kv_heads=1, head_dim=2, chunk=2)
+        with self.assertRaisesRegex(ValueError, r"T=3 tokens into a SlidingKVCache made for at most chunk=2.*chunk >= 3"):
+            cache.update(jnp.ones((1, 3, 1, 2)), jnp.ones((1, 3, 1, 2)))
+
+
+def test_a_donated_sliding_window_step_writes_in_place():
+    # The compiled step writes one slot of the ring: its cache outputs alias its inputs and no
+    # temporary is as large as one window buffer (the old cache concatenated W + T slots).
+    W, K, D = 4096, 2, 16
+    cache = SlidingKVCache.create(batch=1, window=W, kv_heads=K, head_dim=D)
+
+    def step(cache, q, k, v):  # a decode step of a sliding-window layer, as the model runs it
+        view, cache = cache.update(k, v)
+        return decode_attention(q, view.k, view.v, is_causal=True, q_positions=cache.lengths[:, None] - 1,
+                                kv_positions=view.positions, kv_lengths=view.lengths, window=W), cache
+
+    args = (cache, normal((1, 1, 2, D), 0), normal((1, 1, K, D), 1), normal((1, 1, K, D), 2))
+    compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
+    aliases = compiled.as_text().split("input_output_alias=")[1].split("\n")[0]
+    assert aliases.count("may-alias") + aliases.count("must-alias") >= 3, aliases  # k, v, positions
+    assert compiled.memory_analysis().temp_size_in_bytes < cache.k.nbytes
 
 
 @pytest.mark.parametrize(
-    "cache",
+    "cache, names",
     [
-        KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=2),
-        SlidingKVCache.create(batch=1, window=3, kv_heads=1, head_dim=2),
-        LatentCache.create(batch=1, max_length=4, latent_dim=3, rope_dim=2),
+        (KVCache.create(batch=1, max_length=4, kv_heads=1, head_dim=2), ("k", "v")),
+        (SlidingKVCache.create(batch=1, window=3, kv_heads=1, head_dim=2, chunk=2), ("k", "v")),
+        (LatentCache.create(batch=1, max_length=4, latent_dim=3, rope_dim=2), ("c_kv", "k_rope")),
     ],
     ids=["kv", "sliding", "latent"],
 )
-def test_every_cache_has_one_dtype_and_shape_policy(cache):
-    new = [jnp.zeros((1, 2) + buffer.shape[2:]) for buffer in cache[:-1]]
+def test_every_cache_has_one_dtype_and_shape_policy(cache, names):
+    buffers = [getattr(cache, name) for name in names]
+    new = [jnp.zeros((1, 2) + buffer.shape[2:]) for buffer in buffers]
     view, updated = cache.update(*new)
     np.testing.assert_array_equal(updated.lengths, [2])
     assert view.positions.shape == (1, view[0].shape[1])
     wrong_dtype = [x.astype(jnp.bfloat16) for x in new]
-    with pytest.raises(ValueError, match=f"new {cache._fields[0]} has dtype bfloat16 but the {type(cache).__name__} holds float32"):
+    with pytest.raises(ValueError, match=f"new {names[0]} has dtype bfloat16 but the {type(cache).__name__} holds float32"):
         cache.update(*wrong_dtype)
     wrong_shape = [new[0][..., :1]] + new[1:]
     with pytest.raises(ValueError, match=f"do not fit the {type(cache).__name__}"):

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from jaxattn.functional import causal_mask, combine_masks, padding_mask, segment_mask
-from jaxattn.functional.masks import MaskSpec
+from jaxattn.functional import AttentionContext
+
+
+def context(*, B, T, S, H, **keywords):
+    """The context of a call of these sizes, from the public edge's keywords."""
+    return AttentionContext.from_keywords(jnp.zeros((B, T, H, 1)), jnp.zeros((B, S, 1, 1)), **keywords)
 
 
 def test_causal_mask_from_positions_is_bottom_right_for_a_chunk():
@@ -41,10 +46,10 @@ def test_segment_mask_keeps_each_query_in_its_own_segment():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_mask_spec_applies_every_rule_and_its_blocks_agree():
+def test_the_context_applies_every_rule_and_its_blocks_agree():
     rng = np.random.default_rng(0)
     B, T, S, H = 2, 6, 9, 3
-    spec = MaskSpec.resolve(
+    spec = context(
         B=B, T=T, S=S, H=H, is_causal=True, q_positions=jnp.array([[3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]]),
         kv_lengths=jnp.array([9, 5]), window=4, q_segment_ids=jnp.array([0, 0, 1, 1, 1, 1]),
         kv_segment_ids=jnp.array([0, 0, 0, 0, 0, 1, 1, 1, 1]), mask=jnp.asarray(rng.random((B, H, T, S)) < 0.8),
@@ -68,7 +73,7 @@ def test_block_visibility_never_hides_a_visible_key():
     for trial in range(5):
         q_seg = np.sort(rng.integers(0, 4, (B, T)), axis=1)
         kv_seg = np.sort(rng.integers(0, 4, (B, S)), axis=1)
-        spec = MaskSpec.resolve(
+        spec = context(
             B=B, T=T, S=S, H=1, is_causal=True, q_positions=jnp.asarray(np.sort(rng.integers(0, 20, (B, T)), 1)),
             kv_positions=jnp.asarray(np.sort(rng.integers(0, 20, (B, S)), 1)), window=int(rng.integers(1, 9)),
             kv_lengths=jnp.asarray(rng.integers(0, S + 1, B)), q_segment_ids=q_seg, kv_segment_ids=kv_seg,
@@ -84,7 +89,7 @@ def test_block_visibility_never_hides_a_visible_key():
 
 def test_block_completeness_of_a_causal_call():
     # Blocks of 4, window 9: query 11 sees keys 3..11, query 12 keys 4..12.
-    spec = MaskSpec.resolve(B=1, T=16, S=16, H=1, is_causal=True, window=9)
+    spec = context(B=1, T=16, S=16, H=1, is_causal=True, window=9)
     np.testing.assert_array_equal(spec.block_completeness(4, 4), [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
     np.testing.assert_array_equal(spec.block_visibility(4, 4), [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]])
 

@@ -1,5 +1,7 @@
 """MLA: the naive, decompressed and absorbed paths are one function."""
 
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,17 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxattn.functional import LatentCache, MLAParams, flash_attention, mla_absorbed, mla_decompressed, mla_naive
+from jaxattn.functional import (
+    Kernels,
+    LatentCache,
+    MLAParams,
+    MLASettings,
+    Rope,
+    flash_kernel,
+    mla_absorbed,
+    mla_decompressed,
+    mla_naive,
+)
 
 # Odd, distinct sizes: C model, H heads, D/E key/value head widths, L latent, R rope, P query latent.
 C, H, D, E, L, R, P = 20, 3, 5, 7, 9, 4, 6
@@ -71,11 +83,15 @@ def reference_mla(params, h, rope_style):
     return np.einsum("bthe,hec->btc", o, p["w_o"])
 
 
+def settings(rope_style):
+    return MLASettings(rope=Rope(style=rope_style))
+
+
 def decode_in_chunks(path, params, h, chunks, rope_style, max_length=12):
     cache = LatentCache.create(batch=h.shape[0], max_length=max_length, latent_dim=L, rope_dim=R)
     outputs, start = [], 0
     for size in chunks:
-        out, cache = path(params, h[:, start : start + size], cache, rope_style=rope_style)
+        out, cache = path(params, h[:, start : start + size], cache, settings=settings(rope_style))
         outputs.append(out)
         start += size
     return jnp.concatenate(outputs, axis=1), cache
@@ -90,7 +106,7 @@ class MLAPathsTest(chex.TestCase):
     def test_naive_equals_float64_reference(self, compressed, norms, rope_style):
         params = make_params(compressed=compressed, norms=norms)
         h = normal((2, 8, C), 42)
-        naive = self.variant(lambda p, h: mla_naive(p, h, rope_style=rope_style))(params, h)
+        naive = self.variant(lambda p, h: mla_naive(p, h, settings=settings(rope_style)))(params, h)
         chex.assert_trees_all_close(naive, reference_mla(params, h, rope_style), rtol=1e-5, atol=1e-5)
 
     @parameterized.named_parameters(
@@ -103,7 +119,7 @@ class MLAPathsTest(chex.TestCase):
         params = make_params(compressed=compressed, norms=norms)
         B, T = 2, 8
         h = normal((B, T, C), 42)
-        naive = jax.jit(lambda p, h: mla_naive(p, h, rope_style=rope_style))(params, h)
+        naive = jax.jit(lambda p, h: mla_naive(p, h, settings=settings(rope_style)))(params, h)
         for path in (mla_decompressed, mla_absorbed):
             for chunks in ([T], [3, 1, 1, 1, 2]):  # one full pass; a prefill, then single-token steps
                 run = jax.jit(lambda p, h, path=path, chunks=chunks: decode_in_chunks(path, p, h, chunks, rope_style))
@@ -141,7 +157,8 @@ def test_flash_kernel_gives_the_same_mla():
     params = make_params()
     h = normal((2, 9, C), 5)
     dense = jax.jit(mla_naive)(params, h)
-    flash = jax.jit(lambda p, h: mla_naive(p, h, attention_fn=lambda *a, **k: flash_attention(*a, block_q=4, block_kv=4, **k)))(params, h)
+    kernels = Kernels(full=partial(flash_kernel, block_q=4, block_kv=4))
+    flash = jax.jit(lambda p, h: mla_naive(p, h, kernels=kernels))(params, h)
     chex.assert_trees_all_close(flash, dense, rtol=1e-5, atol=1e-5)
 
 

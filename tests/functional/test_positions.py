@@ -45,7 +45,7 @@ class RopeTest(chex.TestCase):
 
     def test_styles_agree_after_permuting_the_head_dimension(self):
         x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 3, 8)), jnp.float32)  # [B, T, H, D]
-        positions = jnp.arange(5)[None, :, None]  # [1, T, 1]
+        positions = jnp.arange(5)[None]  # [1, T]
         to_half = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])  # (2i, 2i+1) -> (i, i + D/2)
         interleaved = rope(x, positions, style="interleaved")
         half = rope(x[..., to_half], positions, style="half")
@@ -61,7 +61,8 @@ class RopeTest(chex.TestCase):
             for b in range(2)
         ])
         chex.assert_trees_all_close(fn(x, positions), expected, rtol=1e-4, atol=1e-4)  # [B, T]
-        chex.assert_trees_all_close(fn(x, positions[..., None]), expected, rtol=1e-4, atol=1e-4)  # [B, T, 1]
+        with self.assertRaisesRegex(ValueError, r"positions must be \[T=5\] or \[B=2, T=5\], got \(2, 5, 1\)"):
+            rope(x, positions[..., None])  # one form for positions everywhere: [B, T] or [T]
         shared = fn(x, jnp.arange(5))  # [T], shared by the batch
         chex.assert_trees_all_close(shared[0], expected[0], rtol=1e-4, atol=1e-4)
         latent = x[:, :, 0]  # [B, S, R], e.g. MLA's shared RoPE key
@@ -78,9 +79,9 @@ class RopeTest(chex.TestCase):
             rope(jnp.ones((3, 5)), jnp.arange(3))
         with self.assertRaisesRegex(ValueError, "style must be one of"):
             rope(jnp.ones((3, 4)), jnp.arange(3), style="neox")
-        with self.assertRaisesRegex(ValueError, r"positions \(4,\) do not fit x \(2, 3, 4\).*broadcasts to \(2, 3\)"):
+        with self.assertRaisesRegex(ValueError, r"positions must be \[T=3\] or \[B=2, T=3\], got \(4,\)"):
             rope(jnp.ones((2, 3, 4)), jnp.arange(4))
-        with self.assertRaisesRegex(ValueError, r"positions \(2, 4\) do not fit x \(2, 3, 5, 4\).*\[B, T\] or \[T\]"):
+        with self.assertRaisesRegex(ValueError, r"positions must be \[T=3\] or \[B=2, T=3\], got \(2, 4\)"):
             rope(jnp.ones((2, 3, 5, 4)), jnp.ones((2, 4), jnp.int32))
         with self.assertRaisesRegex(TypeError, "positions must be integers"):
             rope(jnp.ones((3, 4)), jnp.ones(3))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxattn.functional import AttentionParams, KVCache, SlidingKVCache, causal_self_attention
+from jaxattn.functional import AttentionParams, AttentionSettings, KVCache, Rope, SlidingKVCache, causal_self_attention
 from tests.conftest import normal, reference_layer
 
 # Odd, distinct sizes: C model width, H query heads, K key/value heads, D/E key/value widths.
@@ -35,7 +35,8 @@ class LayerTest(chex.TestCase):
         params = make_params(biases=biases)
         x = normal((B, T, C), seed=10)
         positions = jnp.array([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
-        run = self.variant(lambda p, x, pos: causal_self_attention(p, x, pos, rope_theta=theta, rope_style=style, window=window))
+        settings = AttentionSettings(rope=None if theta is None else Rope(theta, style), window=window)
+        run = self.variant(lambda p, x, pos: causal_self_attention(p, x, pos, settings=settings))
         expected = reference_layer(params, x, np.asarray(positions), rope_theta=theta, style=style, window=window)
         chex.assert_trees_all_close(run(params, x, positions), expected, rtol=1e-5, atol=1e-5)
 
@@ -44,7 +45,7 @@ class LayerTest(chex.TestCase):
         # invisible, but only if queries *and* keys are rotated.
         params = make_params()
         x = normal((B, T, C), seed=11)
-        layer = jax.jit(lambda p, x, pos: causal_self_attention(p, x, pos, rope_theta=10000.0))
+        layer = jax.jit(lambda p, x, pos: causal_self_attention(p, x, pos, settings=AttentionSettings(rope=Rope())))
         base = layer(params, x, jnp.arange(T))
         chex.assert_trees_all_close(layer(params, x, jnp.arange(T) + 37), base, rtol=2e-4, atol=2e-5)
         spread = layer(params, x, jnp.arange(T) * 3)  # other distances: other outputs
@@ -54,8 +55,8 @@ class LayerTest(chex.TestCase):
         params = make_params()
         x = normal((B, T, C), seed=12)
         for cache, window in ((KVCache.create(batch=B, max_length=9, kv_heads=K, head_dim=D, value_dim=E), None),
-                              (SlidingKVCache.create(batch=B, window=3, kv_heads=K, head_dim=D, value_dim=E), 3)):
-            layer = jax.jit(partial(causal_self_attention, rope_theta=10000.0, window=window))
+                              (SlidingKVCache.create(batch=B, window=3, kv_heads=K, head_dim=D, value_dim=E, chunk=4), 3)):
+            layer = jax.jit(partial(causal_self_attention, settings=AttentionSettings(rope=Rope(), window=window)))
             full = layer(params, x)
             outputs = []
             for start, size in ((0, 4), (4, 1), (5, 2)):

@@ -1,15 +1,21 @@
 """Run folders: round trips, resuming, never overwriting, clear errors, one trainer at a time."""
 
+import dataclasses
 import json
 import multiprocessing
+import shutil
+from pathlib import Path
 
 import chex
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 import jaxattn.lm.train as train_module
 from jaxattn.lm.checkpoint import CheckpointError, RunFolder
-from jaxattn.lm.data import batch_at
+from jaxattn.lm.data import Corpus, batch_at
+from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, train
 from tests.lm.conftest import QUIET, TINY, TINY_TRAIN
 
@@ -113,3 +119,33 @@ def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path, corpus):
     tc = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 1})
     train(TINY, tc, corpus, RunFolder(tmp_path / "run"), **QUIET)
     assert RunFolder(tmp_path / "run").latest_step() == 1
+
+
+RELEASE_0_2_0 = Path(__file__).parent.parent / "data" / "release-0.2.0"
+
+
+def test_a_run_folder_written_by_release_0_2_0_loads_and_resumes(tmp_path):
+    # Written by `jaxattn train` of release 0.2.0 (see tests/data/release-0.2.0/README.md): its
+    # run.json stores latent_dim/rope_dim for standard attention, its attention layers flat
+    # q_proj/k_proj/v_proj/o_proj kernels, and its logits on a text were recorded by that release.
+    folder = tmp_path / "run"
+    shutil.copytree(RELEASE_0_2_0 / "run", folder)
+    saved = json.loads((folder / "run.json").read_text())["model"]
+    assert saved["attention"] == "standard" and saved["latent_dim"] == 64  # what this release would refuse
+    model = RunFolder(folder).load_model()
+    assert model.blocks[0].attn.w_q.shape == (16, 4, 32)  # head-shaped now
+    expected = np.load(RELEASE_0_2_0 / "expected_logits.npz")
+    chex.assert_trees_all_close(model(jnp.asarray(expected["tokens"])), expected["logits"], atol=1e-6, rtol=1e-6)
+    # Resuming restores the optimizer's moments in the new layout too, and training goes on.
+    config = RunFolder(folder).model_config()
+    tc = TrainConfig(**json.loads((folder / "run.json").read_text())["train"])
+    template = init_state(init_model(config, 0), make_optimizer(tc))
+    state, history = RunFolder(folder).restore(template)
+    assert int(state.step) == 2 and history["step"]
+    mu = state.opt_state[1][0].mu["blocks"][0]["attn"]
+    assert mu["w_o"].shape == (4, 32, 16) and float(jnp.abs(mu["w_o"]).sum()) > 0  # moved, not zeroed
+    tokens = encode("The next day is bright and the sky is clear. " * 4)
+    corpus = Corpus(tokens[:120], tokens[120:], "sky")
+    summary = train(config, dataclasses.replace(tc, steps=3, eval_windows=1, seq_len=16, batch_size=2), corpus,
+                    RunFolder(folder), resume=True, **QUIET)
+    assert summary["steps"] == 3

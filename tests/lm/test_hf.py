@@ -47,8 +47,8 @@ def test_golden_deepseek_mla_layer():
     folder = FIXTURES / "deepseek_mla"
     hf = read_hf_config(folder)
     expected = np.load(folder / "expected.npz")
-    params, kwargs = mla_from_hf(SafetensorsFolder(folder), hf, prefix="model.layers.0.self_attn.")
-    chex.assert_trees_all_close(mla_naive(params, jnp.asarray(expected["hidden"]), **kwargs), expected["output"],
+    params, settings = mla_from_hf(SafetensorsFolder(folder), hf, prefix="model.layers.0.self_attn.")
+    chex.assert_trees_all_close(mla_naive(params, jnp.asarray(expected["hidden"]), settings=settings), expected["output"],
                                 atol=1e-5, rtol=0)
     layer = mla_layer_from_hf(SafetensorsFolder(folder), hf, prefix="model.layers.0.self_attn.")
     chex.assert_trees_all_close(layer(jnp.asarray(expected["hidden"])), expected["output"], atol=1e-5, rtol=0)
@@ -216,7 +216,7 @@ def test_live_deepseek_mla_layer(hf_models, rope_interleave, q_lora_rank):
                                                              seed=5)
     hidden = np.random.default_rng(1).standard_normal((2, 9, config.hidden_size)).astype(np.float32)
     tensors = {f"self_attn.{k}": v.detach().numpy() for k, v in layer.state_dict().items()}
-    params, kwargs = mla_from_hf(tensors, config.to_dict(), prefix="self_attn.")
-    assert kwargs["rope_style"] == ("interleaved" if rope_interleave else "half")
-    chex.assert_trees_all_close(mla_naive(params, jnp.asarray(hidden), **kwargs),
+    params, settings = mla_from_hf(tensors, config.to_dict(), prefix="self_attn.")
+    assert settings.rope.style == ("interleaved" if rope_interleave else "half")
+    chex.assert_trees_all_close(mla_naive(params, jnp.asarray(hidden), settings=settings),
                                 hf_models.deepseek_reference(layer, rotary, hidden), atol=1e-5, rtol=0)

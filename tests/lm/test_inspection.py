@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from jaxattn.cli import main
-from jaxattn.functional import multi_head_attention
+from flax import nnx
 from jaxattn.lm.hf import load_hf_model
 from jaxattn.lm.inspection import capture_attention, describe_heads, head_roles, top_next_tokens
+from jaxattn.nn import TransformerConfig, TransformerLM
 
 GPT2 = Path(__file__).parent.parent / "data" / "hf" / "gpt2"
 
@@ -23,11 +24,12 @@ def test_captured_weights_belong_to_the_forward_pass_and_leave_it_unchanged():
     plain = jax.jit(model)(tokens)
     logits, weights = capture_attention(model, tokens)
     L, H, T = model.config.layers, model.config.heads, tokens.shape[1]
-    chex.assert_shape(weights, (L, H, T, T))
+    chex.assert_shape(weights, (L, 1, H, T, T))
+    weights = weights[:, 0]
     chex.assert_trees_all_close(logits, plain, atol=1e-5, rtol=0)
     chex.assert_trees_all_close(weights.sum(-1), np.ones((L, H, T)), atol=1e-5)
     np.testing.assert_array_equal(np.triu(np.asarray(weights), 1), 0.0)  # causal
-    assert all(block.attn.attention_fn is multi_head_attention for block in model.blocks)  # restored
+    chex.assert_trees_all_close(jax.jit(model)(tokens), plain, atol=0, rtol=0)  # the model is left as it was
     # Layer 0's weights from its own queries and keys, recomputed by hand (float64).
     x = np.asarray(model.embed(jnp.asarray(tokens)) + model.position_embed(jnp.arange(T)), np.float64)
     h = np.asarray(model.blocks[0].attn_norm(jnp.asarray(x, jnp.float32)), np.float64)
@@ -38,6 +40,26 @@ def test_captured_weights_belong_to_the_forward_pass_and_leave_it_unchanged():
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     expected = np.exp(scores - scores.max(-1, keepdims=True))
     np.testing.assert_allclose(weights[0], (expected / expected.sum(-1, keepdims=True))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["standard", "mla"])
+def test_recording_a_ragged_batch_gives_the_plain_logits_and_each_rows_weights(attention):
+    extra = dict(attention="mla", latent_dim=10, rope_dim=4, query_latent_dim=8) if attention == "mla" else dict(kv_heads=2)
+    model = TransformerLM(TransformerConfig(vocab_size=61, width=24, layers=2, heads=4, head_dim=6, mlp_hidden=40,
+                                            max_length=32, **extra), rngs=nnx.Rngs(3))
+    lengths = [9, 4, 6]  # three ragged rows, right-padded with zeros
+    rows = [np.random.default_rng(row).integers(1, 61, n) for row, n in enumerate(lengths)]
+    tokens = np.zeros((3, 9), np.int32)
+    for row, values in enumerate(rows):
+        tokens[row, : len(values)] = values
+    logits, weights = capture_attention(model, tokens)  # [B, T, V], [L, B, H, T, T]
+    chex.assert_shape(weights, (2, 3, 4, 9, 9))
+    plain = jax.jit(model)(jnp.asarray(tokens))
+    for row, n in enumerate(lengths):
+        chex.assert_trees_all_close(logits[row, :n], plain[row, :n], atol=1e-5, rtol=1e-5)
+        alone_logits, alone = capture_attention(model, rows[row][None])  # the row on its own: the same weights
+        chex.assert_trees_all_close(weights[:, row, :, :n, :n], alone[:, 0], atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(alone_logits[0], plain[row, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_head_roles_measure_first_previous_and_self():

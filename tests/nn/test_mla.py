@@ -1,12 +1,14 @@
 """The NNX MLA module: naive for full passes, absorbed with a cache, positions from the cache."""
 
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jaxattn.functional import LatentCache, flash_attention
+from jaxattn.functional import Kernels, LatentCache, flash_kernel
 from jaxattn.nn import MultiHeadLatentAttention
 from tests.conftest import normal
 
@@ -34,7 +36,7 @@ def test_cached_absorbed_calls_equal_the_naive_full_pass():
 
 def test_the_flash_kernel_serves_mla():
     x = normal((2, 11, C), seed=2)
-    flash = make(attention_fn=lambda *a, **k: flash_attention(*a, block_q=4, block_kv=4, **k))
+    flash = make(kernels=Kernels(full=partial(flash_kernel, block_q=4, block_kv=4)))
     chex.assert_trees_all_close(jax.jit(flash)(x), make()(x), rtol=1e-5, atol=1e-5)
 
 

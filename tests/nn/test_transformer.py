@@ -50,7 +50,7 @@ def test_prefill_then_decode_equals_full_forward(overrides):
     B, T, prompt = 2, 11, 4
     tokens = tokens_for(B, T)
     expected = full(params, tokens)
-    cache = model.init_cache(B, max_length=16)
+    cache = model.init_cache(B, max_length=16, chunk=prompt)
     logits, cache = cached(params, tokens[:, :prompt], cache)
     steps = [logits]
     for t in range(prompt, T):
@@ -58,8 +58,8 @@ def test_prefill_then_decode_equals_full_forward(overrides):
         steps.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache[0].lengths, [T, T])
-    if config.window is not None:
-        chex.assert_shape(cache[0].k, (B, config.window, config.kv_heads, config.head_dim))
+    if config.window is not None:  # the window and the largest call (the prompt), not the sequence
+        chex.assert_shape(cache[0].k, (B, config.window + prompt - 1, config.kv_heads, config.head_dim))
     if config.attention == "mla":
         chex.assert_shape(cache[0].c_kv, (B, 16, config.latent_dim))
 
@@ -125,13 +125,28 @@ def test_bad_configs_and_inputs():
     [
         (dict(attention="mla", window=16), "attention='mla' would ignore window=16"),
         (dict(attention="mla", heads=8, kv_heads=2), "attention='mla' would ignore kv_heads=2"),
-        (dict(query_latent_dim=32), "attention='standard' would ignore it"),
+        (dict(query_latent_dim=32), "query_latent_dim=32 is a width of MLA; attention='standard' would ignore it"),
+        (dict(latent_dim=64), "latent_dim=64 is a width of MLA; attention='standard' would ignore it"),
+        (dict(rope_dim=16), "rope_dim=16 is a width of MLA; attention='standard' would ignore it"),
+        (dict(attention="mla", positions="learned"), "positions='learned' would add a second encoding"),
+        (dict(attention="mla", positions="sinusoidal"), "positions='sinusoidal' would add a second encoding"),
         (dict(attention="mla", rope_dim=5), "rope_dim must be even"),
     ],
 )
 def test_configs_that_would_be_silently_ignored_are_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         TransformerConfig(**overrides)
+
+
+def test_norm_epsilon_reaches_mla_latent_norms():
+    config = dict(SMALL, attention="mla", latent_dim=10, rope_dim=4, query_latent_dim=8)
+    assert TransformerConfig(attention="mla").latent_dim == 64  # MLA's default widths, set once
+    tokens = tokens_for(1, 7)
+    small, large = (TransformerLM(Config(**config, norm_epsilon=eps), rngs=nnx.Rngs(4)) for eps in (1e-6, 10.0))
+    for model in (small, large):
+        assert model.blocks[0].attn.settings.epsilon == model.config.norm_epsilon
+    # With a huge epsilon the latents shrink by about sqrt(mean(x^2) / 10): the logits change.
+    assert float(jnp.max(jnp.abs(small(tokens) - large(tokens)))) > 1e-3
 
 
 def test_flash_kernel_serves_mla_models():
