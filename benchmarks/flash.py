@@ -94,6 +94,42 @@ def prefill_rows(seq_lens, *, batch, heads, head_dim, dtype, repeats, grad_max, 
     return rows
 
 
+LOGIT_VARIANTS = {"plain": {}, "soft-cap": dict(logit_softcap=50.0), "sinks": dict(sinks=True),
+                  "soft-cap + sinks": dict(logit_softcap=50.0, sinks=True)}
+
+
+def logit_cost(T: int, *, heads: int, head_dim: int, repeats: int, dtype=jnp.float32, say=print) -> list[dict]:
+    """What soft-capping and learned sinks cost the causal flash kernel at length T: forward
+    and forward+backward (d sinks included), each variant's median against the plain kernel's,
+    in this one process, same shapes; and their compiled temporaries."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, T, heads, head_dim)), dtype) for _ in range(3))
+    sinks = jnp.asarray(rng.standard_normal(heads), jnp.float32)
+    rows = []
+    for name, variant in LOGIT_VARIANTS.items():
+        extra = dict(variant, sinks=sinks) if variant.get("sinks") else variant
+
+        def forward(q, k, v, extra=extra):
+            return flash_attention(q, k, v, is_causal=True, **extra)
+
+        def gradients(q, k, v, sinks, variant=variant):
+            def loss(q, k, v, sinks):
+                keywords = dict(variant, sinks=sinks) if variant.get("sinks") else variant
+                return jnp.sum(flash_attention(q, k, v, is_causal=True, **keywords).astype(jnp.float32))
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+
+        for pass_name, timing in (("forward", measure(forward, q, k, v, repeats=repeats)),
+                                  ("fwd+bwd", measure(gradients, q, k, v, sinks, repeats=repeats))):
+            rows.append(dict(T=T, variant=name, pass_=pass_name, median_s=timing.median_s, min_s=timing.min_s,
+                             temp_bytes=timing.temp_bytes))
+    for row in rows:
+        plain = next(r for r in rows if r["variant"] == "plain" and r["pass_"] == row["pass_"])
+        row["vs_plain"] = row["median_s"] / plain["median_s"]
+        say(f"T={T} causal flash {row['pass_']:>8} {row['variant']:>17}: {row['median_s'] * 1e3:8.1f} ms "
+            f"({row['vs_plain']:.2f}x plain), temp {row['temp_bytes'] / 2**20:.1f} MiB", flush=True)
+    return rows
+
+
 def long_run(T: int, heads: int, head_dim: int) -> dict:
     """One causal forward+backward of flash attention at length T."""
     rng = np.random.default_rng(0)

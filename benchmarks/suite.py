@@ -33,7 +33,7 @@ import jaxlib
 import numpy as np
 
 from benchmarks.decode import capacity_part, model_configs, time_generation
-from benchmarks.flash import KERNELS, jax_nn_cudnn, matmul_flops_per_second, prefill_rows
+from benchmarks.flash import KERNELS, jax_nn_cudnn, logit_cost, matmul_flops_per_second, prefill_rows
 from benchmarks.mla import time_step, with_lengths
 from benchmarks.timing import device_kind, measure
 from jaxattn import viz
@@ -54,7 +54,7 @@ from jaxattn.functional import (
 )
 from jaxattn.lm.train import default_model_config, init_model
 
-PARTS = ("ceiling", "prefill", "families", "decoding", "parallel")
+PARTS = ("ceiling", "prefill", "logits", "families", "decoding", "parallel")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -268,6 +268,10 @@ def main(argv=None) -> dict:
         results["prefill"] = prefill_rows(mode.seq_lens, batch=mode.batch, heads=mode.heads, head_dim=mode.head_dim,
                                           dtype=dtype, repeats=mode.repeats, grad_max=mode.grad_max, kernels=kernels,
                                           peak=peak)
+    if "logits" in parts:
+        print("\n[logits: soft-capping and sinks in the causal flash kernel]")
+        T = 4096 if max(mode.seq_lens) >= 4096 else max(mode.seq_lens)
+        results["logits"] = logit_cost(T, heads=mode.heads, head_dim=mode.head_dim, repeats=mode.repeats, dtype=dtype)
     if "families" in parts:
         print("\n[families]")
         results["families"] = families(mode, dtype, print)

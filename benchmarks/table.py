@@ -46,6 +46,17 @@ def markdown(results: dict) -> str:
                 f"{row['fraction_of_matmul']:.0%} |"
             )
         lines.append("")
+    if results.get("logits"):
+        lines += [
+            "Soft-capping and sinks in the causal flash kernel (median ms, against the plain kernel in the same run):",
+            "",
+            "| T | pass | variant | median ms | vs plain | temp MiB |",
+            "| ---: | --- | --- | ---: | ---: | ---: |",
+        ]
+        for row in results["logits"]:
+            lines.append(f"| {row['T']} | {row['pass_']} | {row['variant']} | {_ms(row['median_s'])} | "
+                         f"{row['vs_plain']:.2f}x | {_mib(row['temp_bytes'])} |")
+        lines.append("")
     if results.get("families"):
         lines += [
             "| S | family | forward ms | decode step ms | cache bytes/token/layer | cache MiB at S |",

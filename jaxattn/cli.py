@@ -33,6 +33,27 @@ def _start_devices(args) -> None:
         initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+def _model_config_file(path) -> dict:
+    """A JSON object of ``TransformerConfig`` fields (e.g. ``{"layers": 6, "qk_norm": "head"}``)."""
+    import json
+    from pathlib import Path
+
+    from jaxattn.nn import TransformerConfig
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model config file {str(file)!r} does not exist")
+    try:
+        fields = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"model config file {str(file)!r} is not JSON: {error}") from error
+    known = {field.name for field in dataclasses.fields(TransformerConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
+        raise ValueError(f"model config file {str(file)!r} must be an object of TransformerConfig fields; unknown: {unknown}")
+    return fields
+
+
 def _train(args) -> int:
     _start_devices(args)
     import jax
@@ -51,8 +72,10 @@ def _train(args) -> int:
             raise ValueError(f"--resume continues the run on its own data {saved['data']!r}, not {args.data!r}")
     else:
         config = default_model_config(args.attention)
-        overrides = {name: getattr(args, name) for name in ("layers", "width") if getattr(args, name) is not None}
-        overrides["attention_kernel"] = args.kernel
+        overrides = _model_config_file(args.model_config) if args.model_config else {}
+        overrides.update({name: getattr(args, name) for name in ("layers", "width") if getattr(args, name) is not None})
+        if args.kernel is not None or "attention_kernel" not in overrides:
+            overrides["attention_kernel"] = args.kernel or "dense"
         config = dataclasses.replace(config, **overrides)
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         train_config = TrainConfig(
@@ -150,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     train.add_argument("--attention", default="gqa", choices=["mha", "gqa", "mqa", "mla"], help="attention family")
-    train.add_argument("--kernel", default="dense", choices=["dense", "flash"], help="attention kernel")
+    train.add_argument("--kernel", default=None, choices=["dense", "flash"], help="attention kernel (default: dense)")
+    train.add_argument("--model-config", dest="model_config", default=None,
+                       help="JSON file of TransformerConfig fields over the default model (e.g. today's attention)")
     train.add_argument("--layers", type=int, default=None)
     train.add_argument("--width", type=int, default=None)
     train.add_argument("--steps", type=int, default=None)

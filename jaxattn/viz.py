@@ -329,3 +329,111 @@ def flash_figure(visible, complete, memory_rows, path, *, T: int, block_q: int, 
     axes[1].grid(True, which="both", alpha=0.3)
     axes[1].legend()
     return _save(fig, path)
+
+
+# ------------------------------------------------------------ attention in today's models
+
+
+def softcap_figure(raw, capped, row_logits, plain_weights, capped_weights, path, *, cap: float) -> Path:
+    """Logit soft-capping: the curve ``cap tanh(s / cap)`` against s, and one row's softmax
+    weights without and with the cap (a dominating logit loses its monopoly)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    left.plot(raw, raw, color="grey", linestyle="--", label="no cap: s")
+    left.plot(raw, capped, color="C0", label=f"{cap:g} · tanh(s / {cap:g})")
+    left.axhline(cap, color="C3", linewidth=0.8)
+    left.axhline(-cap, color="C3", linewidth=0.8)
+    left.set_xlabel("logit s (scaled score)")
+    left.set_ylabel("logit after capping")
+    left.set_title(f"Soft-capping keeps every logit within ±{cap:g}")
+    left.legend()
+    keys = np.arange(len(row_logits))
+    right.bar(keys - 0.2, plain_weights, width=0.4, label="softmax(s)")
+    right.bar(keys + 0.2, capped_weights, width=0.4, label=f"softmax({cap:g} tanh(s / {cap:g}))")
+    right.set_xticks(keys, labels=[f"{s:.0f}" for s in row_logits])
+    right.set_xlabel("key (its logit s)")
+    right.set_ylabel("attention weight")
+    right.set_title("One query's row: the largest logit no longer takes all")
+    right.legend()
+    return _save(fig, path, dpi=110)
+
+
+def sink_figure(plain, with_sink, sink_share, labels, path, *, sink: float) -> Path:
+    """Learned sinks: one head's causal weights without and with a sink logit (rows no longer
+    sum to 1), and the share each query row gives to the sink (which goes nowhere)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), constrained_layout=True,
+                             gridspec_kw=dict(width_ratios=[1, 1, 0.8]))
+    for ax, weights, title in ((axes[0], plain, "softmax over the keys"),
+                               (axes[1], with_sink, f"with a sink logit {sink:g} in each denominator")):
+        image = ax.imshow(np.asarray(weights), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels=labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels=labels)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        ax.set_title(title)
+    fig.colorbar(image, ax=axes[1], shrink=0.8, label="attention weight")
+    axes[2].barh(range(len(labels)), sink_share, color="C3")
+    axes[2].set_yticks(range(len(labels)), labels=labels)
+    axes[2].invert_yaxis()
+    axes[2].set_xlim(0, 1)
+    axes[2].set_xlabel("weight the sink takes (1 − row sum)")
+    axes[2].set_title("Where it goes: nowhere")
+    return _save(fig, path, dpi=110)
+
+
+def layer_pattern_figure(patterns, cache_curves, path) -> Path:
+    """Local/global layer patterns (``{name: ["local" | "global", ...]}``) as coloured strips,
+    and the KV cache each pattern needs against the sequence length (``{name: (lengths, MiB)}``)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), constrained_layout=True,
+                                      gridspec_kw=dict(height_ratios=[1, 2]))
+    for row, (name, kinds) in enumerate(patterns.items()):
+        for layer, kind in enumerate(kinds):
+            top.add_patch(plt.Rectangle((layer, row), 0.9, 0.8, color="C0" if kind == "global" else "C2"))
+        top.text(-0.3, row + 0.4, name, ha="right", va="center", fontsize=9)
+    longest = max(len(kinds) for kinds in patterns.values())
+    top.set_xlim(-0.1, longest)
+    top.set_ylim(len(patterns), -0.2)
+    top.set_xticks(np.arange(longest) + 0.45, labels=[str(i) for i in range(longest)], fontsize=7)
+    top.set_yticks([])
+    top.set_xlabel("layer")
+    top.set_title("blue: global (sees every earlier token), green: local (sees a window)")
+    for name, (lengths, mib) in cache_curves.items():
+        bottom.plot(lengths, mib, marker="o", label=name)
+    bottom.set_xscale("log", base=2)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("tokens in the sequence")
+    bottom.set_ylabel("KV cache, MiB (batch 1)")
+    bottom.set_title("The cache of the whole model, as jaxattn allocates it")
+    bottom.grid(True, which="both", alpha=0.3)
+    bottom.legend(fontsize=8)
+    return _save(fig, path, dpi=110)
+
+
+def nope_rope_figure(distances, scores_by_encoding, path) -> Path:
+    """One query and one key, placed at every distance: their score with RoPE (it changes with
+    the distance) and without any position encoding (NoPE: it does not)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), constrained_layout=True)
+    for name, scores in scores_by_encoding.items():
+        ax.plot(distances, scores, label=name)
+    ax.set_xlabel("distance m − n between the query and the key")
+    ax.set_ylabel("q · k")
+    ax.set_title("The same two vectors at every distance")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path, dpi=110)
+
+
+def rope_scaling_figure(wavelengths, context: int, path) -> Path:
+    """Each RoPE frequency's wavelength (tokens per full turn) by dimension pair, for the
+    scalings ``{name: wavelengths}``, with the trained context marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), constrained_layout=True)
+    for name, values in wavelengths.items():
+        ax.plot(np.arange(len(values)), values, marker=".", label=name)
+    ax.axhline(context, color="grey", linestyle="--", linewidth=1)
+    ax.text(0, context * 1.15, f"trained context: {context:,} tokens", fontsize=8, color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("dimension pair i (fast to slow)")
+    ax.set_ylabel("wavelength 2π / f_i (tokens)")
+    ax.set_title("RoPE's frequencies before and after scaling to 4x the context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi=110)

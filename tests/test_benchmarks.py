@@ -27,7 +27,7 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     ])
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["device_kind"] == results["device_kind"]
-    for field in ("platform", "versions", "dtype", "shapes", "mode", "date", "ceiling", "prefill", "families",
+    for field in ("platform", "versions", "dtype", "shapes", "mode", "date", "ceiling", "prefill", "logits", "families",
                   "decoding", "parallel", "seconds", "plots", "left_out"):
         assert field in saved, field
     kernels = {row["kernel"] for row in saved["prefill"]}
@@ -38,6 +38,9 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     for row in saved["prefill"]:
         assert row["median_s"] > 0 and row["flops_per_s"] > 0
     assert saved["decoding"]["cached_tokens_per_s"] > 0
+    variants = {(row["variant"], row["pass_"]) for row in saved["logits"]}
+    assert variants == {(v, p) for v in ("plain", "soft-cap", "sinks", "soft-cap + sinks") for p in ("forward", "fwd+bwd")}
+    assert "| 16 | forward | soft-cap + sinks |" in markdown(saved)
     ring = saved["parallel"]["rows"]
     assert {row["devices"] for row in ring} == {1, 2}
     assert {row["layout"] for row in ring} == {"causal, contiguous", "causal, zigzag", "not causal"}

@@ -92,3 +92,29 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setattr(cli, "_generate", bug)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["generate"])
+
+
+def test_train_a_model_with_todays_attention_from_a_config_file(tmp_path, text_file, capsys):
+    import json
+
+    config = dict(layers=3, layer_types=["local", "global", "local"], window=4, local_rope_theta=100.0, nope_layers=[2],
+                  rotary_fraction=0.5, qk_norm="head", attention_softcap=20.0, final_softcap=15.0, attention_sinks=True,
+                  rope_scaling={"kind": "llama3", "factor": 4.0, "original_max_length": 8}, norm_placement="sandwich")
+    path = tmp_path / "today.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = [arg for arg in TINY_ARGS if arg not in ("--layers", "1")]
+    assert main(["train", "--data", str(text_file), "--out", str(out), "--model-config", str(path), *args]) == 0
+    model = RunFolder(out).load_model()  # run.json round trip: lists, the scaling's dict
+    assert model.config.layer_types == ("local", "global", "local") and model.config.rope_scaling.kind == "llama3"
+    assert model.blocks[1].attn.sinks.shape == (4,) and model.blocks[2].attn.settings.rope is None
+    capsys.readouterr()
+    outputs = []
+    for cache in ([], ["--no-cache"]):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "The sky", "--max-new-tokens", "12",
+                     "--temperature", "0", *cache]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]  # cached greedy decoding = recomputing everything
+    path.write_text(json.dumps({"qk_norms": "head"}))
+    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "bad"), "--model-config", str(path)]) == 2
+    assert "unknown: ['qk_norms']" in capsys.readouterr().err

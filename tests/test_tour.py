@@ -18,10 +18,11 @@ from jaxattn.nn import TransformerConfig
 from jaxattn.tour import run_tour
 
 FIGURES = ("self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "multi_head.png",
-           "rope.png", "kv_cache.png", "mla.png", "flash.png")
+           "rope.png", "kv_cache.png", "mla.png", "flash.png", "softcap.png", "sinks.png", "local_global.png", "nope.png",
+           "rope_scaling.png")
 STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention", "Multi-head attention",
          "Where tokens are: RoPE", "The KV cache", "The next token", "Multi-head latent attention",
-         "Memory-efficient attention")
+         "Memory-efficient attention", "Attention in today's models")
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,19 @@ def check_figures_show_the_librarys_own_computations(tour):
     assert [lengths for _, lengths, _ in snapshots] == [[3, 5], [4, 6], [5, 7]]  # each row writes at its own length
     assert result["cache_sizes"]["MLA (L+R)"] == 576 and result["cache_sizes"]["MHA (H=128)"] == 32768
     assert jax.numpy.asarray(result["head_weights"]).shape == (4, 5, 5)
+    today = result["today"]
+    plain, capped = today["softcap"]  # the row [12, 6, 4, 2, 0], softmax without and with a cap of 5
+    logits = np.array([12.0, 6.0, 4.0, 2.0, 0.0])
+    for row, bent in ((plain, logits), (capped, 5 * np.tanh(logits / 5))):
+        np.testing.assert_allclose(row, np.exp(bent) / np.exp(bent).sum(), rtol=1e-5)
+    without, with_sink = today["sinks"]  # a sink scales each row by one number, Z / (Z + e^sink), and nothing else
+    visible = without > 0
+    ratio = with_sink / np.where(visible, without, 1)
+    row_sums = np.broadcast_to(with_sink.sum(-1, keepdims=True), ratio.shape)
+    np.testing.assert_allclose(ratio[visible], row_sums[visible], rtol=1e-5)
+    assert np.all(with_sink.sum(-1) < 1)
+    lengths, global_mib = today["cache_mib"]["all global (Llama)"]
+    kv = 2 * 4 * 128 * 2  # bytes per token and layer: (k, v) x K x D x bfloat16
+    assert global_mib[-1] == pytest.approx(24 * kv * 131072 / 2**20, rel=1e-6)
+    _, gemma3_mib = today["cache_mib"]["5:1 (Gemma 3)"]  # 20 local layers keep 1,024 tokens (and their positions)
+    assert gemma3_mib[-1] == pytest.approx((4 * 131072 * kv + 20 * 1024 * (kv + 4)) / 2**20, rel=1e-6)

@@ -33,7 +33,7 @@ from jaxattn.functional.masks import (
     segment_mask,
 )
 from jaxattn.functional.mla import MLAParams, MLASettings, mla_absorbed, mla_decompressed, mla_naive
-from jaxattn.functional.positions import Rope, rope, sinusoidal_positions
+from jaxattn.functional.positions import Rope, RopeScaling, rope, sinusoidal_positions
 from jaxattn.functional.ring import ring_attention, ring_attention_shard, ring_kernel, ring_shard_kernel, zigzag_order
 from jaxattn.functional.self_attention import AttentionParams, AttentionSettings, causal_self_attention
 
@@ -50,6 +50,7 @@ __all__ = [
     "MLAParams",
     "MLASettings",
     "Rope",
+    "RopeScaling",
     "SlidingKVCache",
     "attention",
     "attention_weights",

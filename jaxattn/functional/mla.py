@@ -41,7 +41,7 @@ from jaxattn.functional.kernels import Kernels, attend
 from jaxattn.functional.kv_cache import LatentCache
 from jaxattn.functional.masks import check_positive, default_scale
 from jaxattn.functional.positions import Rope
-from jaxattn.functional.self_attention import call_context
+from jaxattn.functional.self_attention import call_context, rms_norm
 
 class MLAParams(NamedTuple):
     """MLA weights, named and shaped as in the paper. Query compression is on when
@@ -68,16 +68,20 @@ class MLASettings:
 
     rope: the decoupled RoPE of ``q_r`` and ``k_r`` (DeepSeek: interleaved pairs).
     epsilon: the latent RMSNorms' epsilon.
-    scale: the logits' multiplier, ``None`` for ``1/sqrt(D + R)``.
+    scale: the logits' multiplier, ``None`` for ``1/sqrt(D + R)`` (times YaRN's ``mscale^2`` when
+      the RoPE is YaRN-scaled with ``mscale_all_dim``, as DeepSeek-V2/V3 do).
+    logit_softcap: ``cap`` of ``s -> cap tanh(s / cap)``, or ``None``.
     """
 
     rope: Rope = Rope(style="interleaved")
     epsilon: float = 1e-6
     scale: float | None = None
+    logit_softcap: float | None = None
 
     def __post_init__(self):
         check_positive("epsilon", self.epsilon)
         check_positive("scale", self.scale)
+        check_positive("logit_softcap", self.logit_softcap)
 
 
 class MLADims(NamedTuple):
@@ -128,13 +132,6 @@ def check_mla_params(params: MLAParams) -> MLADims:
     return MLADims(C, H, D, E, L, R, P)
 
 
-def rms_norm(x, scale, epsilon: float):
-    """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * scale``, computed in float32."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
-    return (normed * scale).astype(x.dtype)
-
-
 def mla_queries(params: MLAParams, h, positions, settings: MLASettings = MLASettings()):
     """Equations 12-14: h ``[B, T, C]`` -> ``(q_c [B, T, H, D], q_r [B, T, H, R])``.
 
@@ -161,8 +158,18 @@ def mla_latents(params: MLAParams, h, positions, settings: MLASettings = MLASett
 
 
 def mla_scale(dims: MLADims, settings: MLASettings) -> float:
-    """``1/sqrt(D + R)``: the query/key width of MLA is the content part plus the RoPE part."""
-    return default_scale(dims.D + dims.R, settings.scale)
+    """``1/sqrt(D + R)``: the query/key width of MLA is the content part plus the RoPE part.
+
+    With YaRN and ``mscale_all_dim`` (DeepSeek-V2/V3), times ``mscale(factor, mscale_all_dim)^2``:
+    DeepSeek puts YaRN's temperature into the softmax scale, not into cos and sin.
+    """
+    if settings.scale is not None:
+        return float(settings.scale)
+    scaling = settings.rope.scaling
+    mscale = 1.0
+    if scaling is not None and scaling.kind == "yarn" and scaling.mscale_all_dim:
+        mscale = scaling.yarn_mscale(scaling.mscale_all_dim)
+    return default_scale(dims.D + dims.R) * mscale * mscale
 
 
 def _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, context, kernels, cached, record):
@@ -193,7 +200,7 @@ def mla_naive(params: MLAParams, h, positions=None, *, settings: MLASettings = M
     context = call_context(h, positions, context=context)
     q_c, q_r = mla_queries(params, h, context.q_positions, settings)
     c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
-    context = context.self_keys().for_layer(scale=mla_scale(dims, settings))
+    context = context.self_keys().for_layer(scale=mla_scale(dims, settings), logit_softcap=settings.logit_softcap)
     return _decompressed_attention(params, dims, q_c, q_r, c_kv, k_r, context, kernels, False, record)
 
 
@@ -208,7 +215,8 @@ def _cached_latents(params, dims, h, cache: LatentCache, num_new, settings, cont
     q_c, q_r = mla_queries(params, h, context.q_positions, settings)
     c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
     view, new_cache = cache.update(c_kv, k_r, num_new)
-    context = context.with_keys(view.positions, view.lengths).for_layer(scale=mla_scale(dims, settings))
+    context = context.with_keys(view.positions, view.lengths).for_layer(scale=mla_scale(dims, settings),
+                                                                        logit_softcap=settings.logit_softcap)
     return q_c, q_r, context, view, new_cache
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -246,11 +247,16 @@ class RunFolder:
 
     def _is_legacy(self, step: int) -> bool:
         """Whether checkpoint ``step`` keeps release 0.2.0's flat attention kernels."""
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns that the item folder has no step metadata: it need not
         try:
             params = dict(ocp.StandardCheckpointer().metadata(self.path / CHECKPOINTS / str(step) / "state")
                           .item_metadata["params"])
         except Exception:  # a damaged folder: restoring it will say what is wrong
             return False
+        finally:
+            absl.setLevel(level)
         found = []
         _map_attention(params, lambda attn: found.append("q_proj" in attn) or attn)
         return any(found)

@@ -1,7 +1,7 @@
 """Flax NNX modules that hold parameters and call ``jaxattn.functional``."""
 
 from jaxattn.nn.attention import MultiHeadAttention
-from jaxattn.nn.layers import Mlp, SwiGluMlp, make_norm
+from jaxattn.nn.layers import GatedMlp, Mlp, SwiGluMlp, make_norm
 from jaxattn.nn.mla import MultiHeadLatentAttention
 from jaxattn.nn.transformer import (
     Config,
@@ -14,6 +14,7 @@ from jaxattn.nn.transformer import (
 
 __all__ = [
     "Config",
+    "GatedMlp",
     "Mlp",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",

@@ -17,12 +17,14 @@ class MultiHeadAttention(nnx.Module):
     """Causal multi-head attention with H query heads and K key/value heads.
 
     K = H is MHA, 1 < K < H is GQA, K = 1 is MQA. ``settings`` (``AttentionSettings``):
-    RoPE, window, scale. ``qkv_bias``/``out_bias`` add biases to the projections (GPT-2 has
-    both, Qwen2 the first only). ``kernels`` (``Kernels``) chooses the kernel of each call:
+    RoPE, window, scale, soft-cap, QK-norm. ``qkv_bias``/``out_bias`` add biases to the
+    projections (GPT-2 has both, Qwen2 the first only); ``sinks`` adds one learned logit per
+    head (gpt-oss), starting at 0. ``kernels`` (``Kernels``) chooses the kernel of each call:
     by default ``dense_kernel`` for full calls and ``decode_kernel`` for cached steps.
 
     The weights are made in their head shapes, with named axes: ``w_q [C, H, D]``,
-    ``w_k [C, K, D]``, ``w_v [C, K, D]``, ``w_o [H, D, C]`` (and ``b_q [H, D]`` ...).
+    ``w_k [C, K, D]``, ``w_v [C, K, D]``, ``w_o [H, D, C]`` (and ``b_q [H, D]`` ...; the
+    QK-norm scales ``q_norm``, ``k_norm`` ``[D]`` or ``[H|K, D]``, start at 1; ``sinks [H]``).
 
     Call: ``x [B, T, C]``, ``positions`` int ``[B, T]`` or ``[T]`` (default ``arange(T)``), or
     the model's ``context`` -> ``[B, T, C]``; with ``cache=`` (a ``KVCache`` or
@@ -41,6 +43,7 @@ class MultiHeadAttention(nnx.Module):
         settings: AttentionSettings = AttentionSettings(),
         qkv_bias: bool = False,
         out_bias: bool = False,
+        sinks: bool = False,
         kernels: Kernels = Kernels(),
         dtype=jnp.float32,
         out_init=default_kernel_init,
@@ -63,6 +66,16 @@ class MultiHeadAttention(nnx.Module):
         self.b_k = param(rngs, zeros, (K, D), ("kv_heads", "head_dim")) if qkv_bias else None
         self.b_v = param(rngs, zeros, (K, D), ("kv_heads", "head_dim")) if qkv_bias else None
         self.b_o = param(rngs, zeros, (C,), ("embed",)) if out_bias else None
+        ones = nnx.initializers.ones_init()
+        if settings.qk_norm == "projection":  # one scale per number of all the token's heads
+            self.q_norm = param(rngs, ones, (H, D), ("heads", "head_dim"))
+            self.k_norm = param(rngs, ones, (K, D), ("kv_heads", "head_dim"))
+        elif settings.qk_norm == "head":  # one scale per number of a head, shared by the heads
+            self.q_norm = param(rngs, ones, (D,), ("head_dim",))
+            self.k_norm = param(rngs, ones, (D,), ("head_dim",))
+        else:
+            self.q_norm = self.k_norm = None
+        self.sinks = param(rngs, zeros, (H,), ("heads",)) if sinks else None
 
     def params(self) -> AttentionParams:
         """The weights as the functional ``AttentionParams`` pytree, in the compute dtype."""

@@ -64,28 +64,38 @@ def param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
 
 
-class Mlp(nnx.Module):
-    """``W_2 gelu(W_1 x + b_1) + b_2``: the feed-forward layer of GPT-2 (hidden width usually
-    4C). GELU in its tanh form (Hendrycks & Gimpel 2016), GPT-2's ``gelu_new``."""
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's gelu_new, Gemma's gelu_pytorch_tanh
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # the exact erf form (GPT-NeoX)
+    "silu": jax.nn.silu,  # SwiGLU's gate (Llama)
+}
 
-    def __init__(self, width: int, hidden: int, *, bias: bool = False, dtype=jnp.float32, out_init=default_kernel_init,
-                 rngs: nnx.Rngs):
+
+class Mlp(nnx.Module):
+    """``W_2 act(W_1 x + b_1) + b_2``: the feed-forward layer of GPT-2 (hidden width usually
+    4C; GELU in its tanh form, Hendrycks & Gimpel 2016) and GPT-NeoX (exact GELU)."""
+
+    def __init__(self, width: int, hidden: int, *, bias: bool = False, activation: str = "gelu_tanh",
+                 dtype=jnp.float32, out_init=default_kernel_init, rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros_init()
+        self.activation = activation
         self.up = nnx.Linear(width, hidden, use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
                              bias_init=logical(zeros, "mlp"), rngs=rngs)
         self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
                                bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
-        return self.down(jax.nn.gelu(self.up(x), approximate=True))
+        return self.down(ACTIVATIONS[self.activation](self.up(x)))
 
 
-class SwiGluMlp(nnx.Module):
-    """``W_2 (silu(W_gate x) * W_1 x)`` (Shazeer 2020, arXiv 2002.05202), as in Llama."""
+class GatedMlp(nnx.Module):
+    """``W_2 (act(W_gate x) * W_1 x)`` (Shazeer 2020, arXiv 2002.05202): SwiGLU with ``silu``
+    (Llama, Qwen, OLMo 2, Phi-3), GeGLU with ``gelu_tanh`` (Gemma)."""
 
-    def __init__(self, width: int, hidden: int, *, bias: bool = False, dtype=jnp.float32, out_init=default_kernel_init,
-                 rngs: nnx.Rngs):
+    def __init__(self, width: int, hidden: int, *, bias: bool = False, activation: str = "silu", dtype=jnp.float32,
+                 out_init=default_kernel_init, rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros_init()
+        self.activation = activation
         up = dict(use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
                   bias_init=logical(zeros, "mlp"), rngs=rngs)
         self.gate = nnx.Linear(width, hidden, **up)
@@ -94,7 +104,11 @@ class SwiGluMlp(nnx.Module):
                                bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+
+
+# The name of the first releases: the gated MLP with SiLU.
+SwiGluMlp = GatedMlp
 
 
 def make_norm(kind: str, width: int, *, epsilon: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):

@@ -1,7 +1,16 @@
-"""A pre-norm decoder-only transformer language model, built from a frozen ``TransformerConfig``.
+"""A decoder-only transformer language model, built from a frozen ``TransformerConfig``.
 
-    x = x + attn(norm_1(x))
-    x = x + mlp(norm_2(x))
+    x = embed(tokens)  (times sqrt(C): Gemma)
+    for each layer:                                          norm_placement:
+        x = x + attn(norm(x));  x = x + mlp(norm(x))         "pre" (GPT-2, Llama, Qwen, Mistral)
+        x = x + norm(attn(x));  x = x + norm(mlp(x))         "post" (OLMo 2)
+        x = x + norm(attn(norm(x)));  x = ... mlp ...        "sandwich" (Gemma 2 and 3)
+        x = x + attn(norm(x)) + mlp(norm'(x))                parallel_residual (GPT-NeoX, Pythia)
+    logits = unembed(norm(x))  (soft-capped: Gemma 2)
+
+Each layer's attention has settings of its own (``TransformerConfig.attention_settings``):
+local (sliding-window) or global, its RoPE base, RoPE or none (NoPE), the QK-norm, the
+logits' scale and soft-cap; a cache per layer kind (window-sized for local layers).
 
 Shape letters: B batch, T tokens now, C model width, V vocabulary.
 """
@@ -30,12 +39,18 @@ from jaxattn.functional import (
     sinusoidal_positions,
 )
 from jaxattn.functional.decode import DECODE_MAX_TOKENS
+from jaxattn.functional.softmax import soft_cap
 from jaxattn.nn.attention import MultiHeadAttention
-from jaxattn.nn.layers import Mlp, SwiGluMlp, constrain, default_kernel_init, logical, make_norm
+from jaxattn.functional.positions import RopeScaling
+from jaxattn.nn.layers import GatedMlp, Mlp, constrain, default_kernel_init, logical, make_norm
 from jaxattn.nn.mla import MultiHeadLatentAttention
 
 POSITION_KINDS = ("learned", "sinusoidal", "rope")
-MLP_KINDS = ("gelu", "swiglu")
+# name -> (MLP class, activation): GPT-2's tanh GELU, GPT-NeoX's exact GELU, SwiGLU, Gemma's GeGLU.
+MLP_KINDS = {"gelu": (Mlp, "gelu_tanh"), "gelu_exact": (Mlp, "gelu"), "swiglu": (GatedMlp, "silu"),
+             "geglu": (GatedMlp, "gelu_tanh")}
+LAYER_KINDS = ("global", "local")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("standard", "mla")
 # The kernels a Config can name; any other kernel can be passed as attention_fn=.
@@ -59,11 +74,32 @@ class TransformerConfig:
     ``decode_max_tokens``: a call with a cache and at most this many new tokens (a decode
     step) uses ``decode_attention``, whose cost follows the tokens in the cache, not its
     capacity; 0 sends every call to ``attention_kernel`` (the default, 16, is measured in
-    ``benchmarks/decode.py``). ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias`` and ``mlp_bias`` add
-    biases to the attention's input and output projections and to the MLP (GPT-2 has all
-    three, Qwen2 the first). A combination that a model would silently ignore is a
-    ``ValueError`` that says what and why and what to do instead (e.g. a window or
-    ``kv_heads != heads`` with MLA, ``latent_dim`` with standard attention).
+    ``benchmarks/decode.py``). ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias``
+    and ``mlp_bias`` add biases to the attention's input and output projections and to the
+    MLP (GPT-2 has all three, Qwen2 the first). ``mlp``: ``"gelu"`` (tanh form), ``"gelu_exact"``,
+    ``"swiglu"`` or ``"geglu"``.
+
+    Attention as today's models do it (each layer's settings: ``attention_settings``):
+      layer_types: per layer ``"global"`` or ``"local"`` (a sliding window of ``window``);
+        ``None``: every layer local when ``window`` is set, else global (Gemma 2: 1:1,
+        Gemma 3: 5 local to 1 global).
+      local_rope_theta: the RoPE base of local layers, which then use plain RoPE (Gemma 3: 10k
+        local, 1M global); ``None``: every layer uses ``rope_theta`` and ``rope_scaling``.
+      nope_layers: layers with no position encoding at all (SmolLM3: every 4th).
+      rotary_fraction: the part of each head RoPE rotates (GPT-NeoX: 0.25).
+      rope_scaling: a ``RopeScaling`` (linear, dynamic, llama3, yarn, longrope), or its dict.
+      qk_norm: ``"head"`` (Qwen3, Gemma 3) or ``"projection"`` (OLMo 2) RMSNorm of q and k.
+      attention_scale: the logits' multiplier instead of ``1/sqrt(D)`` (Gemma: ``256^-1/2``).
+      attention_softcap, final_softcap: ``cap tanh(s / cap)`` on the attention logits and on
+        the model's output logits (Gemma 2: 50 and 30).
+      attention_sinks: one learned logit per head in every softmax denominator (gpt-oss).
+      norm_placement: ``"pre"``, ``"post"`` (OLMo 2) or ``"sandwich"`` (Gemma 2/3);
+      parallel_residual: attention and MLP side by side (GPT-NeoX); embed_scale: the
+        embeddings times ``sqrt(C)`` (Gemma).
+
+    A combination that a model would silently ignore is a ``ValueError`` that says what and
+    why and what to do instead (e.g. a window or ``kv_heads != heads`` with MLA,
+    ``latent_dim`` with standard attention, ``nope_layers`` without RoPE).
     """
 
     vocab_size: int = 256
@@ -92,10 +128,29 @@ class TransformerConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None
+    nope_layers: tuple[int, ...] = ()
+    rotary_fraction: float = 1.0
+    rope_scaling: RopeScaling | None = None
+    qk_norm: str | None = None
+    attention_scale: float | None = None
+    attention_softcap: float | None = None
+    attention_sinks: bool = False
+    final_softcap: float | None = None
+    norm_placement: str = "pre"
+    parallel_residual: bool = False
+    embed_scale: bool = False
 
     def __post_init__(self):
         if self.kv_heads is None:
             object.__setattr__(self, "kv_heads", self.heads)  # normalised once: MHA
+        # Normalised once: JSON's lists and dicts (run.json, --model-config) as the hashable forms.
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.attention == "mla":  # normalised once: MLA's default widths
             for name, value in MLA_DEFAULTS.items():
                 if getattr(self, name) is None:
@@ -109,7 +164,7 @@ class TransformerConfig:
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
         if self.mlp not in MLP_KINDS:
-            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+            raise ValueError(f"mlp must be one of {tuple(MLP_KINDS)}, got {self.mlp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
@@ -148,8 +203,75 @@ class TransformerConfig:
                         f"{name}={getattr(self, name)} is a width of MLA; attention='standard' would ignore it "
                         "(set attention='mla', or leave it None)"
                     )
-        if self.attention == "standard" and self.positions == "rope" and self.head_dim % 2:
+        if self.attention == "standard" and self.positions == "rope" and self.head_dim % 2 and self.rotary_fraction == 1:
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even, got {self.head_dim}")
+        self._check_todays_attention()
+
+    def _check_todays_attention(self):
+        """The settings of today's attention: valid, and used by the model they describe."""
+        for name in ("local_rope_theta", "attention_scale", "attention_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.parallel_residual and self.norm_placement != "pre":
+            raise ValueError(f"parallel_residual normalises the layer's input for both branches: it takes "
+                             f"norm_placement='pre', got {self.norm_placement!r}")
+        if self.qk_norm is not None and self.qk_norm not in ("head", "projection"):
+            raise ValueError(f"qk_norm must be 'head', 'projection' or None, got {self.qk_norm!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.layers or any(kind not in LAYER_KINDS for kind in self.layer_types):
+                raise ValueError(f"layer_types must give each of the {self.layers} layers one of {LAYER_KINDS}, "
+                                 f"got {self.layer_types}")
+            if "local" in self.layer_types and self.window is None:
+                raise ValueError("layer_types has local layers: set window (their sliding window)")
+            if "local" not in self.layer_types and self.window is not None:
+                raise ValueError(f"window={self.window} would be ignored: layer_types has no local layer")
+        if sorted(set(self.nope_layers)) != sorted(self.nope_layers) or any(
+                not 0 <= layer < self.layers for layer in self.nope_layers):
+            raise ValueError(f"nope_layers must be distinct layers in [0, {self.layers}), got {self.nope_layers}")
+        rotated = int(self.head_dim * self.rotary_fraction)
+        if not 0 < self.rotary_fraction <= 1 or (self.rotary_fraction != 1 and (rotated % 2 or rotated < 2)):
+            raise ValueError(f"rotary_fraction={self.rotary_fraction} of head_dim={self.head_dim} must rotate an even "
+                             f"number (>= 2) of dimensions")
+        rope_only = dict(nope_layers=self.nope_layers != (), rotary_fraction=self.rotary_fraction != 1,
+                         rope_scaling=self.rope_scaling is not None, local_rope_theta=self.local_rope_theta is not None)
+        for name, used in rope_only.items():
+            if used and self.positions != "rope":
+                raise ValueError(f"{name}={getattr(self, name)} shapes RoPE; positions={self.positions!r} would ignore it")
+        if self.local_rope_theta is not None and "local" not in self.kinds():
+            raise ValueError(f"local_rope_theta={self.local_rope_theta} would be ignored: no layer is local")
+        if self.attention == "mla":
+            for name, used in dict(layer_types=self.layer_types is not None, nope_layers=self.nope_layers != (),
+                                   rotary_fraction=self.rotary_fraction != 1, qk_norm=self.qk_norm is not None,
+                                   attention_sinks=self.attention_sinks).items():
+                if used:
+                    raise ValueError(f"attention='mla' would ignore {name}={getattr(self, name)!r}: MLA's layer has "
+                                     "its own latent norms and decoupled RoPE; use attention='standard' for it")
+
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's kind, ``"global"`` or ``"local"``."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return ("local" if self.window is not None else "global",) * self.layers
+
+    def attention_settings(self, layer: int) -> AttentionSettings | MLASettings:
+        """The static settings of layer ``layer``'s attention (the per-layer attention config)."""
+        local = self.kinds()[layer] == "local"
+        own_theta = local and self.local_rope_theta is not None
+        rope = Rope(
+            self.local_rope_theta if own_theta else self.rope_theta, self.rope_style,
+            rotary_fraction=None if self.rotary_fraction == 1 else self.rotary_fraction,
+            scaling=None if own_theta else self.rope_scaling,
+        )
+        if self.attention == "mla":
+            return MLASettings(rope=rope, epsilon=self.norm_epsilon, scale=self.attention_scale,
+                               logit_softcap=self.attention_softcap)
+        has_rope = self.positions == "rope" and layer not in self.nope_layers
+        return AttentionSettings(rope=rope if has_rope else None, window=self.window if local else None,
+                                 scale=self.attention_scale, logit_softcap=self.attention_softcap, qk_norm=self.qk_norm,
+                                 norm_epsilon=self.norm_epsilon)
 
     @property
     def compute_dtype(self):
@@ -173,47 +295,56 @@ def cache_bytes_per_token(config: TransformerConfig) -> int:
     return cache_elements_per_token(config) * config.compute_dtype.itemsize
 
 
-def attention_settings(config: TransformerConfig) -> AttentionSettings | MLASettings:
-    """The static settings of every attention layer of a model."""
-    rope = Rope(config.rope_theta, config.rope_style)
-    if config.attention == "mla":
-        return MLASettings(rope=rope, epsilon=config.norm_epsilon)
-    return AttentionSettings(rope=rope if config.positions == "rope" else None, window=config.window)
-
-
 class TransformerBlock(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """One layer: attention and MLP with their residuals, norms where ``norm_placement`` puts
+    them (``attn_norm``/``mlp_norm`` before a sublayer, ``attn_out_norm``/``mlp_out_norm`` after)."""
 
-    def __init__(self, config: TransformerConfig, *, kernels: Kernels = Kernels(), rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, layer: int = 0, *, kernels: Kernels = Kernels(), rngs: nnx.Rngs):
         dtype = config.compute_dtype
         # GPT-2: scale the residual projections by 1/sqrt(2 * layers).
         out_stddev = 0.02 / math.sqrt(2 * config.layers)
         out_init = nnx.initializers.normal(stddev=out_stddev)
-        self.attn_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
+        settings = config.attention_settings(layer)
         if config.attention == "mla":
             self.attn = MultiHeadLatentAttention(
                 config.width, heads=config.heads, head_dim=config.head_dim, latent_dim=config.latent_dim,
-                rope_dim=config.rope_dim, query_latent_dim=config.query_latent_dim, settings=attention_settings(config),
+                rope_dim=config.rope_dim, query_latent_dim=config.query_latent_dim, settings=settings,
                 kernels=kernels, dtype=dtype, out_stddev=out_stddev, rngs=rngs,
             )
         else:
             self.attn = MultiHeadAttention(
                 config.width, heads=config.heads, kv_heads=config.kv_heads, head_dim=config.head_dim,
-                settings=attention_settings(config), qkv_bias=config.qkv_bias, out_bias=config.out_bias, kernels=kernels,
-                dtype=dtype, out_init=out_init, rngs=rngs,
+                settings=settings, qkv_bias=config.qkv_bias, out_bias=config.out_bias, sinks=config.attention_sinks,
+                kernels=kernels, dtype=dtype, out_init=out_init, rngs=rngs,
             )
-        self.mlp_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
-        mlp_class = SwiGluMlp if config.mlp == "swiglu" else Mlp
-        self.mlp = mlp_class(config.width, config.mlp_hidden, bias=config.mlp_bias, dtype=dtype, out_init=out_init, rngs=rngs)
+        mlp_class, activation = MLP_KINDS[config.mlp]
+        self.mlp = mlp_class(config.width, config.mlp_hidden, bias=config.mlp_bias, activation=activation, dtype=dtype,
+                             out_init=out_init, rngs=rngs)
+
+        def norm(where: tuple[str, ...]):
+            if config.norm_placement not in where:
+                return None
+            return make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
+
+        self.attn_norm, self.mlp_norm = norm(("pre", "sandwich")), norm(("pre", "sandwich"))
+        self.attn_out_norm, self.mlp_out_norm = norm(("post", "sandwich")), norm(("post", "sandwich"))
+        self.parallel_residual = config.parallel_residual
+
+    @staticmethod
+    def _around(norm, x):
+        return x if norm is None else norm(x)
 
     def __call__(self, x, context: AttentionContext, *, cache=None, num_new=None):  # [B, T, C] -> [B, T, C]
         """``context``: the call's token side, from the model (with a cache, from its lengths)."""
-        if cache is None:
-            x = x + self.attn(self.attn_norm(x), context=context)
+        attended = self.attn(self._around(self.attn_norm, x), context=context, cache=cache, num_new=num_new)
+        if cache is not None:
+            attended, cache = attended
+        attended = self._around(self.attn_out_norm, attended)
+        if self.parallel_residual:  # x + attn(norm(x)) + mlp(norm'(x)): both read the layer's input
+            x = x + attended + self.mlp(self.mlp_norm(x))
         else:
-            attended, cache = self.attn(self.attn_norm(x), context=context, cache=cache, num_new=num_new)
             x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+            x = x + self._around(self.mlp_out_norm, self.mlp(self._around(self.mlp_norm, x)))
         return x if cache is None else (x, cache)
 
 
@@ -244,18 +375,18 @@ class TransformerLM(nnx.Module):
         if config.positions == "learned":
             self.position_embed = nnx.Embed(config.max_length, config.width, dtype=dtype,
                                             embedding_init=logical(default_kernel_init, "positions", "embed"), rngs=rngs)
-        self.blocks = nnx.List([TransformerBlock(config, kernels=kernels, rngs=rngs) for _ in range(config.layers)])
+        self.blocks = nnx.List([TransformerBlock(config, layer, kernels=kernels, rngs=rngs) for layer in range(config.layers)])
         self.final_norm = make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
         if not config.tied_embeddings:
             self.unembed = nnx.Linear(config.width, config.vocab_size, use_bias=False, dtype=dtype,
                                       kernel_init=logical(default_kernel_init, "embed", "vocab"), rngs=rngs)
 
     def init_cache(self, batch: int, max_length: int | None = None, *, chunk: int | None = None):
-        """Empty per-layer caches: a ``KVCache`` of ``max_length`` slots (default the context),
-        a ``SlidingKVCache`` for sliding-window layers (``window + chunk - 1`` slots, at most
-        ``max_length``; ``chunk``, the most tokens one call adds, defaults to ``max_length``:
-        pass the prompt's length, or 1 for steps only, to keep it near the window), or MLA's
-        ``LatentCache``."""
+        """Empty per-layer caches: a ``KVCache`` of ``max_length`` slots (default the context)
+        for a global layer, a ``SlidingKVCache`` for a local (sliding-window) layer
+        (``window + chunk - 1`` slots, at most ``max_length``; ``chunk``, the most tokens one call
+        adds, defaults to ``max_length``: pass the prompt's length, or 1 for steps only, to
+        keep it near the window), or MLA's ``LatentCache``."""
         c = self.config
         max_length = c.max_length if max_length is None else max_length
         if max_length > c.max_length and c.positions != "rope":
@@ -271,11 +402,9 @@ class TransformerLM(nnx.Module):
                 for _ in range(c.layers)
             )
         shape = dict(batch=batch, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
-        if c.window is not None:
-            chunk = max_length if chunk is None else chunk
-            return tuple(SlidingKVCache.create(window=c.window, chunk=chunk, max_length=max_length, **shape)
-                         for _ in range(c.layers))
-        return tuple(KVCache.create(max_length=max_length, **shape) for _ in range(c.layers))
+        chunk = max_length if chunk is None else chunk
+        return tuple(SlidingKVCache.create(window=c.window, chunk=chunk, max_length=max_length, **shape)
+                     if kind == "local" else KVCache.create(max_length=max_length, **shape) for kind in c.kinds())
 
     def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False):
         B, T = tokens.shape
@@ -288,6 +417,8 @@ class TransformerLM(nnx.Module):
                                               segment_ids=segment_ids, B=B, record_weights=record_weights)
         # The embedding lookup laid out like the tokens: see jaxattn.lm.parallel (an XLA gather bug).
         x = constrain(self.embed(tokens), ("batch", "length", "embed"))  # [B, T, C]
+        if self.config.embed_scale:  # Gemma: sqrt(C), rounded to the compute dtype as Gemma does
+            x = x * jnp.asarray(math.sqrt(self.config.width), x.dtype)
         positions = jnp.minimum(context.q_positions, self.config.max_length - 1)  # [B|1, T]
         if self.config.positions == "learned":
             x = x + self.position_embed(positions)
@@ -307,4 +438,6 @@ class TransformerLM(nnx.Module):
         else:
             logits = self.unembed(x)  # [B, T, V]
         logits = logits.astype(jnp.float32)
+        if self.config.final_softcap is not None:  # Gemma 2: cap tanh(z / cap) on the output logits
+            logits = soft_cap(logits, self.config.final_softcap)
         return logits if cache is None else (logits, tuple(new_cache))

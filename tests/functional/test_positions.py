@@ -1,9 +1,11 @@
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
 from jaxattn.functional import rope, sinusoidal_positions
+from jaxattn.functional.positions import RopeScaling
 from tests.conftest import reference_rope
 
 
@@ -85,3 +87,108 @@ class RopeTest(chex.TestCase):
             rope(jnp.ones((2, 3, 5, 4)), jnp.ones((2, 4), jnp.int32))
         with self.assertRaisesRegex(TypeError, "positions must be integers"):
             rope(jnp.ones((3, 4)), jnp.ones(3))
+
+
+# ------------------------------------------------ partial rotary and RoPE scaling
+#
+# Each scaling's frequencies written out from its paper or model card, in float64, as loops
+# over the R / 2 frequencies; rope() must rotate by exactly these.
+
+R_TEST, THETA = 16, 10000.0
+
+
+def base_frequencies(R=R_TEST, theta=THETA):
+    return [theta ** (-2 * i / R) for i in range(R // 2)]
+
+
+def llama3_frequencies(factor, low, high, old_context):
+    """The Llama 3.1 model card's apply_scaling, as a loop."""
+    out = []
+    for freq in base_frequencies():
+        wavelength = 2 * np.pi / freq
+        if wavelength < old_context / high:
+            out.append(freq)
+        elif wavelength > old_context / low:
+            out.append(freq / factor)
+        else:
+            smooth = (old_context / wavelength - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return out
+
+
+def yarn_frequencies(factor, original, beta_fast=32, beta_slow=1):
+    """YaRN (Peng et al. 2023), section 3.2 and its reference code: the dimensions whose frequency
+    turns more than beta_fast times over the original context keep it, fewer than beta_slow are
+    interpolated by the factor, a linear ramp between (bounds rounded outward to whole dimensions)."""
+    def dimension(rotations):
+        return R_TEST * np.log(original / (rotations * 2 * np.pi)) / (2 * np.log(THETA))
+
+    low, high = max(np.floor(dimension(beta_fast)), 0), min(np.ceil(dimension(beta_slow)), R_TEST - 1)
+    out = []
+    for i, freq in enumerate(base_frequencies()):
+        gamma = min(max((i - low) / (high - low), 0), 1)  # 0: extrapolate (keep), 1: interpolate
+        out.append((1 - gamma) * freq + gamma * freq / factor)
+    return out, 0.1 * np.log(factor) + 1  # and sqrt(1/t), the factor of cos and sin
+
+
+class RopeScalingTest(chex.TestCase):
+    def rotate(self, positions, **kwargs):
+        x = jnp.asarray(np.random.default_rng(5).standard_normal((len(positions), R_TEST)), jnp.float32)
+        return x, jax.jit(lambda x, p: rope(x, p, theta=THETA, **kwargs))(x, jnp.asarray(positions))
+
+    def check(self, positions, frequencies, factor=1.0, **kwargs):
+        x, out = self.rotate(positions, **kwargs)
+        expected = reference_rope(x, np.asarray(positions), "half", inv_freq=frequencies, factor=factor)
+        chex.assert_trees_all_close(out, expected, rtol=2e-4, atol=2e-4)
+
+    def test_partial_rotary_rotates_the_first_part_only(self):
+        x = jnp.asarray(np.random.default_rng(6).standard_normal((5, 16)), jnp.float32)
+        positions = np.array([0, 3, 9, 40, 7])
+        for kwargs, R in ((dict(rotary_fraction=0.25), 4), (dict(rotary_dim=12), 12)):
+            for style in ("half", "interleaved"):
+                out = rope(x, jnp.asarray(positions), style=style, **kwargs)
+                expected = reference_rope(x, positions, style, rotary_dim=R)
+                chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-4)
+                np.testing.assert_array_equal(out[:, R:], x[:, R:])
+        with self.assertRaisesRegex(ValueError, "rotated width must be even"):
+            rope(x, jnp.arange(5), rotary_dim=5)
+
+    def test_linear(self):
+        self.check([0, 1, 7, 100, 5000], [f / 4 for f in base_frequencies()], scaling=RopeScaling("linear", factor=4.0))
+
+    def test_dynamic_ntk_grows_the_base_past_the_trained_length(self):
+        scaling = RopeScaling("dynamic", factor=2.0, max_length=64)
+        self.check([0, 5, 63], base_frequencies(), scaling=scaling)  # L = 64: the base is untouched
+        L = 201  # the call's largest position + 1
+        grown = THETA * (2.0 * L / 64 - 1) ** (R_TEST / (R_TEST - 2))
+        self.check([0, 17, 200], base_frequencies(theta=grown), scaling=scaling)
+
+    def test_llama3(self):
+        scaling = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_length=64)
+        expected = llama3_frequencies(8.0, 1.0, 4.0, 64)
+        assert expected[0] == base_frequencies()[0] and expected[-1] == base_frequencies()[-1] / 8  # both ends
+        assert any(f / 8 < e < f for f, e in zip(base_frequencies(), expected))  # and a blended middle
+        self.check([0, 1, 7, 100, 5000], expected, scaling=scaling)
+
+    def test_yarn_and_its_attention_factor(self):
+        expected, factor = yarn_frequencies(4.0, 64)
+        self.check([0, 1, 7, 100, 5000], expected, factor, scaling=RopeScaling("yarn", factor=4.0, original_max_length=64))
+        # DeepSeek's form: mscale and mscale_all_dim equal -> cos and sin untouched (the scale takes it, see MLA).
+        self.check([3, 90], expected, 1.0, scaling=RopeScaling("yarn", factor=4.0, original_max_length=64, mscale=1.0,
+                                                              mscale_all_dim=1.0))
+
+    def test_longrope_switches_factors_past_the_original_length(self):
+        short, long = tuple(1.0 + 0.1 * i for i in range(8)), tuple(2.0 + 0.5 * i for i in range(8))
+        scaling = RopeScaling("longrope", short_factor=short, long_factor=long, original_max_length=64, max_length=256)
+        factor = np.sqrt(1 + np.log(256 / 64) / np.log(64))
+        self.check([0, 9, 63], [f / s for f, s in zip(base_frequencies(), short)], factor, scaling=scaling)
+        self.check([0, 9, 64], [f / s for f, s in zip(base_frequencies(), long)], factor, scaling=scaling)
+
+    def test_bad_scalings(self):
+        with self.assertRaisesRegex(ValueError, "rope scaling must be one of"):
+            RopeScaling("ntk")
+        with self.assertRaisesRegex(ValueError, "'llama3' needs original_max_length"):
+            RopeScaling("llama3", factor=8.0)
+        with self.assertRaisesRegex(ValueError, "longrope's short_factor has 3 numbers; R=16 needs R/2=8"):
+            rope(jnp.ones((2, 16)), jnp.arange(2), scaling=RopeScaling("longrope", original_max_length=4,
+                                                                       short_factor=(1, 1, 1), long_factor=(1, 1, 1)))

@@ -10,6 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 from jaxattn.functional import AttentionParams, AttentionSettings, KVCache, Rope, SlidingKVCache, causal_self_attention
+from jaxattn.functional.positions import RopeScaling
 from tests.conftest import normal, reference_layer
 
 # Odd, distinct sizes: C model width, H query heads, K key/value heads, D/E key/value widths.
@@ -82,3 +83,50 @@ class LayerTest(chex.TestCase):
             causal_self_attention(bad, normal((B, T, C)))
         with pytest.raises(ValueError, match=r"x \[B, T, C=13\], got \(2, 7, 12\)"):
             causal_self_attention(params, normal((B, T, 12)))
+
+
+class TodaysLayersTest(chex.TestCase):
+    """QK-norm, partial rotary, RoPE scaling, NoPE, soft-capping, sinks and a scale of its own,
+    in the layer, against the float64 layer."""
+
+    @parameterized.named_parameters(
+        ("qk_norm_per_head_llama3", dict(qk_norm="head"),
+         dict(rope=Rope(500.0, scaling=RopeScaling("llama3", factor=8.0, original_max_length=8)))),
+        ("qk_norm_projection_softcap", dict(qk_norm="projection", logit_softcap=2.0), dict(rope=Rope())),
+        ("partial_rotary_sinks_scale", dict(sinks=True, scale=0.3), dict(rope=Rope(rotary_fraction=0.5))),
+        ("nope_window_yarn_style", dict(window=3), dict(rope=None)),
+        ("yarn_sinks_softcap", dict(sinks=True, logit_softcap=1.5),
+         dict(rope=Rope(scaling=RopeScaling("yarn", factor=4.0, original_max_length=4)))),
+    )
+    def test_equals_float64_layer(self, features, rope_settings):
+        params = make_params()
+        rng = np.random.default_rng(20)
+        qk_norm = features.get("qk_norm")
+        if qk_norm is not None:
+            shape_q, shape_k = ((H, D), (K, D)) if qk_norm == "projection" else ((D,), (D,))
+            params = params._replace(q_norm=jnp.asarray(1 + 0.3 * rng.standard_normal(shape_q), jnp.float32),
+                                     k_norm=jnp.asarray(1 + 0.3 * rng.standard_normal(shape_k), jnp.float32))
+        if features.get("sinks"):
+            params = params._replace(sinks=jnp.asarray(rng.standard_normal(H), jnp.float32))
+        settings = AttentionSettings(window=features.get("window"), scale=features.get("scale"),
+                                     logit_softcap=features.get("logit_softcap"), qk_norm=qk_norm, **rope_settings)
+        x = normal((B, T, C), seed=21)
+        positions = np.array([[0, 1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15]])
+        out = jax.jit(lambda p, x, pos: causal_self_attention(p, x, pos, settings=settings))(params, x, positions)
+        r = settings.rope
+        frequencies, factor, rotary = None, 1.0, None
+        if r is not None:
+            from jaxattn.functional.positions import rope_frequencies, rotary_width
+
+            rotary = rotary_width(D, r.rotary_dim, r.rotary_fraction)
+            frequencies, factor = rope_frequencies(rotary, r.theta, r.scaling)
+        expected = reference_layer(params, x, positions, rope_theta=None if r is None else r.theta, window=settings.window,
+                                   rotary_dim=rotary, inv_freq=frequencies, rope_factor=factor, qk_norm=qk_norm,
+                                   scale=settings.scale, logit_softcap=settings.logit_softcap)
+        chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    def test_qk_norm_needs_its_scales(self):
+        with pytest.raises(ValueError, match="qk_norm='head' needs q_norm and k_norm"):
+            causal_self_attention(make_params(), normal((B, T, C)), settings=AttentionSettings(qk_norm="head"))
+        with pytest.raises(ValueError, match="qk_norm must be one of"):
+            AttentionSettings(qk_norm="layer")

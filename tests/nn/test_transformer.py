@@ -11,6 +11,11 @@ from jaxattn.lm.generate import make_decode_step
 from jaxattn.nn import Config, TransformerConfig, TransformerLM, cache_bytes_per_token, cache_elements_per_token
 
 SMALL = dict(vocab_size=61, width=24, layers=2, heads=4, kv_heads=4, head_dim=6, mlp_hidden=40, max_length=32)
+# Every mechanism of today's attention in one small model (3 layers: local, global, local-without-RoPE).
+TODAY = dict(layers=3, kv_heads=2, head_dim=8, window=3, layer_types=("local", "global", "local"), local_rope_theta=100.0,
+             rope_theta=10000.0, nope_layers=(2,), rotary_fraction=0.5, qk_norm="head", attention_softcap=5.0,
+             final_softcap=3.0, attention_sinks=True, attention_scale=0.4, norm_placement="sandwich", embed_scale=True,
+             mlp="geglu", rope_scaling=dict(kind="llama3", factor=4.0, original_max_length=8))
 
 
 def tokens_for(B, T, seed=0):
@@ -40,8 +45,13 @@ def jitted(model):
         dict(kv_heads=2, positions="sinusoidal", rope_style="interleaved"),
         dict(kv_heads=2, window=3),  # sliding window with the window-sized cache
         dict(attention="mla", latent_dim=10, rope_dim=4, query_latent_dim=8),  # MLA: latent cache, absorbed decode
+        TODAY,  # local and global layers, QK-norm, soft-caps, sinks, NoPE, partial rotary, llama3 scaling, Gemma's blocks
+        dict(kv_heads=2, qk_norm="projection", norm_placement="post", attention_sinks=True,
+             rope_scaling=dict(kind="yarn", factor=4.0, original_max_length=8)),  # OLMo 2's blocks, YaRN
+        dict(kv_heads=4, head_dim=8, mlp="gelu_exact", norm="layer", parallel_residual=True, rotary_fraction=0.25),  # NeoX
     ],
-    ids=["mha-rope", "gqa-gelu-layernorm", "mqa-learned", "gqa-sinusoidal", "window-sliding-cache", "mla"],
+    ids=["mha-rope", "gqa-gelu-layernorm", "mqa-learned", "gqa-sinusoidal", "window-sliding-cache", "mla", "today",
+         "olmo2-like", "neox-like"],
 )
 def test_prefill_then_decode_equals_full_forward(overrides):
     config = Config(**{**SMALL, **overrides, "positions": overrides.get("positions", "rope")})
@@ -58,8 +68,11 @@ def test_prefill_then_decode_equals_full_forward(overrides):
         steps.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache[0].lengths, [T, T])
-    if config.window is not None:  # the window and the largest call (the prompt), not the sequence
-        chex.assert_shape(cache[0].k, (B, config.window + prompt - 1, config.kv_heads, config.head_dim))
+    for kind, layer_cache in zip(config.kinds(), cache):  # local: the window and the largest call (the prompt)
+        if kind == "local":
+            chex.assert_shape(layer_cache.k, (B, config.window + prompt - 1, config.kv_heads, config.head_dim))
+        elif config.attention == "standard":
+            chex.assert_shape(layer_cache.k, (B, 16, config.kv_heads, config.head_dim))
     if config.attention == "mla":
         chex.assert_shape(cache[0].c_kv, (B, 16, config.latent_dim))
 
@@ -170,3 +183,68 @@ def test_flash_kernel_model_equals_dense_model():
     chex.assert_trees_all_close(jax.jit(flash)(tokens), jax.jit(dense)(tokens), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_kernel must be one of"):
         Config(attention_kernel="pallas")
+
+
+def test_blocks_wire_their_norms_as_their_models_do():
+    # Each placement written out with the block's own sublayers: pre (Llama), post (OLMo 2),
+    # sandwich (Gemma 2/3) and the parallel residual (GPT-NeoX).
+    from jaxattn.functional import AttentionContext
+    from jaxattn.nn import TransformerBlock
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 24))
+    context = AttentionContext.for_tokens(5)
+    for placement, parallel in (("pre", False), ("post", False), ("sandwich", False), ("pre", True)):
+        config = Config(**{**SMALL, "norm_placement": placement, "parallel_residual": parallel})
+        block = TransformerBlock(config, rngs=nnx.Rngs(1))
+        for norm in (block.attn_norm, block.mlp_norm, block.attn_out_norm, block.mlp_out_norm):
+            if norm is not None:  # norms start at 1: give them values, so that a misplaced one shows
+                norm.scale[...] = 1 + jax.random.normal(jax.random.key(len(placement)), norm.scale.shape)
+        attn = lambda h: block.attn(h, context=context)  # noqa: E731
+        if parallel:
+            expected = x + attn(block.attn_norm(x)) + block.mlp(block.mlp_norm(x))
+        elif placement == "pre":
+            h = x + attn(block.attn_norm(x))
+            expected = h + block.mlp(block.mlp_norm(h))
+        elif placement == "post":
+            h = x + block.attn_out_norm(attn(x))
+            expected = h + block.mlp_out_norm(block.mlp(h))
+        else:
+            h = x + block.attn_out_norm(attn(block.attn_norm(x)))
+            expected = h + block.mlp_out_norm(block.mlp(block.mlp_norm(h)))
+        chex.assert_trees_all_close(block(x, context), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_final_softcap_and_embedding_scale():
+    tokens = tokens_for(2, 7)
+    plain = TransformerLM(Config(**SMALL), rngs=nnx.Rngs(3))
+    capped = TransformerLM(Config(**SMALL, final_softcap=0.05), rngs=nnx.Rngs(3))
+    np.testing.assert_allclose(capped(tokens), 0.05 * np.tanh(np.asarray(plain(tokens)) / 0.05), rtol=1e-5, atol=1e-7)
+    # Gemma's sqrt(C): the same model with the embedding table scaled by hand, and untied so the
+    # head keeps the original table, gives the same logits.
+    untied = dict(SMALL, tied_embeddings=False)
+    scaled = TransformerLM(Config(**untied, embed_scale=True), rngs=nnx.Rngs(3))
+    by_hand = TransformerLM(Config(**untied), rngs=nnx.Rngs(3))
+    by_hand.embed.embedding[...] = by_hand.embed.embedding[...] * np.sqrt(24.0)
+    chex.assert_trees_all_close(scaled(tokens), by_hand(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(layer_types=("local", "global")), "layer_types has local layers: set window"),
+        (dict(layer_types=("global", "global"), window=4), "window=4 would be ignored: layer_types has no local"),
+        (dict(layer_types=("global",)), "layer_types must give each of the 2 layers"),
+        (dict(local_rope_theta=10.0), "local_rope_theta=10.0 would be ignored: no layer is local"),
+        (dict(nope_layers=(2,)), r"nope_layers must be distinct layers in \[0, 2\)"),
+        (dict(positions="learned", nope_layers=(1,)), "nope_layers=.* shapes RoPE; positions='learned' would ignore it"),
+        (dict(rotary_fraction=0.25), "rotary_fraction=0.25 of head_dim=6 must rotate an even number"),
+        (dict(qk_norm="layer"), "qk_norm must be 'head', 'projection' or None"),
+        (dict(norm_placement="post", parallel_residual=True), "parallel_residual .* takes norm_placement='pre'"),
+        (dict(attention="mla", attention_sinks=True), "attention='mla' would ignore attention_sinks=True"),
+        (dict(attention="mla", qk_norm="head"), "attention='mla' would ignore qk_norm='head'"),
+        (dict(attention_softcap=0), "attention_softcap must be a number > 0"),
+    ],
+)
+def test_todays_settings_that_would_be_ignored_or_cannot_work_are_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{**SMALL, **overrides})

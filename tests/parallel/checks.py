@@ -65,6 +65,32 @@ def ring():
     chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def ring_logits():
+    """Soft-capping and sinks in ring attention: values and gradients (d sinks too) equal the
+    float64 reference, with the heads (and so the sinks) split over a model axis and the
+    sequence over a ring of 4; each sink enters a row's softmax once, not once per hop."""
+    sinks = np.array([0.5, -1.0, 2.0, 0.3])
+    for spec, head_axis in (("model=2,seq=4", "model"), ("data=2,seq=4", None)):
+        mesh = parallel.mesh_from_spec(spec)
+        T = 24
+        order = zigzag_order(T, 4)
+        q, k, v = normal((2, T, 4, 5), seed=1, scale=2.0), normal((2, T, 2, 5), seed=2, scale=2.0), normal((2, T, 2, 6), seed=3)
+        cotangent = normal((2, T, 4, 6), seed=4)
+
+        def loss(q, k, v, sinks):
+            out = ring_attention(q[:, order], k[:, order], v[:, order], mesh=mesh, head_axis=head_axis, is_causal=True,
+                                 q_positions=order, kv_positions=order, block_q=3, block_kv=3, logit_softcap=3.0,
+                                 sinks=sinks)[:, jnp.argsort(order)]
+            return jnp.sum(out * cotangent), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+            q, k, v, jnp.asarray(sinks, jnp.float32))
+        expected = reference_attention(q, k, v, q_positions=np.arange(T), kv_positions=np.arange(T), logit_softcap=3.0,
+                                       sinks=sinks, cotangent=cotangent)
+        chex.assert_trees_all_close(out, expected[0], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(tuple(grads), tuple(expected[1:]), rtol=1e-4, atol=1e-5)
+
+
 def sharded_step():
     """One train step on data=2,model=2,seq=2 gives the loss and gradients of one device,
     and the parameters really are split: each device holds its slice."""

@@ -20,7 +20,7 @@ def run(*args, env=None, timeout=300):
     return result.stdout
 
 
-@pytest.mark.parametrize("check", ["ring", "sharded_step", "layouts", "zigzag"])
+@pytest.mark.parametrize("check", ["ring", "ring_logits", "sharded_step", "layouts", "zigzag"])
 def test_on_eight_virtual_devices(check):
     assert f"{check}: ok" in run("-m", "tests.parallel.checks", check)
 
