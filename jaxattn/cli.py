@@ -103,20 +103,28 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from jaxattn.lm.generate import Sampling, generate
+    from jaxattn.lm.generate import Sampling, Stopping, generate
     from jaxattn.lm.inspection import load_any
 
     model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.chat is not None:  # an instruct model's conversation, rendered by its chat template
+        prompt = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    else:  # the text as the checkpoint's tokenizer encodes it: its BOS included
+        prompt = tokenizer.encode(args.prompt)
+    stopping = Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos)
     tokens = generate(
         model,
-        [tokenizer.encode(args.prompt)],
+        [prompt],
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         seed=args.seed,
         use_cache=not args.no_cache,
+        stopping=stopping,
     )
-    print(args.prompt + tokenizer.decode(tokens[0]))
+    new = tokens[0, : stopping.lengths(tokens)[0]]  # up to the end-of-sequence token, if one came
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    print(text if args.chat is not None else args.prompt + text)
     return 0
 
 
@@ -202,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                           help="parameters and computation of a Hugging Face model")
     generate.add_argument("--prompt", default="The next day is bright")
+    generate.add_argument("--chat", default=None,
+                          help="instead of --prompt: a user message, in the checkpoint's chat template (instruct models)")
+    generate.add_argument("--ignore-eos", dest="ignore_eos", action="store_true",
+                          help="write --max-new-tokens tokens even past the end-of-sequence token")
     generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     generate.add_argument("--top-k", dest="top_k", type=int, default=None)

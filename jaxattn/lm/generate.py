@@ -1,10 +1,12 @@
 """Text generation: prefill the prompt into the KV cache, then decode in one compiled loop.
 
 ``generate`` runs the whole generation as one ``jax.jit``-compiled program: a prefill
-call over the (padded, possibly ragged) prompts, then ``lax.scan`` over decode steps,
-each feeding one token per sequence through the model with its cache. With
-``use_cache=False`` every step re-runs the model over the whole token buffer instead,
-which is the baseline the cache is measured against.
+call over the (padded, possibly ragged) prompts, then a ``lax.while_loop`` over decode
+steps, each feeding one token per sequence through the model with its cache. A row ends
+when it writes one of the checkpoint's end-of-sequence tokens (``Stopping``: the one rule,
+which the serving engine uses too) or at ``max_new_tokens``; finished rows are padded, and
+the loop stops when every row has finished. With ``use_cache=False`` every step re-runs the
+model over the whole token buffer instead, which is the baseline the cache is measured against.
 
 Shape letters: B batch, P padded prompt length, N new tokens, V vocabulary.
 """
@@ -65,6 +67,40 @@ def sample_token(logits, key, sampling: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stopping:
+    """When a sequence ends: at the first token in ``ids`` (the checkpoint's end-of-sequence
+    tokens; it is kept in the output, as transformers keeps it), or at the length limit. After
+    that, the row is filled with ``pad_id``. ``Stopping()`` never stops early.
+
+    A pytree: the ids and the pad id are values of the compiled program, not part of it, so
+    models that differ only in their end tokens share one compiled generation."""
+
+    ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, *, ignore_eos: bool = False) -> "Stopping":
+        """The tokenizer's checkpoint's end-of-sequence tokens (none with ``ignore_eos``)."""
+        ids = () if ignore_eos else tuple(getattr(tokenizer, "stop_ids", ()))
+        pad = getattr(tokenizer, "pad_id", None)
+        return cls(ids, pad if pad is not None else (ids[0] if ids else 0))
+
+    def ends(self, tokens):
+        """bool, the shape of ``tokens``: does this token end its sequence?"""
+        if not self.ids:
+            return jnp.zeros(jnp.shape(tokens), bool)
+        return jnp.isin(tokens, jnp.stack([jnp.asarray(i, jnp.int32) for i in self.ids]))
+
+    def lengths(self, tokens) -> np.ndarray:
+        """int ``[B]``: how many tokens each row of ``tokens [B, N]`` generated, its end token included."""
+        tokens = np.asarray(tokens)
+        ended = np.isin(tokens, np.asarray(self.ids, np.int64)) if self.ids else np.zeros(tokens.shape, bool)
+        first = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, tokens.shape[1])
+        return first.astype(np.int32)
+
+
 def pad_prompts(prompts):
     """A list of 1-D token arrays -> ``(tokens int32 [B, P], lengths int32 [B])``, right-padded."""
     prompts = [np.asarray(p, dtype=np.int32).reshape(-1) for p in prompts]
@@ -93,44 +129,104 @@ def _last_logits(logits, lengths):  # [B, P, V], [B] -> [B, V]
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
+def _decode_loop(next_token, carry, *, until: int, keys, stopping: Stopping):
+    """The loop both paths share: ``next_token(state, token, key) -> (token, state)`` writes token
+    i of every running row, until every row has stopped or ``until`` tokens are written.
+    ``carry``: ``(i, token, done [B], out [B, N], state)``; returns the same."""
+
+    def running(carry):
+        i, _, done, _, _ = carry
+        return (i < until) & ~jnp.all(done)
+
+    def step(carry):
+        i, token, done, out, state = carry
+        token, state = next_token(state, token, keys[i])
+        return _write(i, token, done, out, stopping) + (state,)
+
+    return lax.while_loop(running, step, carry)
+
+
+def _write(i, token, done, out, stopping: Stopping):
+    """Token i of each row into ``out`` (a finished row only pads); returns ``(i + 1, token, done, out)``."""
+    token = jnp.where(done, stopping.pad_id, token)
+    out = lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+    return i + 1, token, done | stopping.ends(token), out
+
+
+def _start(first, max_new_tokens: int, stopping: Stopping):
+    """``(i, token, done, out)`` once the prefill has sampled token 0."""
+    out = jnp.full((first.shape[0], max_new_tokens), stopping.pad_id, jnp.int32)
+    return _write(jnp.zeros((), jnp.int32), first, jnp.zeros(first.shape, bool), out, stopping)
+
+
+def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
+    """The step at which transformers recomputes the whole cache of a LongRoPE model (Phi-3): the
+    first step whose sequence, ``P + i`` tokens, is longer than the original context, when the
+    prompt is not. From then on every key is rotated with the long factors, as an uncached pass
+    would. ``None`` when the generation never crosses."""
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling is None or scaling.kind != "longrope":
+        return None
+    step = scaling.original_max_length + 1 - P
+    return step if 1 <= step < max_new_tokens else None
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length"))
-def _generate_cached(graphdef, params, prompt, lengths, key, *, max_new_tokens, sampling, cache_length):
+def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, cache_length):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
-    # Created inside the program and carried through the scan: every step writes into the
-    # same buffers (lax.dynamic_update_slice in place), no step copies the cache.
+    # Created inside the program and carried through the loop: every step writes into the
+    # same buffers (in place), no step copies the cache.
     cache = model.init_cache(B, max_length=cache_length, chunk=P)  # a window cache: window + P - 1 slots
     logits, cache = model(prompt, cache=cache, num_new=lengths)  # prefill: [B, P, V]
     keys = jax.random.split(key, max_new_tokens)
-    first = sample_token(_last_logits(logits, lengths), keys[0], sampling)  # [B]
     decode_step = make_decode_step(graphdef)
 
-    def step(carry, key):
-        token, cache = carry
+    def next_token(cache, token, key):
         logits, cache = decode_step(params, token, cache)
-        return (sample_token(logits, key, sampling), cache), token
+        return sample_token(logits, key, sampling), cache
 
-    (last, _), tokens = lax.scan(step, (first, cache), keys[1:])  # tokens 1..N-1: [N - 1, B]
-    return jnp.concatenate([tokens, last[None]], axis=0).T  # [B, N]
+    carry = _start(sample_token(_last_logits(logits, lengths), keys[0], sampling), max_new_tokens, stopping) + (cache,)
+    switch = longrope_switch(model.config, P, max_new_tokens)
+    if switch is not None:  # run to the switch, then prefill everything so far again, with the long factors
+        i, token, done, out, _ = _decode_loop(next_token, carry, until=switch, keys=keys, stopping=stopping)
+        sequence = jnp.zeros((B, P + switch), jnp.int32).at[:, :P].set(prompt)
+        sequence = jax.vmap(lambda row, new, start: lax.dynamic_update_slice(row, new, (start,)))(
+            sequence, out[:, :switch], lengths)  # [B, P + switch]: each row's prompt, then its new tokens
+        cache = model.init_cache(B, max_length=cache_length, chunk=P + switch)
+        logits, cache = model(sequence, cache=cache, num_new=lengths + switch)
+        token = sample_token(_last_logits(logits, lengths + switch), keys[switch], sampling)
+        carry = _write(i, token, done, out, stopping) + (cache,)
+    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping)[3]  # [B, N]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate_uncached(graphdef, params, prompt, lengths, key, *, max_new_tokens, sampling):
+def _generate_uncached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
     buffer = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt)  # [B, P + N]
+    slots = jnp.arange(P + max_new_tokens)[None]  # [1, P + N]
+    keys = jax.random.split(key, max_new_tokens)
+
+    def logits_of(buffer, lengths):
+        # The whole buffer, every step. Its empty slots are a segment of their own at position 0,
+        # so that the tokens present see only each other and the positions are the sequence's
+        # (RoPE that follows the length, dynamic or LongRoPE, sees the length so far).
+        empty = slots >= lengths[:, None]  # [B, P + N]
+        logits = model(buffer, jnp.where(empty, 0, slots), segment_ids=empty.astype(jnp.int32))  # [B, P + N, V]
+        return _last_logits(logits, lengths)
 
     def write(row, token, position):
         return lax.dynamic_update_slice(row, token[None], (position,))
 
-    def step(carry, key):
-        buffer, lengths = carry
-        logits = model(buffer)  # the whole buffer, every step: [B, P + N, V]
-        token = sample_token(_last_logits(logits, lengths), key, sampling)
-        return (jax.vmap(write)(buffer, token, lengths), lengths + 1), token
+    def next_token(state, token, key):
+        buffer, lengths = state
+        buffer, lengths = jax.vmap(write)(buffer, token, lengths), lengths + 1
+        return sample_token(logits_of(buffer, lengths), key, sampling), (buffer, lengths)
 
-    _, tokens = lax.scan(step, (buffer, lengths), jax.random.split(key, max_new_tokens))  # [N, B]
-    return tokens.T  # [B, N]
+    first = sample_token(logits_of(buffer, lengths), keys[0], sampling)
+    carry = _start(first, max_new_tokens, stopping) + ((buffer, lengths),)
+    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping)[3]  # [B, N]
 
 
 def generate(
@@ -142,8 +238,9 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     cache_length: int | None = None,
+    stopping: Stopping = Stopping(),
 ):
-    """Continues each prompt by ``max_new_tokens`` tokens.
+    """Continues each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
       model: a ``TransformerLM``.
@@ -154,9 +251,12 @@ def generate(
       use_cache: decode with the KV cache (True) or re-run the model on the whole
         buffer for every token (False).
       cache_length: the cache's capacity S_max (default: the longest prompt plus N).
+      stopping: when a row ends (``Stopping.for_tokenizer(tokenizer)``: at the checkpoint's
+        end-of-sequence tokens); the default never stops before N.
 
     Returns:
-      int32 ``[B, N]`` new tokens.
+      int32 ``[B, N]`` new tokens; after a row's end token, ``stopping.pad_id``
+      (``stopping.lengths(tokens)`` says how many each row generated).
     """
     tokens, lengths = pad_prompts(prompts)
     if max_new_tokens < 1:
@@ -172,7 +272,7 @@ def generate(
     if cache_length < needed:
         raise ValueError(f"cache_length={cache_length} cannot hold a prompt of {tokens.shape[1]} plus {max_new_tokens} new tokens")
     graphdef, params = nnx.split(model)
-    arguments = (graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+    arguments = (graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), stopping)
     if use_cache:
         return _generate_cached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, cache_length=cache_length)
     return _generate_uncached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling)

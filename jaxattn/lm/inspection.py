@@ -43,13 +43,20 @@ def load_any(name, *, dtype: str = "float32"):
     return model, tokenizer, f"Hugging Face {model.config.width}-wide, {model.config.layers}-layer model {name}"
 
 
+@nnx.jit
+def _forward_recording_weights(model, tokens, positions):
+    """``(logits, sown)``: one compiled forward pass with every layer sowing its weights."""
+    forward = nnx.capture(lambda model, tokens: model(tokens, positions, record_weights=True), nnx.Intermediate)
+    return forward(model, tokens)
+
+
 def capture_attention(model, tokens, positions=None):
     """Runs ``model`` once on tokens ``[B, T]`` and returns ``(logits [B, T, V], weights
     [L, B, H, T, T])``: every layer's attention weights, computed once in the forward pass
     itself (``record_weights=True``: each layer sows what it averages values with; Flax's
-    ``nnx.capture`` collects them). The logits are the plain forward pass's."""
-    forward = nnx.capture(lambda model, tokens: model(tokens, positions, record_weights=True), nnx.Intermediate)
-    logits, sown = forward(model, jnp.asarray(tokens))
+    ``nnx.capture`` collects them), compiled. The logits are the plain forward pass's."""
+    positions = None if positions is None else jnp.asarray(positions)
+    logits, sown = _forward_recording_weights(model, jnp.asarray(tokens), positions)
     sown = nnx.to_pure_dict(sown)
     weights = [sown["blocks"][layer]["attn"]["attention_weights"][0] for layer in range(len(model.blocks))]
     return logits, jnp.stack(weights)  # [L, B, H, T, T]

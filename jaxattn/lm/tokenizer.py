@@ -33,17 +33,26 @@ def token_label(token: int) -> str:
 
 class ByteTokenizer:
     """The byte tokenizer with the interface every tokenizer of jaxattn has (see
-    ``jaxattn.lm.hf.HFTokenizer``): ``encode``, ``decode``, ``label``, ``vocab_size``."""
+    ``jaxattn.lm.hf.HFTokenizer``): ``encode``, ``decode``, ``label``, ``vocab_size``,
+    ``stop_ids`` (none: a byte model writes until the limit) and ``pad_id``."""
 
     vocab_size = VOCAB_SIZE
+    stop_ids: tuple[int, ...] = ()
+    pad_id = 0
+    chat_template = None
 
     @staticmethod
-    def encode(text: str) -> np.ndarray:
+    def encode(text: str, *, add_special_tokens: bool = True) -> np.ndarray:
         return encode(text)
 
     @staticmethod
-    def decode(tokens) -> str:
+    def decode(tokens, *, skip_special_tokens: bool = True) -> str:
         return decode(tokens)
+
+    @staticmethod
+    def encode_chat(messages, *, add_generation_prompt: bool = True) -> np.ndarray:
+        raise ValueError("a byte-level jaxattn model has no chat template (it was not trained on conversations); "
+                         "use --prompt instead of --chat")
 
     @staticmethod
     def label(token: int) -> str:

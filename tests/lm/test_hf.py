@@ -9,38 +9,109 @@ import sys
 from pathlib import Path
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxattn import viz
+from jaxattn.cli import main
 from jaxattn.functional import mla_naive
-from jaxattn.lm.generate import generate
-from jaxattn.lm.hf import LoadError, load_hf_model, mla_from_hf, mla_layer_from_hf, read_hf_config, SafetensorsFolder
+from jaxattn.lm.generate import Stopping, generate
+from jaxattn.lm.inspection import capture_attention
+from jaxattn.lm.tokenizer import ByteTokenizer
+from jaxattn.lm.hf import (
+    LoadError,
+    SafetensorsFolder,
+    load_hf_model,
+    mla_from_hf,
+    mla_layer_from_hf,
+    read_hf_config,
+    render_chat_template,
+)
 
 FIXTURES = Path(__file__).parent.parent / "data" / "hf"
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral")
+draw_attention_grid = viz.attention_grid
+FAMILIES = ("gpt2", "llama", "llama_tied", "llama3", "llama_linear", "llama_dynamic", "llama_yarn", "qwen2", "qwen2_yarn",
+            "qwen3", "mistral", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "gpt_neox", "smollm3")
+# A family's golden and live tests run in one test process (pytest-xdist's loadgroup), where
+# the second reuses the programs the first compiled: the two models share one structure.
+FAMILY_PARAMS = [pytest.param(name, marks=pytest.mark.xdist_group(f"hf-{name}")) for name in FAMILIES]
 # CI installs the parity extra and sets this, so that the live tests cannot be skipped there.
 REQUIRE_LIVE = os.environ.get("JAXATTN_REQUIRE_PARITY") == "1"
+PROMPT_TEXT = "The sky is"
+CHAT_MESSAGE = "What is the sky like?"
 
 
-def check_logits_and_greedy(model, tokens, lengths, logits, prompt, greedy):
-    ours = np.asarray(model(jnp.asarray(tokens)))
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+
+def check_logits(model, tokens, lengths, logits):
+    ours = np.asarray(forward(model, jnp.asarray(tokens)))
     for row, length in enumerate(lengths):  # right padding: valid rows never see it
         np.testing.assert_allclose(ours[row, :length], logits[row, :length], atol=1e-4, rtol=0)
-    for use_cache in (True, False):
-        tokens_out = generate(model, [prompt], max_new_tokens=len(greedy), use_cache=use_cache)
-        np.testing.assert_array_equal(np.asarray(tokens_out[0]), greedy)
+
+
+def check_greedy(model, prompt, greedy, *, use_cache=True):
+    tokens_out = generate(model, [prompt], max_new_tokens=len(greedy), use_cache=use_cache)
+    np.testing.assert_array_equal(np.asarray(tokens_out[0]), greedy)
+
+
+def check_attention(model, tokens, attentions):
+    """The captured weights of one sequence are transformers' (eager) attention weights."""
+    _, weights = capture_attention(model, tokens[None])
+    np.testing.assert_allclose(np.asarray(weights[:, 0]), attentions, atol=1e-5, rtol=0)
+
+
+def check_inspect(folder, model, monkeypatch, tmp_path, capsys):
+    """`jaxattn inspect` runs and draws a grid of layers x heads maps."""
+    drawn = []
+
+    def attention_grid(weights, labels, path, **kwargs):
+        drawn.append(np.shape(weights))
+        return draw_attention_grid(weights, labels, path, **kwargs)
+
+    monkeypatch.setattr(viz, "attention_grid", attention_grid)
+    assert main(["inspect", str(folder), PROMPT_TEXT, "--out", str(tmp_path / "grid.png")]) == 0
+    L, H = model.config.layers, model.config.heads
+    assert f"{L} layers x {H} heads" in capsys.readouterr().out
+    assert drawn[0][:2] == (L, H) and (tmp_path / "grid.png").stat().st_size > 5_000
+
+
+def check_tokenizer_and_printed_text(folder, tokenizer, expected, capsys):
+    """The ids of AutoTokenizer (special tokens included), its chat template's text and ids, and
+    what transformers' greedy generation prints for PROMPT_TEXT, stopping where it stops."""
+    for text, ids in expected["ids"].items():
+        assert tokenizer.encode(text).tolist() == ids, text
+    assert main(["generate", "--model", str(folder), "--prompt", PROMPT_TEXT, "--temperature", "0",
+                 "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == expected["printed"] + "\n"
+    if expected["chat"] is not None:
+        messages = [{"role": "user", "content": CHAT_MESSAGE}]
+        assert tokenizer.apply_chat_template(messages) == expected["chat"]["text"]
+        assert tokenizer.encode_chat(messages).tolist() == expected["chat"]["ids"]  # no double BOS
+        assert main(["generate", "--model", str(folder), "--chat", CHAT_MESSAGE, "--temperature", "0",
+                     "--max-new-tokens", "20"]) == 0
+        assert capsys.readouterr().out == expected["chat_reply"] + "\n"  # the reply only
 
 
 # ------------------------------------------------------------------ golden (no PyTorch)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
-def test_golden_parity_with_transformers(name):
-    model, _ = load_hf_model(FIXTURES / name)
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
+def test_golden_parity_with_transformers(name, monkeypatch, tmp_path, capsys):
+    model, tokenizer = load_hf_model(FIXTURES / name)
     expected = np.load(FIXTURES / name / "expected.npz")
-    check_logits_and_greedy(model, expected["tokens"], expected["lengths"], expected["logits"], expected["prompt"],
-                            expected["greedy"])
+    check_logits(model, expected["tokens"], expected["lengths"], expected["logits"])
+    check_attention(model, expected["tokens"][0], expected["attentions"])
+    check_inspect(FIXTURES / name, model, monkeypatch, tmp_path, capsys)
+    if name in ("llama", "gemma2", "phi3"):  # 20 greedy tokens (the others: the printed text below)
+        check_greedy(model, expected["prompt"], expected["greedy"])
+    check_tokenizer_and_printed_text(FIXTURES / name, tokenizer, json.loads((FIXTURES / name / "expected.json").read_text()),
+                                     capsys)
 
 
 def test_golden_deepseek_mla_layer():
@@ -62,6 +133,58 @@ def test_tokenizer_round_trips_and_fits_the_model():
         assert ids.dtype == np.int32 and ids.max() < model.config.vocab_size
         assert tokenizer.decode(ids) == text
     assert len(tokenizer.encode("The next day")) < len("The next day")  # merges were learned
+
+
+def test_special_tokens_templates_and_their_settings(tmp_path):
+    # Llama 3's tokenizer adds <|begin_of_text|> through its post-processor; an older
+    # tokenizer_config.json's add_bos_token/add_eos_token replace the template, as transformers does.
+    _, tokenizer = load_hf_model(FIXTURES / "llama3")
+    bos = tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
+    assert tokenizer.encode("The sky")[0] == bos and tokenizer.encode("The sky", add_special_tokens=False)[0] != bos
+    assert tokenizer.decode(tokenizer.encode("The sky")) == "The sky"  # special tokens skipped
+    assert tokenizer.decode(tokenizer.encode("The sky"), skip_special_tokens=False) == "<|begin_of_text|>The sky"
+    folder = tmp_path / "llama3"
+    shutil.copytree(FIXTURES / "llama3", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": True}))
+    _, changed = load_hf_model(folder)
+    eos = changed.tokenizer.token_to_id("<|eot_id|>")
+    assert changed.encode("The sky")[0] != bos and changed.encode("The sky")[-1] == eos
+
+
+def test_a_checkpoint_without_a_chat_template_says_so(capsys):
+    _, tokenizer = load_hf_model(FIXTURES / "mistral")
+    with pytest.raises(LoadError, match="no chat template .* use --prompt instead of --chat"):
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert main(["generate", "--model", str(FIXTURES / "mistral"), "--chat", "hi"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="byte-level jaxattn model has no chat template"):
+        ByteTokenizer().encode_chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(LoadError, match="the chat template could not be rendered: no system role"):
+        render_chat_template("{{ raise_exception('no system role') }}", [])
+
+
+def test_generation_stops_per_row_at_the_checkpoints_eos(capsys):
+    # A ragged batch: each row stops at its own end-of-sequence token and is padded after it;
+    # --ignore-eos writes all the tokens asked for.
+    model, tokenizer = load_hf_model(FIXTURES / "llama3")
+    expected = json.loads((FIXTURES / "llama3" / "expected.json").read_text())
+    stopping = Stopping.for_tokenizer(tokenizer)
+    assert stopping.ids == (expected["eos_token_id"],)
+    prompts = [tokenizer.encode(PROMPT_TEXT), tokenizer.encode("The next day is bright and the sky")]
+    free = np.asarray(generate(model, prompts, max_new_tokens=20))
+    stopped = np.asarray(generate(model, prompts, max_new_tokens=20, stopping=stopping))
+    lengths = stopping.lengths(stopped)
+    for row in range(2):
+        ends = np.flatnonzero(free[row] == stopping.ids[0])
+        n = ends[0] + 1 if len(ends) else 20
+        assert lengths[row] == n
+        np.testing.assert_array_equal(stopped[row, :n], free[row, :n])
+        np.testing.assert_array_equal(stopped[row, n:], stopping.pad_id)
+    assert lengths[0] < 20  # the first row stops early (its eos was chosen so)
+    assert main(["generate", "--model", str(FIXTURES / "llama3"), "--prompt", PROMPT_TEXT, "--temperature", "0",
+                 "--max-new-tokens", "20", "--ignore-eos"]) == 0
+    assert len(capsys.readouterr().out) > len(expected["printed"]) + 1
 
 
 def test_bfloat16_loading():
@@ -102,23 +225,34 @@ def test_missing_config_and_unsupported_model_type(tmp_path, llama_copy):
         load_hf_model(tmp_path)
     config = json.loads((llama_copy / "config.json").read_text())
     (llama_copy / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(LoadError, match=r"model_type 'bert' is not supported; supported: gpt2, llama, qwen2, mistral"):
+    with pytest.raises(LoadError, match=r"model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"):
         load_hf_model(llama_copy)
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "family, change, message",
     [
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}}, "rope_type='llama3'"),
-        ({"hidden_act": "gelu"}, r"hidden_act='gelu'.*supported: 'silu'"),
-        ({"num_key_value_heads": 4}, r"model.layers.0.self_attn.k_proj.weight' in 'model.safetensors' has shape \(12, 16\)"),
+        ("llama", {"rope_parameters": {"rope_type": "su", "rope_theta": 500.0, "factor": 8.0}}, "rope_type='su'"),
+        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8, "beta": 2}},
+         r"rope parameters \['beta'\]"),
+        ("llama", {"hidden_act": "gelu"}, r"hidden_act='gelu'.*supported: 'silu'"),
+        ("llama", {"num_key_value_heads": 4},
+         r"model.layers.0.self_attn.k_proj.weight' in 'model.safetensors' has shape \(12, 16\)"),
+        ("gemma2", {"hidden_activation": "relu"}, r"hidden_activation='relu'.*GeGLU"),
+        ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+        ("qwen3", {"layer_types": ["chunked_attention", "full_attention"]}, r"layer_types=\['chunked_attention'"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
+        ("gpt_neox", {"hidden_act": "relu"}, r"hidden_act='relu'"),
     ],
 )
-def test_config_that_would_change_the_maths_or_does_not_fit(llama_copy, change, message):
-    config = json.loads((llama_copy / "config.json").read_text())
-    (llama_copy / "config.json").write_text(json.dumps({**config, **change}))
+def test_config_that_would_change_the_maths_or_does_not_fit(tmp_path, family, change, message):
+    folder = tmp_path / family
+    shutil.copytree(FIXTURES / family, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(LoadError, match=message):
-        load_hf_model(llama_copy)
+        load_hf_model(folder)
 
 
 def _rewrite_tensors(folder, edit):
@@ -199,15 +333,26 @@ def hf_models():
     return hf_models
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "llama_tied", "qwen2", "mistral"])
-def test_live_parity_with_transformers(hf_models, tmp_path, name):
-    reference = hf_models.tiny_model(name, vocab_size=80, seed=7)
-    reference.save_pretrained(tmp_path / name)
-    model, _ = load_hf_model(tmp_path / name)
-    tokens, lengths = hf_models.ragged_batch(80, seed=3)
-    logits = hf_models.reference_logits(reference, tokens, lengths)
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
+def test_live_parity_with_transformers(hf_models, tmp_path, name, capsys):
+    folder = tmp_path / name
+    reference = hf_models.tiny_checkpoint(folder, name, seed=7)
+    model, tokenizer = load_hf_model(folder)
+    tokens, lengths = hf_models.ragged_batch(model.config.vocab_size, seed=3)
+    check_logits(model, tokens, lengths, hf_models.reference_logits(reference, tokens, lengths))
+    check_attention(model, tokens[0], hf_models.reference_attentions(reference, tokens[0]))
     prompt = tokens[1, :7]
-    check_logits_and_greedy(model, tokens, lengths, logits, prompt, hf_models.reference_greedy(reference, prompt))
+    check_greedy(model, prompt, hf_models.reference_greedy(reference, prompt))
+    # Uncached against transformers' uncached (they differ where RoPE depends on the length).
+    check_greedy(model, prompt, hf_models.reference_greedy(reference, prompt, use_cache=False), use_cache=False)
+    from tests.data.hf.make_fixtures import early_eos
+
+    reference.generation_config.eos_token_id = early_eos(reference, folder)
+    reference.generation_config.save_pretrained(folder)
+    expected = hf_models.reference_tokens(folder)
+    expected["printed"] = hf_models.reference_text(folder, reference, PROMPT_TEXT)
+    expected["chat_reply"] = hf_models.reference_chat_reply(folder, reference, CHAT_MESSAGE)
+    check_tokenizer_and_printed_text(folder, load_hf_model(folder)[1], expected, capsys)
 
 
 @pytest.mark.parametrize("rope_interleave, q_lora_rank", [(True, 12), (False, None)])

@@ -1,44 +1,76 @@
-"""Writes the golden parity fixtures: tiny random Hugging Face checkpoints and what
-transformers computes with them, so that the tests check parity without PyTorch.
+"""Writes the golden parity fixtures: tiny random Hugging Face checkpoints of every family
+jaxattn opens, with their tokenizers, and what transformers computes with them, so that the
+tests check parity without PyTorch.
 
     pip install -e ".[test,parity]" && python -m tests.data.hf.make_fixtures
 
-Each folder holds config.json, model.safetensors (float32) and expected.npz:
-tokens [2, 11] (right-padded), lengths [2], logits [2, 11, V] (padding rows are whatever
-transformers computed; the tests compare valid rows only), prompt and greedy (20 greedy
-tokens). gpt2/ also holds a tokenizer.json; deepseek_mla/ holds one attention layer,
-hidden [2, 7, C] and its output.
+Each folder holds what ``save_pretrained`` writes (config.json, generation_config.json,
+model.safetensors in float32, tokenizer.json, tokenizer_config.json, the chat template) and
+expected.npz: tokens [2, 11] (right-padded), lengths [2], logits [2, 11, V] (the tests compare
+valid rows only), prompt and greedy (20 greedy tokens), attentions [L, H, 11, 11] (the
+attention weights of the first row); and expected.json: AutoTokenizer's ids
+for a set of strings, the chat template's text and ids and the greedy reply to one message,
+and what ``generate`` prints for PROMPT_TEXT (greedy, 20 tokens, stopping at the checkpoint's eos, chosen so that it comes
+early). deepseek_mla/ holds one attention layer, hidden [2, 7, C] and its output.
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from tests.lm.hf_models import (
+    ARCHITECTURES,
+    CHAT_MESSAGE,
+    PROMPT_TEXT,
     deepseek_reference,
     ragged_batch,
+    reference_attentions,
+    reference_chat_reply,
     reference_greedy,
     reference_logits,
+    reference_text,
+    reference_tokens,
+    tiny_checkpoint,
     tiny_deepseek_attention,
-    tiny_model,
-    tiny_tokenizer,
 )
 
 HERE = Path(__file__).parent
 
 
-def write_model(name, vocab_size=64, tokenizer=None):
+def early_eos(model, folder):
+    """An eos token that greedy decoding of PROMPT_TEXT writes at its 6th step (or later, or
+    if greedy repeats itself by then, earlier but not first), and not before: so that
+    generation stops early, at a known place."""
+    import transformers
+
+    ids = np.asarray(transformers.AutoTokenizer.from_pretrained(folder)(PROMPT_TEXT).input_ids, np.int32)
+    greedy = reference_greedy(model, ids, 20)
+    for index in [*range(5, 20), *range(4, 0, -1)]:
+        if greedy[index] not in greedy[:index]:
+            return int(greedy[index])
+    return None
+
+
+def write_checkpoint(name, seed=0):
+    """The family's checkpoint, its expected logits and greedy tokens, and its tokenizer's,
+    chat template's and printed text's expectations."""
     folder = HERE / name
-    model = tiny_model(name, vocab_size=vocab_size)
-    model.save_pretrained(folder)
-    for extra in ("generation_config.json",):
-        (folder / extra).unlink(missing_ok=True)
-    if tokenizer is not None:
-        tokenizer.save(str(folder / "tokenizer.json"))
-    tokens, lengths = ragged_batch(vocab_size)
+    shutil.rmtree(folder, ignore_errors=True)
+    model = tiny_checkpoint(folder, name, seed=seed)
+    tokens, lengths = ragged_batch(model.get_input_embeddings().num_embeddings, seed=seed)
     np.savez(folder / "expected.npz", tokens=tokens, lengths=lengths, logits=reference_logits(model, tokens, lengths),
-             prompt=tokens[1, :7], greedy=reference_greedy(model, tokens[1, :7]))
+             prompt=tokens[1, :7], greedy=reference_greedy(model, tokens[1, :7]),
+             attentions=reference_attentions(model, tokens[0]))
+    model.generation_config.eos_token_id = early_eos(model, folder)
+    model.generation_config.save_pretrained(folder)
+    expected = reference_tokens(folder)
+    expected["printed"] = reference_text(folder, model, PROMPT_TEXT)
+    expected["chat_reply"] = reference_chat_reply(folder, model, CHAT_MESSAGE)
+    expected["eos_token_id"] = model.generation_config.eos_token_id
+    (folder / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False))
 
 
 def write_deepseek():
@@ -53,10 +85,8 @@ def write_deepseek():
 
 
 if __name__ == "__main__":
-    tokenizer = tiny_tokenizer()
-    write_model("gpt2", vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer)
-    for name in ("llama", "qwen2", "mistral"):
-        write_model(name)
+    for name in ARCHITECTURES:
+        write_checkpoint(name)
     write_deepseek()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file())
     print(f"fixtures written to {HERE}: {total / 1024:.0f} KiB in all")
