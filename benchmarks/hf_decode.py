@@ -9,9 +9,15 @@ in this one process: batch 1, a random prompt, greedy decoding of N new tokens w
 KV cache, timed end to end (prefill included), minimum and median of several runs,
 float32 on the CPU. Both continuations are checked to be the same tokens.
 
-Models: GPT-2 small (12 layers, width 768, 12 heads, vocabulary 50257) and a small
+Models: GPT-2 small (12 layers, width 768, 12 heads, vocabulary 50257); a small
 Llama-shaped GQA model (8 layers, width 512, 8 query / 2 key-value heads, SwiGLU 1536,
-vocabulary 32000). Prints a table with the ratio; writes benchmarks/results/hf-decode-<device>-<date>.json.
+vocabulary 32000); a Llama-3-shaped one (the same shape with Llama 3's vocabulary of
+128256, rope_theta 500000 and its ``llama3`` RoPE scaling); and a Gemma-2-shaped one (8
+layers alternating a 64-token window and global attention, width 512, 8/4 heads of 64,
+GeGLU 1536, soft-capped attention and final logits, four norms a layer, Gemma's
+vocabulary of 256000 tied to the embedding; transformers runs it with eager attention,
+which soft-capping needs). Prints a table with the ratio; writes
+benchmarks/results/hf-decode-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ def hf_models():
         "Llama-shaped GQA (8 x 512, 8/2 heads)": transformers.LlamaConfig(
             hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1536,
             vocab_size=32000, max_position_embeddings=2048),
+        "Llama-3-shaped (8 x 512, 8/2 heads, llama3 RoPE)": transformers.LlamaConfig(
+            hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1536,
+            vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+            rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)),
+        "Gemma-2-shaped (8 x 512, 8/4 heads, local/global, soft-caps)": transformers.Gemma2Config(
+            hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+            intermediate_size=1536, vocab_size=256000, max_position_embeddings=8192, sliding_window=64,
+            query_pre_attn_scalar=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            attn_implementation="eager"),
     }
 
 
