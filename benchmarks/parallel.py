@@ -36,8 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks.flash import attention_flops, forward_and_backward  # noqa: E402
 from benchmarks.timing import device_kind, measure  # noqa: E402
 from jaxattn import viz  # noqa: E402
-from jaxattn.functional import AttentionContext  # noqa: E402
-from jaxattn.functional.ring import ring_attention, zigzag_order  # noqa: E402
+from jaxattn.functional.ring import ring_attention, ring_work_per_device, zigzag_order  # noqa: E402
 from jaxattn.lm.parallel import mesh_from_spec  # noqa: E402
 
 H, D = 8, 64
@@ -55,20 +54,8 @@ def sub_block(T: int, n: int) -> int:
 def work_per_device(T: int, n: int, layout: str) -> list[int]:
     """(query, key) sub-block pairs each device computes over the n ring steps (forward),
     from the same masks and block plan as the kernel."""
-    order = np.asarray(zigzag_order(T, n) if layout == "causal, zigzag" else np.arange(T))
-    chunk, block = T // n, sub_block(T, n)
-    work = []
-    for device in range(n):
-        total = 0
-        for source in range(n):
-            if layout == "not causal":
-                total += (chunk // block) ** 2
-                continue
-            context = AttentionContext.for_tokens(chunk, order[device * chunk : (device + 1) * chunk]).with_keys(
-                jnp.asarray(order[source * chunk : (source + 1) * chunk])[None])
-            total += int(context.block_visibility(block, block).sum())
-        work.append(total)
-    return work
+    return ring_work_per_device(T, n, block=sub_block(T, n), zigzag=layout == "causal, zigzag",
+                                causal=layout != "not causal")
 
 
 def critical_path(T: int, n: int, layout: str) -> int:

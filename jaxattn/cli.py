@@ -128,13 +128,30 @@ def _generate(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
+def _inspect_induction(model, tokenizer, summary: str, seed: int):
+    """Prints the induction test's strongest heads; returns ``(weights [L, H, T, T], labels,
+    scores [L, H])`` of its first row."""
+    from jaxattn.lm.inspection import describe_induction, induction_test
+
+    tokens, weights, scores = induction_test(model, tokenizer, seed=seed)
+    B, T = tokens.shape
+    print(f"{summary}; induction test: {B} rows of {(T - len(tokenizer.encode(''))) // 2} random tokens, "
+          "each written twice.")
+    print("Induction heads (mean weight from a token's second occurrence on the token that followed its")
+    print("first; 1 is a perfect induction head, 1/T a head that spreads its weight evenly):")
+    for line in describe_induction(scores):
+        print("  " + line)
+    return weights[:, 0], [tokenizer.label(int(t)) for t in tokens[0]], scores
+
+
+def _inspect_text(args, model, tokenizer, summary: str):
+    """Prints the next tokens and the head roles on ``args.text`` and draws the grid; returns
+    ``(weights [L, H, T, T], labels)``."""
     import numpy as np
 
     from jaxattn import viz
-    from jaxattn.lm.inspection import capture_attention, describe_heads, head_roles, load_any, top_next_tokens
+    from jaxattn.lm.inspection import capture_attention, describe_heads, head_roles, top_next_tokens
 
-    model, tokenizer, description = load_any(args.model, dtype=args.dtype)
     tokens = tokenizer.encode(args.text)
     if len(tokens) < 3:
         raise ValueError(f"the text {args.text!r} is {len(tokens)} token(s); inspect needs at least 3")
@@ -143,8 +160,7 @@ def _inspect(args) -> int:
     labels = [tokenizer.label(int(t)) for t in tokens]
     logits, weights = capture_attention(model, np.asarray(tokens)[None])
     weights = weights[:, 0]  # [L, H, T, T]: the one text
-    print(f"{description}: {model.config.layers} layers x {model.config.heads} heads; "
-          f"{len(tokens)} tokens: {' '.join(labels)}  (␣ is a space)")
+    print(f"{summary}; {len(tokens)} tokens: {' '.join(labels)}  (␣ is a space)")
     print(f"\nMost likely next tokens after {args.text!r}:")
     for rank, (label, token, probability) in enumerate(top_next_tokens(logits, tokenizer, args.top_k), start=1):
         print(f"  {rank:>2}. {label!r:<16} (id {token:>6}) {probability:7.2%}")
@@ -154,9 +170,33 @@ def _inspect(args) -> int:
         print("  " + line if line else "")
     layers = None if args.layer is None else [args.layer]
     heads = None if args.head is None else [args.head]
-    path = viz.attention_grid(weights, labels, args.out, layers=layers, heads=heads,
-                              title=f"Attention on {args.text!r}")
+    path = viz.attention_grid(weights, labels, args.out, layers=layers, heads=heads, title=f"Attention on {args.text!r}")
     print(f"\nHeatmaps (rows = layers, columns = heads; a row of a map is a query): {path}")
+    return weights, labels
+
+
+def _inspect(args) -> int:
+    import numpy as np
+
+    from jaxattn.lm.explorer import write_explorer
+    from jaxattn.lm.inspection import load_any
+
+    if args.text is None and not args.induction:
+        raise ValueError("give a text to look at, or --induction to run the induction test")
+    model, tokenizer, description = load_any(args.model, dtype=args.dtype)
+    summary = f"{description}: {model.config.layers} layers x {model.config.heads} heads"
+    scores = None
+    if args.induction:
+        weights, labels, scores = _inspect_induction(model, tokenizer, summary, args.seed)
+        title = "Attention on random tokens written twice (the induction test)"
+    if args.text is not None:  # the page shows the text when there is one
+        if args.induction:
+            print()
+        weights, labels = _inspect_text(args, model, tokenizer, summary)
+        title = f"Attention on {args.text!r}"
+    if args.html is not None:
+        page = write_explorer(args.html, np.asarray(weights), labels, title=title, description=summary, induction=scores)
+        print(f"Explorer page (one file, opens offline): {page}")
     return 0
 
 
@@ -224,12 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="what the heads of a model attend to on a text")
     inspect.add_argument("model", help="a Hugging Face folder or hub id, or a jaxattn run folder")
-    inspect.add_argument("text", help="the text to look at")
+    inspect.add_argument("text", nargs="?", default=None, help="the text to look at (optional with --induction)")
     inspect.add_argument("--top-k", dest="top_k", type=int, default=10, help="how many next tokens to list")
     inspect.add_argument("--layer", type=int, default=None, help="show only this layer")
     inspect.add_argument("--head", type=int, default=None, help="show only this head")
     inspect.add_argument("--out", default="attention.png", help="the heatmap PNG (default: ./attention.png)")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    inspect.add_argument("--html", default=None, help="also write the interactive explorer page (one offline HTML file)")
+    inspect.add_argument("--induction", action="store_true",
+                         help="score every head on the induction test (random tokens written twice)")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of the induction test's random tokens")
     inspect.set_defaults(run=_inspect)
     return parser
 

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn import viz
+from jaxattn.mathml import block, frac, i, n, o, paren, row, sqrt, sub, subsup, sup, t, under
 from jaxattn.functional import (
     KVCache,
     attention,
@@ -36,58 +37,116 @@ FIGURE = "Figure: "
 class Page:
     """Everything the tour prints, in order, passed on to ``say`` and kept for ``index.html``.
 
-    A line ``Step N. Title`` starts a section; a line ``Figure: FILE - caption`` places
-    the image FILE (in the output folder) there; everything else is shown as printed.
+    A line ``Step N. Title`` starts a section; a line ``Figure: FILE - caption`` places the
+    image FILE (in the output folder) there; ``formula(text, mathml)`` prints a formula as
+    text and typesets it on the page; ``link(href, words)`` prints the words and links them
+    on the page. On the page, printed lines become paragraphs, except indented or
+    column-aligned ones (tables, matrices), which stay as printed; each section ends with
+    its console transcript, folded.
     """
 
     def __init__(self, say=print):
         self.say = say
-        self.sections = [("", [])]  # (title, [("text", str) | ("figure", file, caption)])
+        self.sections = [{"title": "", "items": [], "transcript": []}]
 
     def __call__(self, line: str = "") -> None:
         self.say(line)
         line = str(line)
+        section = self.sections[-1]
         if re.match(r"Step \d+\. ", line):
-            self.sections.append((line, []))
-        elif re.fullmatch(r"-+", line) and self.sections[-1][0]:
+            self.sections.append({"title": line, "items": [], "transcript": [line]})
+            return
+        section["transcript"].append(line)
+        if re.fullmatch(r"-+", line) and section["title"] and len(section["transcript"]) == 2:
             return  # the heading's underline
-        elif line.startswith(FIGURE):
+        if line.startswith(FIGURE):
             file, _, caption = line[len(FIGURE) :].partition(" - ")
-            self.sections[-1][1].append(("figure", Path(file).name, caption))
+            section["items"].append(("figure", Path(file).name, caption))
         else:
-            self.sections[-1][1].append(("text", line))
+            section["items"].append(("text", line))
+
+    def formula(self, text: str, mathml: str) -> None:
+        """A displayed formula: ``text`` on the console, ``mathml`` (``jaxattn.mathml``) on the page."""
+        self.say("  " + text)
+        self.sections[-1]["transcript"].append("  " + text)
+        self.sections[-1]["items"].append(("math", mathml))
+
+    def link(self, href: str, words: str) -> None:
+        self.say(f"{words}: {href}")
+        self.sections[-1]["transcript"].append(f"{words}: {href}")
+        self.sections[-1]["items"].append(("link", href, words))
+
+    @staticmethod
+    def _preformatted(line: str) -> bool:
+        return line.startswith("  ") or re.search(r"\S {2,}\S", line) is not None
+
+    def _body(self, items) -> list[str]:
+        parts, paragraph, preformatted = [], [], []
+
+        def flush():
+            if paragraph:
+                parts.append("<p>" + html.escape(" ".join(line.strip() for line in paragraph)) + "</p>")
+            if preformatted:
+                parts.append("<pre>" + html.escape("\n".join(preformatted)) + "</pre>")
+            paragraph.clear()
+            preformatted.clear()
+
+        for item in items:
+            if item[0] == "text" and item[1].strip():
+                if self._preformatted(item[1]):
+                    if paragraph:
+                        flush()
+                    preformatted.append(item[1])
+                else:
+                    if preformatted:
+                        flush()
+                    paragraph.append(item[1])
+                continue
+            flush()
+            if item[0] == "figure":
+                parts.append(f"<figure><img src='{html.escape(item[1])}' alt='{html.escape(item[2])}'>"
+                             f"<figcaption>{html.escape(item[2])}</figcaption></figure>")
+            elif item[0] == "math":
+                parts.append(item[1])
+            elif item[0] == "link":
+                parts.append(f"<p class='link'><a href='{html.escape(item[1])}'>{html.escape(item[2])}</a></p>")
+        flush()
+        return parts
 
     def write(self, path) -> Path:
-        """The walkthrough as one HTML file: no scripts, no network; the images are the PNG
-        files next to it."""
+        """The walkthrough as one HTML file: no scripts, no network (the formulas are MathML,
+        which browsers draw themselves); the images are the PNG files next to it."""
         parts = []
-        for title, items in self.sections:
+        for section in self.sections:
+            title = section["title"]
             if title:
-                parts.append(f"<h2 id='step-{title.split('.')[0].split()[-1]}'>{html.escape(title)}</h2>")
-            text = []
-            for item in items + [("end",)]:
-                if item[0] == "text":
-                    text.append(item[1])
-                    continue
-                if any(line.strip() for line in text):
-                    parts.append("<pre>" + html.escape("\n".join(text).strip("\n")) + "</pre>")
-                text = []
-                if item[0] == "figure":
-                    parts.append(f"<figure><img src='{html.escape(item[1])}' alt='{html.escape(item[2])}'>"
-                                 f"<figcaption>{html.escape(item[2])}</figcaption></figure>")
-        contents = "".join(f"<li><a href='#step-{t.split('.')[0].split()[-1]}'>{html.escape(t)}</a></li>"
-                           for t, _ in self.sections if t)
+                parts.append(f"<section id='step-{title.split('.')[0].split()[-1]}'><h2>{html.escape(title)}</h2>")
+            else:
+                parts.append("<section id='introduction'>")
+            parts.extend(self._body(section["items"]))
+            transcript = "\n".join(section["transcript"]).strip("\n")
+            if title and transcript:
+                parts.append("<details class='transcript'><summary>What the console printed</summary>"
+                             f"<pre>{html.escape(transcript)}</pre></details>")
+            parts.append("</section>")
+        contents = "".join(f"<li><a href='#step-{s['title'].split('.')[0].split()[-1]}'>{html.escape(s['title'])}</a></li>"
+                           for s in self.sections if s["title"])
         page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>jaxattn tour</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.5; }}
 h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ccc; padding-top: 0.6em; }}
-pre {{ background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; line-height: 1.35; }}
+pre {{ background: #f6f8fa; padding: 0.8em; font-size: 0.85em; line-height: 1.35; white-space: pre-wrap;
+      overflow-wrap: anywhere; }}
+math[display=block] {{ margin: 0.8em 0; font-size: 1.15em; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ color: #555; font-size: 0.9em; }}
+details.transcript {{ color: #555; font-size: 0.9em; margin: 0.5em 0 1.5em; }}
 </style></head><body>
 <h1>How attention inside an LLM works: the jaxattn tour</h1>
-<p>Written by <code>jaxattn tour</code>: every number and figure below was computed by the library.</p>
+<p>Written by <code>jaxattn tour</code>: every number and figure below was computed by the library on this
+machine. Each step ends with what the console printed.</p>
 <ol>{contents}</ol>
 {"".join(parts)}
 </body></html>
@@ -129,7 +188,8 @@ def _random_matrix(seed: int, shape):
 def embed_words(text: str, *, width: int, seed: int):
     """Word tokens, a seeded random embedding table and sinusoidal positions.
 
-    Returns ``(words, x [T, C])`` with ``x = embedding[token] + sinusoidal_positions``.
+    Returns ``(words, vocabulary, token_ids, x [T, C], embedding rows [T, C])`` with
+    ``x = embedding[token] + sinusoidal_positions``.
     """
     words = text.split()
     if not words:
@@ -138,18 +198,20 @@ def embed_words(text: str, *, width: int, seed: int):
     token_ids = jnp.array([vocabulary.index(word) for word in words])
     table = _random_matrix(seed, (len(vocabulary), width)) / np.sqrt(width)  # [V, C]
     x = table[token_ids] + sinusoidal_positions(len(words), width)  # [T, C]
-    return words, vocabulary, token_ids, x
+    return words, vocabulary, token_ids, x, table[token_ids]
 
 
-def step_tokens(say, text: str, *, width: int, seed: int):
+def step_tokens(say, text: str, *, width: int, seed: int, out: Path):
     _heading(say, "Step 1. Tokens and embeddings")
-    words, vocabulary, token_ids, x = embed_words(text, width=width, seed=seed)
+    words, vocabulary, token_ids, x, token_rows = embed_words(text, width=width, seed=seed)
     say(f"Text: {text!r}")
     say(f"Tokenized into words (split on spaces): {words}")
     say(f"Token ids (index in the sorted vocabulary {vocabulary}): {token_ids.tolist()}")
     say("Each token becomes a row of an embedding table plus a sinusoidal position vector.")
-    say("In steps 1-4 every matrix is random (seeded), not learned: the mechanics do not")
+    say("In steps 1-6 every matrix is random (seeded), not learned: the mechanics do not")
     say(f"depend on training. x has shape [T, C] = {list(x.shape)}.")
+    show(say, viz.embedding_figure(words, token_rows, x - token_rows, out / "embeddings.png"),
+         "each word's embedding row, its position vector, and their sum: the rows attention starts from")
     return words, x
 
 
@@ -160,6 +222,9 @@ def step_self_attention(say, words, x, *, head_width: int, seed: int, out: Path)
     q, k, v = x @ wq, x @ wk, x @ wv  # [T, D]
     say(f"Three matrices [C, D] = [{C}, {head_width}] (random here, learned in a trained model)")
     say(f"project x into queries Q {list(q.shape)}, keys K {list(k.shape)} and values V {list(v.shape)}.")
+    say.formula("Attention(Q, K, V) = softmax(Q K^T / sqrt(D)) V",
+                block(i("Attention"), paren(i("Q"), o(","), i("K"), o(","), i("V")), o("="), i("softmax"),
+                      paren(frac(row(i("Q"), sup(i("K"), i("T"))), sqrt(i("D")))), i("V")))
     scores = (q @ k.T) / np.sqrt(head_width)  # [T, S]
     say("Scores Q K^T / sqrt(D): how well each query (row) matches each key (column):")
     say(format_matrix(scores, words, words))
@@ -207,6 +272,12 @@ def step_causal(say, words, q, k, *, out: Path):
     weights = attention_weights(q, k, mask=mask)  # [T, T]
     say("Masked scores are pushed to a large negative number before the softmax, so")
     say("their weight is exactly zero and every row still sums to 1:")
+    say.formula("w_ij = exp(s_ij) / sum_{j' <= i} exp(s_ij')  for j <= i,  and 0 for j > i",
+                block(sub(i("w"), row(i("i"), i("j"))), o("="), frac(
+                    row(i("exp"), sub(i("s"), row(i("i"), i("j")))),
+                    row(under(o("∑"), row(sup(i("j"), o("′")), o("≤"), i("i"))), i("exp"),
+                        sub(i("s"), row(i("i"), sup(i("j"), o("′")))))),
+                      t("  for "), i("j"), o("≤"), i("i"), o(","), t("  and 0 for "), i("j"), o(">"), i("i")))
     say(format_matrix(weights, words, words))
     say(f"{words[0]!r} can only attend to itself; {words[-1]!r} sees the whole sentence.")
     show(say, viz.attention_heatmap(weights, words, words, out / "causal_attention.png",
@@ -233,8 +304,47 @@ def causal_alignment(say, *, out: Path, cached: int = 5, T: int = 3, seed: int =
     return {"bottom_right": bottom_right, "top_left": top_left, "cached": cached}
 
 
+def step_packed(say, words, q, k, causal_weights, *, out: Path):
+    """Two documents in one row: segment ids keep them apart, positions restart in each."""
+    from jaxattn.functional import multi_head_attention_weights
+
+    _heading(say, "Step 4. Packed sequences: one rule for every mask")
+    T = len(words)
+    say("Training packs several documents into one row so that no slot is wasted on padding.")
+    say("Each token then carries a segment id (which document) and its position inside its own")
+    say("document. jaxattn builds every mask from one rule over those (masks.py): a query sees a")
+    say("key of its own segment at the same or an earlier position, and, with a window W, not")
+    say("more than W - 1 positions back:")
+    say.formula("visible(i, j) = [seg_i = seg_j] and [pos_j <= pos_i] and [pos_i - pos_j < W]",
+                block(i("visible"), paren(i("i"), o(","), i("j")), o("="),
+                      o("["), sub(i("seg"), i("i")), o("="), sub(i("seg"), i("j")), o("]"), o("∧"),
+                      o("["), sub(i("pos"), i("j")), o("≤"), sub(i("pos"), i("i")), o("]"), o("∧"),
+                      o("["), sub(i("pos"), i("i")), o("−"), sub(i("pos"), i("j")), o("<"), i("W"), o("]")))
+    say("Causal attention is the case of one segment; padding is a segment of its own; a cache")
+    say("chunk after S cached tokens is positions S, S + 1, ... Here the sentence is packed twice")
+    say(f"into one row of {2 * T} tokens: segment ids {[0] * T + [1] * T},")
+    say(f"positions {list(range(T)) * 2}.")
+    positions = jnp.asarray(list(range(T)) * 2)[None]  # [1, 2T]
+    segments = jnp.asarray([0] * T + [1] * T)[None]  # [1, 2T]
+    packed_q = jnp.concatenate([q, q])[None, :, None]  # [1, 2T, 1, D]
+    packed_k = jnp.concatenate([k, k])[None, :, None]
+    weights = multi_head_attention_weights(packed_q, packed_k, is_causal=True, q_positions=positions,
+                                           kv_positions=positions, q_segment_ids=segments,
+                                           kv_segment_ids=segments)[0, 0]  # [2T, 2T]
+    weights = np.asarray(weights)
+    leak = float(np.abs(weights[T:, :T]).max())
+    same = max(float(np.abs(weights[:T, :T] - causal_weights).max()), float(np.abs(weights[T:, T:] - causal_weights).max()))
+    say(f"The second copy puts weight {leak:g} on the first, and each copy's weights are step 3's")
+    say(f"(largest difference {same:.1e}): packing changes nothing a document sees.")
+    labels = [f"{word}·{segment}" for segment in (0, 1) for word in words]
+    show(say, viz.attention_heatmap(weights, labels, labels, out / "packed.png",
+                                    title="Two packed documents (word·segment): one block each"),
+         "the sentence packed twice into one row: each document attends only to itself")
+    return weights
+
+
 def step_multi_head(say, words, x, *, heads: int, kv_heads: int, head_width: int, seed: int, out: Path):
-    _heading(say, "Step 4. Multi-head attention")
+    _heading(say, "Step 5. Multi-head attention")
     C = x.shape[1]
     wq = _random_matrix(seed + 2, (C, heads, head_width)) / np.sqrt(C)  # [C, H, D]
     wk = _random_matrix(seed + 3, (C, kv_heads, head_width)) / np.sqrt(C)  # [C, K, D]
@@ -267,13 +377,17 @@ def step_multi_head(say, words, x, *, heads: int, kv_heads: int, head_width: int
 
 
 def step_positions(say, *, out: Path, D: int = 16, N: int = 16, pair: int = 1, seed: int = 5):
-    _heading(say, "Step 5. Where tokens are: RoPE")
+    _heading(say, "Step 6. Where tokens are: RoPE")
     say("Attention by itself does not know the order of the tokens: shuffle keys and values")
     say("together and the output does not change. Step 1 added a position vector to each")
     say("embedding; most LLMs today rotate the queries and keys instead (RoPE, Su et al. 2021).")
     say(f"The D = {D} numbers of a head form D/2 pairs; pair i of the token at position m is")
     say("rotated by the angle m·θ_i, θ_i = 10000^(-2i/D): fast turns for the first pairs, slow for")
-    say("the last. Rotating q by m·θ and k by n·θ leaves q·k depending only on m − n.")
+    say("the last. Rotating q by m·θ and k by n·θ leaves q·k depending only on m − n:")
+    say.formula("(R_m q) . (R_n k) = q^T R_m^T R_n k = q^T R_(n-m) k",
+                block(paren(sub(i("R"), i("m")), i("q")), o("·"), paren(sub(i("R"), i("n")), i("k")), o("="),
+                      sup(i("q"), i("T")), subsup(i("R"), i("m"), i("T")), sub(i("R"), i("n")), i("k"), o("="),
+                      sup(i("q"), i("T")), sub(i("R"), row(i("n"), o("−"), i("m"))), i("k")))
     q, k = _random_matrix(seed, (D,)), _random_matrix(seed + 1, (D,))
     positions = jnp.arange(N)
     rotated = {}
@@ -327,7 +441,7 @@ def step_kv_cache(say, model, text: str, *, out: Path, new: int = 200):
     from jaxattn.lm.generate import generate
     from jaxattn.lm.tokenizer import encode
 
-    _heading(say, "Step 6. The KV cache")
+    _heading(say, "Step 7. The KV cache")
     tokens = jnp.asarray(encode(text))[None]  # [1, T]
     T = tokens.shape[1]
     say(f"From here on the model is trained (its weights are learned). It reads bytes: {text!r}")
@@ -375,11 +489,55 @@ def ragged_cache_snapshots(capacity: int = 8):
     return snapshots
 
 
-def step_next_token(say, model, text: str, source: Path):
+def step_decode_cost(say, *, out: Path, capacity: int = 16384, heads: int = 8, kv_heads: int = 2, D: int = 64):
+    """One decode step over a cache of ``capacity`` slots, timed against the tokens it holds."""
+    from jaxattn.functional import decode_attention
+
+    _heading(say, "Step 8. Decoding pays for the tokens present")
+    say("A cache is allocated once, for the longest text it may hold (its capacity S_max), and")
+    say("fills up one token per step. A dense kernel reads every slot and masks the empty ones, so")
+    say("each step costs as much as a full cache. decode_attention visits the cache block by block")
+    say("with the online softmax (step 12) and stops after the last block that holds a token:")
+    say.formula("cost of a step ∝ ceil(n / b) blocks of b keys, not S_max / b",
+                block(t("cost of a step"), o("∝"), o("⌈"), frac(i("n"), i("b")), o("⌉"), t(" blocks of "), i("b"),
+                      t(" keys, not "), frac(sub(i("S"), t("max")), i("b"))))
+    q = _random_matrix(41, (1, 1, heads, D))
+    k, v = _random_matrix(42, (2, 1, capacity, kv_heads, D))
+    dense = jax.jit(lambda q, k, v, n: multi_head_attention(q, k, v, kv_lengths=n))
+    paged = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, kv_lengths=n))
+    present = [capacity // 32, capacity // 8, capacity // 2, capacity]
+    seconds = {"dense kernel (every slot, masked)": [], "decode_attention (the slots in use)": []}
+    for count in present:
+        lengths = jnp.asarray([count], jnp.int32)
+        for (name, times), kernel in zip(seconds.items(), (dense, paged)):
+            jax.block_until_ready(kernel(q, k, v, lengths))  # compile (once) and warm up
+            runs = []
+            for _ in range(7):
+                start = time.perf_counter()
+                jax.block_until_ready(kernel(q, k, v, lengths))
+                runs.append(time.perf_counter() - start)
+            times.append(min(runs))  # the least disturbed of 7 runs
+    difference = float(jnp.max(jnp.abs(dense(q, k, v, jnp.asarray([present[0]])) - paged(q, k, v, jnp.asarray([present[0]])))))
+    say(f"Measured now: one step, H = {heads}, K = {kv_heads}, D = {D}, a cache of {capacity:,} slots, best of 7:")
+    say(f"  {'tokens present':>15} {'dense':>10} {'decode':>10}")
+    dense_s, decode_s = seconds.values()
+    for count, a, b in zip(present, dense_s, decode_s):
+        say(f"  {count:>15,} {a * 1e3:>7.2f} ms {b * 1e3:>7.2f} ms")
+    say(f"The two agree (largest difference {difference:.1e}). With {present[0]:,} of {capacity:,} slots in use, a step")
+    say(f"of decode_attention takes {decode_s[0] / decode_s[-1]:.0%} of its time on a full cache; the dense kernel's")
+    say(f"takes {dense_s[0] / dense_s[-1]:.0%} of its own, whatever the cache holds.")
+    show(say, viz.line_chart({name: (present, [x * 1e3 for x in times]) for name, times in seconds.items()},
+                             out / "decode_cost.png", title=f"One decode step, cache capacity {capacity:,}",
+                             xlabel="tokens present in the cache", ylabel="ms per step", logx=True, logy=True),
+         "the time of one decode step against the tokens the cache holds, at a fixed capacity")
+    return {"present": present, "seconds": seconds, "difference": difference}
+
+
+def step_next_token(say, model, text: str, source: Path, *, out: Path):
     from jaxattn.lm.generate import Sampling, generate
     from jaxattn.lm.tokenizer import decode, encode, token_label
 
-    _heading(say, "Step 7. The next token")
+    _heading(say, "Step 9. The next token")
     tokens = jnp.asarray(encode(text))[None]
     probabilities = jax.nn.softmax(jax.jit(model)(tokens)[0, -1])  # [V]
     top = jnp.argsort(-probabilities)[:5]
@@ -388,7 +546,53 @@ def step_next_token(say, model, text: str, source: Path):
         say(f"  {rank}. {token_label(token):6} {float(probabilities[token]):6.1%}")
     continuation = generate(model, [encode(text)], max_new_tokens=80, sampling=Sampling(temperature=0.7, top_p=0.95))
     say(f"A sampled continuation (temperature 0.7): {text + decode(continuation[0])!r}")
+    show(say, viz.next_token_figure([token_label(t) for t in top.tolist()], [float(probabilities[t]) for t in top.tolist()],
+                                    out / "next_token.png", title=f"After {text!r}"),
+         "the five most likely next bytes")
     return [(int(t), float(probabilities[t])) for t in top.tolist()]
+
+
+def step_attention_sink(say, model, text: str, *, out: Path, seed: int):
+    """Where the trained model's heads look on the text, against the same model untrained;
+    and the explorer page of the trained model."""
+    from jaxattn.lm.explorer import write_explorer
+    from jaxattn.lm.inspection import capture_attention, head_roles, induction_test
+    from jaxattn.lm.tokenizer import ByteTokenizer, encode, token_label
+    from jaxattn.nn import TransformerLM
+
+    _heading(say, "Step 10. Where a trained model looks: the attention sink")
+    say("Trained language models park much of their attention on the first token, whatever it")
+    say("says: the attention sink (Xiao et al. 2023, arXiv 2309.17453). A head that has nothing to")
+    say("look for still has to spend its softmax somewhere (its weights sum to 1), and the first")
+    say("token, which every query sees, is where training puts it. Measured on the trained model")
+    say("above and on the same model untrained: the mean weight that the 3rd to the last query put")
+    say("on the first token, per layer and head.")
+    tokens = np.asarray(encode(text))[None]  # [1, T]
+    labels = [token_label(int(token)) for token in tokens[0]]
+    _, trained = capture_attention(model, tokens)
+    untrained_model = TransformerLM(model.config, rngs=nnx.Rngs(seed))
+    _, untrained = capture_attention(untrained_model, tokens)
+    trained, untrained = np.asarray(trained[:, 0]), np.asarray(untrained[:, 0])  # [L, H, T, T]
+    first, first_untrained = head_roles(trained).first, head_roles(untrained).first
+    layer, head = np.unravel_index(int(np.argmax(first)), first.shape)
+    uniform = np.mean([1 / (row + 1) for row in range(2, tokens.shape[1])])  # a causal row's even share, averaged
+    say(f"Strongest sink: layer {layer} head {head} puts {first[layer, head]:.0%} of each query's weight on {labels[0]!r};")
+    say(f"untrained, no head puts more than {first_untrained.max():.0%} there (an even spread over a causal row")
+    say(f"gives it {uniform:.0%} on average). A small model trained for minutes has a weak sink; in large")
+    say("models (GPT-2, Llama) many heads give the first token most of their weight.")
+    show(say, viz.sink_share_figure(first, first_untrained, trained[layer, head], labels, out / "attention_sink.png",
+                                    layer=int(layer), head=int(head)),
+         "first-token share of every head, trained and untrained, and the strongest sink head's map")
+    scores = induction_test(model, ByteTokenizer())[2]
+    best = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    say(f"On random text written twice, the trained model's best induction head is layer {best[0]} head {best[1]}")
+    say(f"(score {scores[best]:.2f}: the weight a repeated token puts on what followed it the first time).")
+    page = write_explorer(out / "explorer.html", trained, labels, title=f"Attention on {text!r}",
+                          description=f"the tour's trained model: {model.config.layers} layers x "
+                                      f"{model.config.heads} heads", induction=scores)
+    say.link(page.name, "Explore every head of the trained model on this sentence (hover and click the tokens)")
+    return {"first": first, "first_untrained": first_untrained, "weights": trained, "induction": scores,
+            "explorer": page}
 
 
 def step_latent_attention(say, text: str, *, seed: int, out: Path):
@@ -397,7 +601,7 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     from jaxattn.lm.tokenizer import encode
     from jaxattn.nn import TransformerConfig, TransformerLM
 
-    _heading(say, "Step 8. Multi-head latent attention (DeepSeek-V2)")
+    _heading(say, "Step 11. Multi-head latent attention (DeepSeek-V2)")
     H, D, L, R = 128, 128, 512, 64
     mha = kv_cache_elements_per_token(kv_heads=H, head_dim=D)
     mla = latent_cache_elements_per_token(latent_dim=L, rope_dim=R)
@@ -406,11 +610,36 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     say("RoPE key k_r (width R) instead, and rebuilds keys and values from them.")
     say(f"At DeepSeek-V2's sizes (H={H}, D={D}, L={L}, R={R}), per token and layer:")
     say(f"  MHA caches 2·H·D = {mha:,} numbers;  MLA caches L + R = {mla:,}  ({mla / mha:.1%} of MHA).")
-    say("The paper's headline '93.3% smaller KV cache' is not this ratio: it compares")
-    say("DeepSeek-V2 (60 layers, 576 numbers per layer, deployed with the cache quantised to")
-    say("about 6 bits a number) with DeepSeek 67B, which already used GQA (95 layers, 8 K/V")
-    say("heads of width 128: 2,048 numbers per layer, 16-bit). Numbers alone: 34,560 vs")
-    say("194,560 per token (82% smaller); with 6 vs 16 bits: 6.7% of the bytes, i.e. 93.3% less.")
+    say("The paper's headline '93.3% smaller KV cache' is not this ratio. It compares DeepSeek-V2")
+    say("(60 layers of L + R = 576 numbers, deployed with its cache quantised to about 6 bits a number)")
+    say("with DeepSeek 67B, which already used GQA (95 layers, 8 key/value heads of width 128, 16-bit")
+    say("numbers). Per token, over all layers:")
+    v2_numbers, v2_bits, old_numbers, old_bits = 60 * mla, 6, 95 * kv_cache_elements_per_token(kv_heads=8, head_dim=128), 16
+    v2_bytes, old_bytes = v2_numbers * v2_bits // 8, old_numbers * old_bits // 8
+    say.formula(f"DeepSeek 67B: 95 x 2 x 8 x 128 = {old_numbers:,} numbers x 16 bits = {old_bytes:,} bytes",
+                block(t("DeepSeek 67B: "), n(95), o("×"), n(2), o("×"), n(8), o("×"), n(128), o("="), n(f"{old_numbers:,}"),
+                      t(" numbers × 16 bits = "), n(f"{old_bytes:,}"), t(" bytes")))
+    say.formula(f"DeepSeek-V2: 60 x (512 + 64) = {v2_numbers:,} numbers x 6 bits = {v2_bytes:,} bytes",
+                block(t("DeepSeek-V2: "), n(60), o("×"), paren(n(512), o("+"), n(64)), o("="), n(f"{v2_numbers:,}"),
+                      t(" numbers × 6 bits = "), n(f"{v2_bytes:,}"), t(" bytes")))
+    say.formula(f"{v2_bytes:,} / {old_bytes:,} = {v2_bytes / old_bytes:.1%}: {1 - v2_bytes / old_bytes:.1%} smaller",
+                block(frac(n(f"{v2_bytes:,}"), n(f"{old_bytes:,}")), o("="), n(f"{v2_bytes / old_bytes:.1%}"),
+                      t(f": {1 - v2_bytes / old_bytes:.1%} smaller")))
+    say(f"The numbers alone shrink by {1 - v2_numbers / old_numbers:.0%}; the rest is the 6-bit quantisation.")
+    say("Why RoPE is kept out of the latent: the trick that makes MLA fast (below) merges W_uk into the")
+    say("query, since q_c·k_c = (c_q W_uq)·(c_kv W_uk) needs W_uq and W_uk only as one product. RoPE")
+    say("rotates a query at position t by R_t and a key at position s by R_s, and the product of the")
+    say("two rotations sits between the weights, different for every pair of positions:")
+    say.formula("(R_t W_uq c_q)^T (R_s W_uk c_kv) = c_q^T W_uq^T R_(s-t) W_uk c_kv",
+                block(sup(paren(sub(i("R"), i("t")), sub(i("W"), t("uq")), sub(i("c"), i("q"))), i("T")),
+                      paren(sub(i("R"), i("s")), sub(i("W"), t("uk")), sub(i("c"), t("kv"))), o("="),
+                      subsup(i("c"), i("q"), i("T")), subsup(i("W"), t("uq"), i("T")),
+                      sub(i("R"), row(i("s"), o("−"), i("t"))), sub(i("W"), t("uk")), sub(i("c"), t("kv"))))
+    say("so W_uq^T R_(s-t) W_uk cannot be computed once. MLA therefore rotates only a separate, small")
+    say("part of each query and key (q_r, and one k_r shared by every head) and leaves c_kv unrotated:")
+    say.formula("score = q_c . k_c + q_r . k_r  (k_c from the unrotated latent, absorbable)",
+                block(t("score"), o("="), sub(i("q"), i("c")), o("·"), sub(i("k"), i("c")), o("+"), sub(i("q"), i("r")),
+                      o("·"), sub(i("k"), i("r"))))
     config = TransformerConfig(width=64, layers=2, heads=4, head_dim=16, mlp_hidden=128, max_length=64,
                                attention="mla", latent_dim=24, rope_dim=8, query_latent_dim=32)
     model = TransformerLM(config, rngs=nnx.Rngs(seed))
@@ -422,8 +651,9 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     absorbed, cache = step(params, tokens[:, -1:], cache)  # the last token decodes through the absorbed path
     difference = float(jnp.max(jnp.abs(absorbed[0, -1] - naive)))
     say("A small MLA model (random, untrained weights, H=4, D=16, L=24, R=8): next-token logits")
-    say(f"after {text!r} from the naive path (keys/values decompressed per head) and from the")
-    say(f"absorbed path (attention directly over the cached latents) differ by {difference:.1e};")
+    say(f"after {text!r} from the full pass (mla_naive: keys and values decompressed per head) and")
+    say(f"from decoding the last token (mla_absorbed: attention directly over the cached latents)")
+    say(f"differ by {difference:.1e};")
     say(f"the cache holds {cache[0].c_kv.shape[-1] + cache[0].k_rope.shape[-1]} numbers per token and layer.")
     layer = model.blocks[0].attn
     p = layer.params()
@@ -439,20 +669,34 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     sizes = dict(B=B, T=T, S=T, C=C, H=layer.w_uk.shape[1], D=q_c.shape[-1], E=layer.w_uv.shape[-1], L=c_kv.shape[-1],
                  R=k_r.shape[-1])
     named = lambda *dims: shape(*(f"{d}={sizes[d]}" for d in dims))  # noqa: E731
-    naive_flow = [("h", named("B", "T", "C"), "input"), ("c_kv = h W_dkv,  k_r = RoPE(h W_kr)", named("B", "S", "L") + " " + named("B", "S", "R"), "cached"),
-                  ("k_c = c_kv W_uk,  v_c = c_kv W_uv  (every step, every head)", named("B", "S", "H", "D"), "weight"),
-                  ("q = [c_q W_uq ; RoPE(c_q W_qr)]", named("B", "T", "H", "D") + "+R", "computed"),
-                  ("softmax([q_c; q_r]·[k_c; k_r] / sqrt(D + R)) v_c", named("B", "T", "H", "E"), "computed"),
-                  ("u = o W_o", named("B", "T", "C"), "computed")]
-    absorbed_flow = [("h", named("B", "T", "C"), "input"), ("c_kv, k_r (written once per token)", named("B", "S", "L") + " " + named("B", "S", "R"), "cached"),
-                     ("q_lat = q_c W_ukᵀ  (W_uk moves to the query)", named("B", "T", "H", "L"), "weight"),
-                     ("softmax([q_lat; q_r]·[c_kv; k_r] / sqrt(D + R)) c_kv  (one K/V head: MQA)", named("B", "T", "H", "L"), "computed"),
-                     ("o = o_lat W_uv  (W_uv moves to the output)", named("B", "T", "H", "E"), "weight"),
-                     ("u = o W_o", named("B", "T", "C"), "computed")]
+    latents = named("B", "S", "L") + " " + named("B", "S", "R")
+    flows = {
+        "mla_naive: keys and values per head": [
+            ("h", named("B", "T", "C"), "input"),
+            ("c_kv = h W_dkv,  k_r = RoPE(h W_kr)", latents, "computed"),
+            ("k_c = c_kv W_uk,  v_c = c_kv W_uv", named("B", "S", "H", "D") + " x 2", "weight"),
+            ("k_c, v_c (an ordinary KV cache: 2·H·D a token)", named("B", "S", "H", "D") + " x 2", "cached"),
+            ("softmax([q_c; q_r]·[k_c; k_r] / sqrt(D + R)) v_c", named("B", "T", "H", "E"), "computed"),
+            ("u = o W_o", named("B", "T", "C"), "computed")],
+        "mla_decompressed: cache the latent, decompress every step": [
+            ("h", named("B", "T", "C"), "input"),
+            ("c_kv, k_r (a LatentCache: L + R a token)", latents, "cached"),
+            ("k_c = c_kv W_uk,  v_c = c_kv W_uv  (the whole cache, every step)", named("B", "S", "H", "D") + " x 2",
+             "weight"),
+            ("softmax([q_c; q_r]·[k_c; k_r] / sqrt(D + R)) v_c", named("B", "T", "H", "E"), "computed"),
+            ("u = o W_o", named("B", "T", "C"), "computed")],
+        "mla_absorbed: attend over the latent": [
+            ("h", named("B", "T", "C"), "input"),
+            ("c_kv, k_r (a LatentCache: L + R a token)", latents, "cached"),
+            ("q_lat = q_c W_ukᵀ  (W_uk moves to the query)", named("B", "T", "H", "L"), "weight"),
+            ("softmax([q_lat; q_r]·[c_kv; k_r] / sqrt(D + R)) c_kv", named("B", "T", "H", "L"), "computed"),
+            ("o = o_lat W_uv  (W_uv moves to the output)", named("B", "T", "H", "E"), "weight"),
+            ("u = o W_o", named("B", "T", "C"), "computed")],
+    }
     cache_sizes = {"MHA (H=128)": mha, "GQA (K=8)": kv_cache_elements_per_token(kv_heads=8, head_dim=D),
                    "MQA (K=1)": kv_cache_elements_per_token(kv_heads=1, head_dim=D), "MLA (L+R)": mla}
-    path = viz.mla_figure(naive_flow, absorbed_flow, cache_sizes, out / "mla.png")
-    show(say, path, "MLA's naive and absorbed paths (shapes of this small model), and cache sizes per token")
+    path = viz.mla_figure(flows, cache_sizes, out / "mla.png")
+    show(say, path, "MLA's three paths under their jaxattn names (shapes of this small model), and cache sizes per token")
     return difference, cache_sizes
 
 
@@ -460,10 +704,20 @@ def step_memory(say, *, out: Path):
     from jaxattn.functional import flash_attention, multi_head_attention
     from jaxattn.functional.flash import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, flash_block_plan
 
-    _heading(say, "Step 9. Memory-efficient attention")
+    _heading(say, "Step 12. Memory-efficient attention")
     say("Dense attention materialises a [T, S] score matrix per head: memory grows with T².")
     say("flash_attention visits keys block by block with an online softmax, so its memory")
-    say("grows with T. Compiled temporary memory, B=1, H=8, D=64, float32, causal:")
+    say("grows with T. For each query it keeps a running maximum m, denominator l and weighted")
+    say("sum o, and folds in a block of scores s_j with values v_j (Milakov and Gimelshein 2018):")
+    m2 = sup(i("m"), o("′"))
+    say.formula("m' = max(m, max_j s_j);  l' = l e^(m - m') + sum_j e^(s_j - m');  o' = o e^(m - m') + sum_j e^(s_j - m') v_j",
+                block(m2, o("="), i("max"), paren(i("m"), o(","), sub(i("max"), i("j")), sub(i("s"), i("j"))), o(";"),
+                      t("  "), sup(i("l"), o("′")), o("="), i("l"), sup(i("e"), row(i("m"), o("−"), m2)), o("+"),
+                      under(o("∑"), i("j")), sup(i("e"), row(sub(i("s"), i("j")), o("−"), m2)), o(";"), t("  "),
+                      sup(i("o"), o("′")), o("="), i("o"), sup(i("e"), row(i("m"), o("−"), m2)), o("+"),
+                      under(o("∑"), i("j")), sup(i("e"), row(sub(i("s"), i("j")), o("−"), m2)), sub(i("v"), i("j"))))
+    say("and the output is o / l once every block is in: the softmax, exactly, without the matrix.")
+    say("Compiled temporary memory, B=1, H=8, D=64, float32, causal:")
     say(f"  {'T':>6} {'score matrix':>13} {'dense kernel':>13} {'flash kernel':>13}")
     rows = []
     for T in (1024, 4096, 16384):
@@ -489,6 +743,50 @@ def step_memory(say, *, out: Path):
     return rows, (visible, complete)
 
 
+def step_ring(say, *, out: Path, T: int = 32, n: int = 4, D: int = 8, seed: int = 50):
+    """Ring attention simulated on one device: n chunks, each device folds the chunk it holds
+    at every step into its online softmax; the result is dense causal attention."""
+    from jaxattn.functional import ring_work_per_device, zigzag_order
+    from jaxattn.functional.softmax import SoftmaxState, online_softmax_finish, online_softmax_step
+
+    _heading(say, "Step 13. Attention across devices: ring attention")
+    say("A sequence too long for one device is cut into n chunks, one per device (Liu et al. 2023,")
+    say("arXiv 2310.01889). Each device keeps its queries; the key/value chunks travel around the")
+    say("ring, one hop per step, and each device folds the chunk it holds into the online softmax of")
+    say("step 12. After n steps every query has met every key, and no device ever held more than")
+    say("two chunks:")
+    say.formula("device d at step s holds the keys and values of chunk (d − s) mod n",
+                block(t("device "), i("d"), t(" at step "), i("s"), t(" holds chunk "),
+                      paren(i("d"), o("−"), i("s")), t(" mod "), i("n")))
+    q, k, v = _random_matrix(seed, (3, T, D)) / np.sqrt(np.sqrt(D))
+    order = np.asarray(zigzag_order(T, n))  # device d holds tokens order[d*c:(d+1)*c]
+    chunk = T // n
+    out_rows = np.zeros((T, D), np.float32)
+    for device in range(n):
+        mine = order[device * chunk : (device + 1) * chunk]
+        state = SoftmaxState.start((chunk,), D)
+        for step in range(n):
+            held = order[((device - step) % n) * chunk : ((device - step) % n + 1) * chunk]
+            scores = (q[mine] @ k[held].T) / np.sqrt(D)  # [c, c]
+            state = online_softmax_step(scores, v[held], causal_mask(jnp.asarray(mine), jnp.asarray(held)), state)
+        out_rows[mine] = np.asarray(online_softmax_finish(state)[0])
+    dense = np.asarray(attention(q, k, v, mask=causal_mask(jnp.arange(T), jnp.arange(T))))
+    difference = float(np.abs(out_rows - dense).max())
+    say(f"Simulated here on one device (T = {T}, n = {n}, in zigzag order): the ring's result differs")
+    say(f"from dense causal attention by {difference:.1e}. ring_attention runs the same steps on a mesh with")
+    say("lax.ppermute (tests run it on 8 devices).")
+    say("Under a causal mask, chunks in order give device i about 2i + 1 times the first device's")
+    say("work, and the slowest device sets the pace; zigzag_order gives each device one early and one")
+    say("late chunk, so all do the same. Sub-block pairs computed per device (T = 4,096, n = 4, blocks")
+    length, devices, sub = 4096, 4, 256
+    work = {"causal, in order": ring_work_per_device(length, devices, block=sub, zigzag=False),
+            "causal, zigzag": ring_work_per_device(length, devices, block=sub, zigzag=True)}
+    say(f"of {sub}): in order {work['causal, in order']}, zigzag {work['causal, zigzag']}.")
+    show(say, viz.ring_diagram(devices, work, out / "ring.png"),
+         "which chunk each device holds at each step, and the causal work per device in order and in zigzag")
+    return {"difference": difference, "work": work}
+
+
 def step_todays_attention(say, words, *, out: Path, seed: int):
     """Soft-capping, learned sinks, local and global layers, NoPE and RoPE scaling: each from
     the library's own functions, with why the models' authors chose it."""
@@ -497,8 +795,8 @@ def step_todays_attention(say, words, *, out: Path, seed: int):
     from jaxattn.functional.softmax import soft_cap
     from jaxattn.nn import TransformerConfig, TransformerLM
 
-    _heading(say, "Step 10. Attention in today's models")
-    say("The models people run today keep the attention of steps 2-9 and change a few things in it.")
+    _heading(say, "Step 14. Attention in today's models")
+    say("The models people run today keep the attention of steps 2-13 and change a few things in it.")
     say("")
     say("Soft-capping (Gemma 2, arXiv 2408.00118). A logit s becomes cap·tanh(s/cap): nearly s while")
     say("small, never beyond ±cap. Gemma 2 caps attention logits at 50 and the final logits at 30; it")
@@ -610,27 +908,36 @@ def run_tour(text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, che
         from jaxattn.lm.checkpoint import RunFolder
 
         RunFolder(checkpoint).read_run()
+    started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     page = Page(say)
     page(f"jaxattn tour: how attention inside an LLM works (figures and index.html in {out})")
-    words, x = step_tokens(page, text, width=16, seed=seed)
+    words, x = step_tokens(page, text, width=16, seed=seed, out=out)
     q, k, v, weights, scaling = step_self_attention(page, words, x, head_width=8, seed=seed, out=out)
     mask, causal_weights, alignment = step_causal(page, words, q, k, out=out)
+    packed = step_packed(page, words, q, k, np.asarray(causal_weights), out=out)
     together, one_by_one, head_weights = step_multi_head(page, words, x, heads=4, kv_heads=2, head_width=4, seed=seed,
                                                          out=out)
     positions = step_positions(page, out=out)
     model, source = tour_model(page, checkpoint, out)
     cache_difference, cached_s, uncached_s, snapshots = step_kv_cache(page, model, text, out=out, new=generated_tokens)
-    top5 = step_next_token(page, model, text, source)
+    decode_cost = step_decode_cost(page, out=out)
+    top5 = step_next_token(page, model, text, source, out=out)
+    sink = step_attention_sink(page, model, text, out=out, seed=seed)
     mla_difference, cache_sizes = step_latent_attention(page, text, seed=seed, out=out)
     memory, flash_plan = step_memory(page, out=out)
+    ring = step_ring(page, out=out)
     today = step_todays_attention(page, words, out=out, seed=seed)
     page("")
     index = page.write(out / "index.html")
-    page(f"Done. The whole tour with its figures: {index.resolve()}")
+    page(f"Done in {time.perf_counter() - started:.0f} s. The whole tour with its figures: {index.resolve()}")
     return {
         "cache_difference": cache_difference,
+        "packed": packed,
+        "decode_cost": decode_cost,
+        "sink": sink,
+        "ring": ring,
         "generation_seconds": {"with_cache": cached_s, "recomputing": uncached_s},
         "mla_difference": mla_difference,
         "memory": memory,

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -238,6 +239,8 @@ def rope_figure(pair_points, scores_by_style, path, *, pair: int, D: int) -> Pat
     ax.set_title(f"Pair {pair} of D = {D} at positions 0..{len(points) - 1}:\nthe same vector, rotated by m·θ_{pair}")
     for ax, (style, scores) in zip(axes[1:], scores_by_style.items()):
         image = ax.imshow(np.asarray(scores), cmap="coolwarm")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("key position n")
         ax.set_ylabel("query position m")
         ax.set_title(f"rope(q, m) · rope(k, n), pairing {style!r}:\ndepends only on m − n")
@@ -247,13 +250,22 @@ def rope_figure(pair_points, scores_by_style, path, *, pair: int, D: int) -> Pat
 
 def kv_cache_figure(snapshots, step_seconds, path) -> Path:
     """The cache of a ragged batch over a few decode steps (``snapshots``: ``[(title, lengths
-    [B], capacity)]``; filled slots coloured by when they were written), and the time of one
+    [B], capacity)]``; slots coloured by when they were written, with a legend), and the time of one
     generated token with and without the cache (``step_seconds``: ``{label: seconds}``)."""
-    fig, axes = plt.subplots(1, len(snapshots) + 1, figsize=(3.3 * len(snapshots) + 3.6, 2.8), constrained_layout=True)
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, len(snapshots) + 1, figsize=(3.3 * len(snapshots) + 3.6, 3.3), constrained_layout=True)
+    slot_colours = ["white", "#9ecae1", "#fd8d3c"]  # empty, written before, written by this call
+    before = np.zeros(len(snapshots[0][1]), int)
     for ax, (title, lengths, capacity) in zip(axes, snapshots):
         lengths = np.asarray(lengths)
-        grid = (np.arange(capacity)[None] < lengths[:, None]).astype(float)
-        ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.3, aspect="auto")
+        slots = np.arange(capacity)[None]
+        grid = np.where(slots < before[:, None], 1, np.where(slots < lengths[:, None], 2, 0))  # [B, capacity]
+        before = lengths
+        ax.imshow(grid, cmap=ListedColormap(slot_colours), vmin=0, vmax=2, aspect="auto")
+        for b in range(len(lengths)):
+            ax.axhline(b + 0.5, color="black", linewidth=0.5)
         for b, n in enumerate(lengths):
             ax.text(capacity - 0.5, b, f" lengths[{b}] = {n}", va="center", ha="left", fontsize=8)
         ax.set_xticks(range(capacity))
@@ -261,6 +273,9 @@ def kv_cache_figure(snapshots, step_seconds, path) -> Path:
         ax.set_xlabel("slot (= position)")
         ax.set_xlim(-0.5, capacity + 3.5)
         ax.set_title(title, fontsize=9)
+    fig.legend([Patch(facecolor=c, edgecolor="black") for c in slot_colours],
+               ["empty slot", "written by an earlier call", "written by this call"], loc="outside lower center",
+               ncol=3, fontsize=8)
     ax = axes[-1]
     labels, seconds = list(step_seconds), [step_seconds[k] * 1e3 for k in step_seconds]
     ax.bar(labels, seconds, color=["tab:green", "tab:red"][: len(labels)])
@@ -271,36 +286,68 @@ def kv_cache_figure(snapshots, step_seconds, path) -> Path:
     return _save(fig, path)
 
 
-def mla_figure(naive, absorbed, cache_sizes, path) -> Path:
-    """MLA's two paths as data flows (``naive``/``absorbed``: lists of ``(label, shape, kind)``
-    with kind in {"input", "cached", "weight", "computed"}), and the cache size per token and
-    layer of MHA, GQA, MQA and MLA (``cache_sizes``: ``{name: numbers}``)."""
+def mla_figure(flows, cache_sizes, path) -> Path:
+    """MLA's paths as data flows (``flows``: ``{title: [(label, shape, kind)]}``, kind in
+    {"input", "cached", "weight", "computed"}), and the cache size per token and layer of
+    MHA, GQA, MQA and MLA (``cache_sizes``: ``{name: numbers}``)."""
     colours = {"input": "#dddddd", "cached": "#f4a261", "weight": "#a8dadc", "computed": "#ffffff"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), constrained_layout=True,
-                             gridspec_kw={"width_ratios": [1.3, 1.3, 0.8]})
-    for ax, (title, flow) in zip(axes[:2], (("Naive: decompress K and V per head", naive),
-                                            ("Absorbed: attend over the cached latents", absorbed))):
+    columns = 2
+    rows = -(-(len(flows) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(13, 6.2 * rows), constrained_layout=True, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(flows) + 1 :]:
+        ax.axis("off")
+    for ax, (title, flow) in zip(axes, flows.items()):
         for row, (label, shape, kind) in enumerate(flow):
             y = len(flow) - 1 - row
-            ax.add_patch(plt.Rectangle((0.02, y + 0.1), 0.96, 0.8, facecolor=colours[kind], edgecolor="black"))
-            ax.text(0.5, y + 0.5, f"{label}\n{shape}", ha="center", va="center", fontsize=8.5, linespacing=1.5)
+            ax.add_patch(plt.Rectangle((0.01, y + 0.1), 0.98, 0.8, facecolor=colours[kind], edgecolor="black"))
+            ax.text(0.5, y + 0.5, f"{label}\n{shape}", ha="center", va="center", fontsize=11.5, linespacing=1.45,
+                    wrap=True)
             if row:
                 ax.annotate("", xy=(0.5, y + 0.88), xytext=(0.5, y + 1.12), arrowprops=dict(arrowstyle="->"))
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, len(flow))
+        ax.set_ylim(0, max(len(f) for f in flows.values()))
         ax.axis("off")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=13)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black") for c in colours.values()]
     legend = {"input": "input", "cached": "cached", "weight": "where W_uk and W_uv are applied", "computed": "computed"}
-    axes[0].legend(handles, [legend[kind] for kind in colours], loc="lower left", fontsize=8, ncol=4,
-                   bbox_to_anchor=(0, -0.08))
+    fig.legend(handles, [legend[kind] for kind in colours], loc="outside lower center", fontsize=12, ncol=4)
     names, sizes = [name.replace(" (", "\n(") for name in cache_sizes], list(cache_sizes.values())
-    axes[2].bar(names, sizes, color=["tab:blue", "tab:cyan", "tab:purple", "tab:orange"][: len(names)])
-    axes[2].set_yscale("log")
+    bars = axes[len(flows)]
+    bars.bar(names, sizes, color=["tab:blue", "tab:cyan", "tab:purple", "tab:orange"][: len(names)])
+    bars.set_yscale("log")
     for i, value in enumerate(sizes):
-        axes[2].text(i, value, f"{value:,}", ha="center", va="bottom", fontsize=8)
-    axes[2].set_ylabel("numbers cached per token and layer (log)")
-    axes[2].set_title("Cache size, DeepSeek-V2's dimensions")
+        bars.text(i, value, f"{value:,}", ha="center", va="bottom", fontsize=11)
+    bars.tick_params(labelsize=11)
+    bars.set_ylabel("numbers cached per token and layer (log)", fontsize=12)
+    bars.set_title("Cache size, DeepSeek-V2's dimensions", fontsize=13)
+    return _save(fig, path)
+
+
+def sink_share_figure(first, first_untrained, weights, labels, path, *, layer: int, head: int) -> Path:
+    """The attention sink: every head's mean weight on the first token (``first`` and
+    ``first_untrained``, ``[L, H]``), trained and untrained, and one head's map ``[T, T]``."""
+    first, first_untrained = np.asarray(first), np.asarray(first_untrained)
+    L, H = first.shape
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True, gridspec_kw={"width_ratios": [1, 1, 1.5]})
+    top = max(float(first.max()), float(first_untrained.max()), 1e-6)
+    for ax, values, title in ((axes[0], first, "trained"), (axes[1], first_untrained, "untrained (random weights)")):
+        image = ax.imshow(values, cmap="magma", vmin=0, vmax=top)
+        for l in range(L):
+            for h in range(H):
+                ax.text(h, l, f"{values[l, h]:.0%}", ha="center", va="center", fontsize=9,
+                        color="black" if values[l, h] > 0.6 * top else "white")
+        ax.set_xticks(range(H), labels=[f"head {h}" for h in range(H)])
+        ax.set_yticks(range(L), labels=[f"layer {l}" for l in range(L)])
+        ax.set_title(f"Weight on the first token, {title}")
+    fig.colorbar(image, ax=axes[:2], shrink=0.8, label="mean weight on the first token")
+    weights = np.asarray(weights)
+    axes[2].imshow(weights, cmap="viridis", vmin=0, vmax=1)
+    axes[2].set_xticks(range(len(labels)), labels=labels, fontsize=7)
+    axes[2].set_yticks(range(len(labels)), labels=labels, fontsize=7)
+    axes[2].set_xlabel("key")
+    axes[2].set_ylabel("query")
+    axes[2].set_title(f"Layer {layer} head {head}, trained: the first column is the sink")
     return _save(fig, path)
 
 
@@ -437,3 +484,30 @@ def rope_scaling_figure(wavelengths, context: int, path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path, dpi=110)
+
+
+def embedding_figure(words, token_rows, position_rows, path) -> Path:
+    """Step 1: each word's embedding row, its position vector, and their sum x, all ``[T, C]``."""
+    token_rows, position_rows = np.asarray(token_rows), np.asarray(position_rows)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.6 + 0.45 * len(words)), constrained_layout=True)
+    top = float(np.abs(token_rows + position_rows).max())
+    for ax, values, title in ((axes[0], token_rows, "embedding[token]"), (axes[1], position_rows, "sinusoidal position"),
+                              (axes[2], token_rows + position_rows, "x = embedding + position")):
+        image = ax.imshow(values, cmap="coolwarm", vmin=-top, vmax=top, aspect="auto")
+        ax.set_yticks(range(len(words)), labels=words)
+        ax.set_xlabel("dimension (C)")
+        ax.set_title(title)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    return _save(fig, path)
+
+
+def next_token_figure(labels, probabilities, path, *, title: str) -> Path:
+    """The most likely next tokens and their probabilities, as bars."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), constrained_layout=True)
+    ax.bar(range(len(labels)), probabilities, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels=labels)
+    for index, value in enumerate(probabilities):
+        ax.text(index, value, f"{value:.1%}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("probability")
+    ax.set_title(title)
+    return _save(fig, path)

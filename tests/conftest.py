@@ -1,11 +1,14 @@
-"""Shared test helpers: random inputs and an independent float64 NumPy reference for attention.
+"""Shared test helpers: random inputs, an independent float64 NumPy reference for attention,
+and a real browser for the pages.
 
 Import them as ``from tests.conftest import normal, reference_attention``.
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 # The suite is dominated by XLA compile time, not run time: skip LLVM's optimisation
 # passes (the HLO, and so the numerics, are unchanged). Must be set before JAX starts.
@@ -161,3 +164,45 @@ def reference_layer(params, x, positions, *, rope_theta, style="half", window=No
     o = reference_attention(q, k, v, q_positions=positions, kv_positions=positions, window=window, scale=scale,
                             logit_softcap=logit_softcap, sinks=p["sinks"])
     return np.einsum("bthe,hec->btc", o, p["w_o"]) + (0 if p["b_o"] is None else p["b_o"])
+
+
+# ----------------------------------------------------------------------- a real browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# CI installs Chromium and sets this, so that the browser tests cannot be skipped there.
+REQUIRE_BROWSER = os.environ.get("JAXATTN_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's chromium and chromium-driver) driven by Selenium, one per
+    test process, with its console log kept. The flags keep it off the network: no background
+    requests, no component updates, no sync."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing and not REQUIRE_BROWSER:
+        pytest.skip(f"no {', '.join(missing)} (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, path):
+    """Opens a local file; returns the console messages that the load left (the log is emptied)."""
+    browser.get(Path(path).resolve().as_uri())
+    return browser.get_log("browser")
+
+
+def network_requests(browser) -> list[str]:
+    """Every resource the open page fetched that is not a local file (images next to it are)."""
+    entries = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    return [url for url in entries if not url.startswith("file:")]

@@ -16,13 +16,15 @@ from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, train
 from jaxattn.nn import TransformerConfig
 from jaxattn.tour import run_tour
+from tests.conftest import network_requests, open_page
 
-FIGURES = ("self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "multi_head.png",
-           "rope.png", "kv_cache.png", "mla.png", "flash.png", "softcap.png", "sinks.png", "local_global.png", "nope.png",
-           "rope_scaling.png")
-STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention", "Multi-head attention",
-         "Where tokens are: RoPE", "The KV cache", "The next token", "Multi-head latent attention",
-         "Memory-efficient attention", "Attention in today's models")
+FIGURES = ("embeddings.png", "self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "packed.png",
+           "multi_head.png", "rope.png", "kv_cache.png", "decode_cost.png", "next_token.png", "attention_sink.png", "mla.png", "flash.png",
+           "ring.png", "softcap.png", "sinks.png", "local_global.png", "nope.png", "rope_scaling.png")
+STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention", "Packed sequences",
+         "Multi-head attention", "Where tokens are: RoPE", "The KV cache", "Decoding pays for the tokens present",
+         "The next token", "Where a trained model looks: the attention sink", "Multi-head latent attention",
+         "Memory-efficient attention", "Attention across devices: ring attention", "Attention in today's models")
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +38,57 @@ def tiny_run(tmp_path_factory):
     return path
 
 
-def test_the_tour(tmp_path, tiny_run):
-    """One run of the tour (it takes a while), three sets of checks."""
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory, tiny_run):
+    """One run of the tour (it takes a while): its folder, result and printed lines."""
+    out = tmp_path_factory.mktemp("tour-out")
     lines = []
-    result = run_tour(out=tmp_path, checkpoint=tiny_run, say=lines.append, generated_tokens=20)
-    tour = (tmp_path, result, lines)
+    result = run_tour(out=out, checkpoint=tiny_run, say=lines.append, generated_tokens=20)
+    return out, result, lines
+
+
+def test_the_tour(tour):
+    """Three sets of checks on one run."""
     check_numbers_follow_from_the_inputs(tour)
     check_every_figure_and_the_page_are_written(tour)
     check_figures_show_the_librarys_own_computations(tour)
+    check_the_new_steps(tour)
+
+
+def test_the_tour_page_in_a_browser(browser, tour):
+    """Every step renders with its figures and formulas, nothing is fetched from the network,
+    the console stays clean, and the explorer page it links to opens and works."""
+    from selenium.webdriver.common.by import By
+
+    out, result, _ = tour
+    assert [entry for entry in open_page(browser, out / "index.html") if entry["level"] == "SEVERE"] == []
+    assert network_requests(browser) == []  # only the PNG files next to the page
+    sections = browser.find_elements(By.CSS_SELECTOR, "section[id^=step-]")
+    titles = [section.find_element(By.TAG_NAME, "h2").text for section in sections]
+    assert len(titles) == len(STEPS) and all(title.startswith(f"Step {n}. {step}")
+                                             for n, (title, step) in enumerate(zip(titles, STEPS), 1)), titles
+    for section in sections:
+        images = section.find_elements(By.TAG_NAME, "img")
+        assert images, section.get_attribute("id")
+        for image in images:  # loaded and drawn
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 100
+    formulas = browser.find_elements(By.CSS_SELECTOR, "math")
+    assert len(formulas) >= 10
+    assert browser.execute_script("return arguments[0].getBoundingClientRect().height", formulas[0]) > 20  # typeset
+    paragraphs = browser.find_elements(By.CSS_SELECTOR, "section p")
+    assert len(paragraphs) > 40 and not any("\n" in p.text for p in paragraphs[:5])  # prose, not console lines
+    for pre in browser.find_elements(By.CSS_SELECTOR, "pre"):  # nothing overflows its box
+        assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth + 1", pre)
+    link = browser.find_element(By.CSS_SELECTOR, "#step-10 a[href='explorer.html']")
+    link.click()
+    assert browser.current_url.endswith("explorer.html")
+    tokens = browser.find_elements(By.CSS_SELECTOR, ".tok")
+    weights = result["sink"]["weights"]
+    tokens[4].click()
+    shown = [float(token.get_attribute("data-weight")) for token in tokens]
+    np.testing.assert_allclose(shown, weights[0, 0, 4], atol=5e-4 + 1e-6, rtol=0)
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+    assert network_requests(browser) == []
 
 
 def check_numbers_follow_from_the_inputs(tour):
@@ -132,3 +177,27 @@ def check_figures_show_the_librarys_own_computations(tour):
     assert global_mib[-1] == pytest.approx(24 * kv * 131072 / 2**20, rel=1e-6)
     _, gemma3_mib = today["cache_mib"]["5:1 (Gemma 3)"]  # 20 local layers keep 1,024 tokens (and their positions)
     assert gemma3_mib[-1] == pytest.approx((4 * 131072 * kv + 20 * 1024 * (kv + 4)) / 2**20, rel=1e-6)
+
+
+def check_the_new_steps(tour):
+    _, result, lines = tour
+    words = result["words"]
+    T = len(words)
+    packed = result["packed"]  # two copies of the sentence: block-diagonal, each block step 3's weights
+    np.testing.assert_array_equal(packed[T:, :T], 0.0)
+    np.testing.assert_allclose(packed[:T, :T], result["causal_weights"], atol=1e-6)
+    np.testing.assert_allclose(packed[T:, T:], result["causal_weights"], atol=1e-6)
+    cost = result["decode_cost"]
+    assert cost["difference"] < 1e-5 and cost["present"] == sorted(cost["present"])
+    assert all(x > 0 for times in cost["seconds"].values() for x in times)
+    sink = result["sink"]
+    L, H = sink["first"].shape
+    weights = sink["weights"]  # the trained model's own maps: what the explorer page shows
+    np.testing.assert_allclose(sink["first"], weights[..., 2:, 0].mean(-1), rtol=1e-6)
+    assert sink["explorer"].is_file() and sink["induction"].shape == (L, H)
+    ring = result["ring"]
+    assert ring["difference"] < 1e-5
+    in_order, zigzag = ring["work"]["causal, in order"], ring["work"]["causal, zigzag"]
+    assert in_order == sorted(in_order) and in_order[0] < in_order[-1] and len(set(zigzag)) == 1
+    assert sum(in_order) == sum(zigzag)  # the same work, spread evenly
+    assert any("93.3% smaller" in line for line in lines) and any("R_(s-t)" in line for line in lines)

@@ -34,7 +34,14 @@ from jaxattn.functional.masks import (
 )
 from jaxattn.functional.mla import MLAParams, MLASettings, mla_absorbed, mla_decompressed, mla_naive
 from jaxattn.functional.positions import Rope, RopeScaling, rope, sinusoidal_positions
-from jaxattn.functional.ring import ring_attention, ring_attention_shard, ring_kernel, ring_shard_kernel, zigzag_order
+from jaxattn.functional.ring import (
+    ring_attention,
+    ring_attention_shard,
+    ring_kernel,
+    ring_shard_kernel,
+    ring_work_per_device,
+    zigzag_order,
+)
 from jaxattn.functional.self_attention import AttentionParams, AttentionSettings, causal_self_attention
 
 __all__ = [
@@ -77,6 +84,7 @@ __all__ = [
     "ring_attention_shard",
     "ring_kernel",
     "ring_shard_kernel",
+    "ring_work_per_device",
     "rope",
     "segment_mask",
     "sinusoidal_positions",

@@ -65,6 +65,25 @@ def zigzag_order(T: int, n: int):
     return jnp.asarray(np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]]) for i in range(n)]), jnp.int32)
 
 
+def ring_work_per_device(T: int, n: int, *, block: int, zigzag: bool, causal: bool = True) -> list[int]:
+    """The (query, key) sub-block pairs each of n devices computes over the n steps of one
+    forward ring: T tokens, sub-blocks of ``block``, chunks in order or ``zigzag_order``. Counted
+    with the same masks and block plan as the kernel (``AttentionContext.block_visibility``):
+    the slowest device sets the time of a step."""
+    if T % n or (T // n) % block:
+        raise ValueError(f"T={T} must split into n={n} chunks of whole sub-blocks of {block}")
+    order = np.asarray(zigzag_order(T, n) if zigzag else np.arange(T))
+    chunk = T // n
+    if not causal:
+        return [n * (chunk // block) ** 2] * n
+    work = []
+    for device in range(n):
+        queries = AttentionContext.for_tokens(chunk, order[device * chunk : (device + 1) * chunk])
+        work.append(sum(int(queries.with_keys(jnp.asarray(order[source * chunk : (source + 1) * chunk])[None])
+                            .block_visibility(block, block).sum()) for source in range(n)))
+    return work
+
+
 class _Chunk(NamedTuple):
     """What travels around the ring: one device's keys, values and what masks them."""
 

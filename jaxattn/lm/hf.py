@@ -723,6 +723,11 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """The ids of the special tokens (BOS, EOS, chat markers ...), which text never holds."""
+        return tuple(sorted(i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special))
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> np.ndarray:
         """``text`` -> int32 ``[N]`` ids, with the checkpoint's special tokens (BOS ...) unless
         ``add_special_tokens=False`` (a rendered chat already holds them)."""

@@ -30,6 +30,7 @@ from jaxattn.lm.hf import (
     read_hf_config,
     render_chat_template,
 )
+from tests.lm.test_explorer import read_page
 
 FIXTURES = Path(__file__).parent.parent / "data" / "hf"
 draw_attention_grid = viz.attention_grid
@@ -75,10 +76,14 @@ def check_inspect(folder, model, monkeypatch, tmp_path, capsys):
         return draw_attention_grid(weights, labels, path, **kwargs)
 
     monkeypatch.setattr(viz, "attention_grid", attention_grid)
-    assert main(["inspect", str(folder), PROMPT_TEXT, "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["inspect", str(folder), PROMPT_TEXT, "--out", str(tmp_path / "grid.png"), "--html",
+                 str(tmp_path / "explorer.html")]) == 0
     L, H = model.config.layers, model.config.heads
     assert f"{L} layers x {H} heads" in capsys.readouterr().out
     assert drawn[0][:2] == (L, H) and (tmp_path / "grid.png").stat().st_size > 5_000
+    page_weights, labels, _ = read_page(tmp_path / "explorer.html")  # the explorer page holds the same maps
+    _, weights = capture_attention(model, load_hf_model(folder)[1].encode(PROMPT_TEXT)[None])
+    np.testing.assert_allclose(page_weights, np.asarray(weights[:, 0]), atol=1e-5, rtol=0)
 
 
 def check_tokenizer_and_printed_text(folder, tokenizer, expected, capsys):

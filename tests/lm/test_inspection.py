@@ -12,7 +12,16 @@ import pytest
 from jaxattn.cli import main
 from flax import nnx
 from jaxattn.lm.hf import load_hf_model
-from jaxattn.lm.inspection import capture_attention, describe_heads, head_roles, top_next_tokens
+from jaxattn.functional import attention_weights
+from jaxattn.lm.inspection import (
+    capture_attention,
+    describe_heads,
+    head_roles,
+    induction_scores,
+    induction_test,
+    induction_tokens,
+    top_next_tokens,
+)
 from jaxattn.nn import TransformerConfig, TransformerLM
 
 GPT2 = Path(__file__).parent.parent / "data" / "hf" / "gpt2"
@@ -108,3 +117,78 @@ def test_cli_generate_decodes_a_real_model_with_its_tokenizer(capsys):
     assert main(["generate", "--model", str(GPT2), "--prompt", "The sky", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("The sky")
+
+
+# ------------------------------------------------------------------ induction heads
+
+
+def hand_built_induction_model(tokens, *, vocab: int, random_weights=None):
+    """A 2-layer, 2-head attention-only model whose layer 1 head 0 is an induction head by
+    construction: weights [L=2, B, H=2, T, T] from jaxattn's own one-head kernel.
+
+    The residual stream is [token one-hot | position one-hot | previous token]. Layer 0 head 0
+    attends from position i to i - 1 and writes that token into the "previous token" part;
+    layer 1 head 0 matches its own token against the previous-token part of every key, so it
+    attends to the token after the current token's earlier occurrence. The other two heads
+    look at themselves and at the previous position. ``random_weights``: a seed for random
+    projections of the same shapes instead (an untrained model)."""
+    B, T = tokens.shape
+    beta = 20.0
+    token_part, position_part = np.eye(vocab)[tokens], np.broadcast_to(np.eye(T), (B, T, T))  # [B, T, V], [B, T, T]
+    shift = np.eye(T, k=-1)  # position j -> j + 1
+    rng = np.random.default_rng(random_weights)
+
+    def head_weights(q, k):
+        if random_weights is not None:  # random projections of the stream instead
+            stream = np.concatenate([token_part, position_part, previous], -1)
+            w_q, w_k = rng.standard_normal((2, stream.shape[-1], 8)) / np.sqrt(stream.shape[-1])
+            q, k = stream @ w_q, stream @ w_k
+        return np.stack([np.asarray(attention_weights(jnp.asarray(q[b], jnp.float32), jnp.asarray(k[b], jnp.float32),
+                                                      scale=1.0, mask=jnp.tril(jnp.ones((T, T), bool))))
+                         for b in range(B)])  # [B, T, T]
+
+    previous = np.zeros_like(token_part)
+    layer0 = [head_weights(beta * position_part, position_part @ shift.T), head_weights(beta * position_part, position_part)]
+    previous = layer0[0] @ token_part  # what head 0 of layer 0 wrote: the previous token
+    layer1 = [head_weights(beta * token_part, previous), head_weights(beta * position_part, position_part @ shift.T)]
+    return np.stack([np.stack(layer0, 1), np.stack(layer1, 1)])  # [L, B, H, T, T]
+
+
+def test_the_induction_score_finds_the_planted_head_and_not_random_ones():
+    tokens = induction_tokens(np.arange(1, 12), length=8, batch=3, prefix=[0], seed=4)  # [3, 1 + 16]
+    assert tokens.shape == (3, 17) and np.array_equal(tokens[:, 1:9], tokens[:, 9:])
+    weights = hand_built_induction_model(tokens, vocab=12)
+    scores = induction_scores(weights, start=1, length=8)
+    assert np.unravel_index(np.argmax(scores), scores.shape) == (1, 0) and scores[1, 0] > 0.99
+    assert np.all(np.delete(scores.ravel(), 2) < 0.2)  # the other heads: self, previous token
+    untrained = induction_scores(hand_built_induction_model(tokens, vocab=12, random_weights=3), start=1, length=8)
+    assert untrained.max() < 0.3 and untrained.max() < scores[1, 0] / 3
+    # The score against a loop over the definition: token j's second occurrence -> the token after its first.
+    loop = np.zeros((2, 2))
+    for layer in range(2):
+        for head in range(2):
+            loop[layer, head] = np.mean([weights[layer, b, head, 1 + 8 + j, 1 + j + 1] for b in range(3) for j in range(8)])
+    np.testing.assert_allclose(scores, loop, rtol=1e-12)
+
+
+def test_the_induction_test_on_a_model_and_its_errors():
+    model = TransformerLM(TransformerConfig(vocab_size=61, width=24, layers=2, heads=4, head_dim=6, mlp_hidden=40,
+                                            max_length=32), rngs=nnx.Rngs(3))
+
+    class Labels:
+        vocab_size = 61
+        special_ids = (0,)
+
+        def encode(self, text):
+            return np.array([0], np.int32)  # a BOS
+
+    tokens, weights, scores = induction_test(model, Labels(), batch=2)
+    assert tokens.shape == (2, 1 + 2 * 15) and tokens[:, 0].tolist() == [0, 0] and 0 not in tokens[:, 1:]
+    np.testing.assert_allclose(scores, induction_scores(weights, start=1, length=15))
+    assert scores.max() < 0.3  # random weights: no induction head
+    with pytest.raises(ValueError, match="exceed the model's context of 32"):
+        induction_test(model, Labels(), length=16)
+    with pytest.raises(ValueError, match="at least 2 random tokens"):
+        induction_tokens(np.arange(5), length=1)
+    with pytest.raises(ValueError, match=r"must be \[L, B, H, T, T\]"):
+        induction_scores(np.ones((2, 3, 4, 4)), start=0, length=2)
