@@ -18,8 +18,16 @@ MLA's absorbed path passes its key as two parts, ``[c_kv; k_r]``, whose scores a
 its buffers as they are, ``[B, S, L]`` (one head for all queries), so the latent cache is
 never concatenated, reshaped or copied.
 
+A **paged** cache (``PagedKVCache``, the serving engine's) keeps every sequence's tokens in
+pages of a shared pool ``[P, page, K, D]``, found through the sequence's page table (the
+context's ``kv_pages [B, N]``). The same loop then visits m = block_kv / page pages per
+step, gathering pages ``kv_pages[b, j m : (j + 1) m]`` of every row ``b`` (``[B, m page, K,
+D]``: the pages in use, never the whole pool), with the same mask and the same online
+softmax. A call of any T (one decode step,
+a few speculative tokens, a chunk of a long prompt) reads a paged cache this way.
+
 Forward only: this is the inference path (training uses ``flash_kernel``). Shape
-letters as in ``heads.py``; ``bk`` is the key block.
+letters as in ``heads.py``; ``bk`` is the key block (m whole pages, for a paged cache).
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from jaxattn.functional.softmax import (
 )
 
 DEFAULT_DECODE_BLOCK = 512  # measured: see benchmarks/decode.py
+DEFAULT_PAGED_BLOCK = 256  # measured on the engine's decode step (benchmarks/serve.py): pages are gathered,
+# so a block past a row's length costs a copy; 128-256 tokens were fastest, 512 17% slower
 # The model uses this kernel for calls with a cache of at most this many new tokens
 # (one decode step, a few speculative tokens); longer calls (a prompt) use the blockwise
 # or dense kernel. Measured in benchmarks/decode.py ("threshold").
@@ -63,6 +73,20 @@ def _block(x, start, size):
     return block[:, :, None] if x.ndim == 3 else block
 
 
+def _pages(pool, pages):
+    """Pages ``pages[b, :]`` of ``pool [P, page, K, D]`` (or ``[P, page, D]``) for every row b,
+    in order: ``[B, m x page, K|1, D]`` for ``pages [B, m]``, a gather of B x m pages."""
+    B, m = pages.shape
+    block = jnp.take(pool, pages.reshape(-1), axis=0)  # [B m, page, ...]
+    block = block.reshape((B, m * pool.shape[1]) + pool.shape[2:])  # [B, m page, K, D]
+    return block[:, :, None] if pool.ndim == 3 else block
+
+
+def _as_sequences(pool, B: int, S: int):
+    """A pool ``[P, page, ...]`` described as the ``[B, S, ...]`` keys it stands for (for the checks)."""
+    return jax.ShapeDtypeStruct((B, S) + pool.shape[2:], pool.dtype)
+
+
 def _check_parts(q_parts, k_parts, v):
     """Each (q part, k part) pair is a multi-head attention's (q, k); returns the sizes of the first."""
     if len(q_parts) != len(k_parts):
@@ -78,7 +102,7 @@ def _check_parts(q_parts, k_parts, v):
     return first, sum(part.D for part in shapes)
 
 
-def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int = DEFAULT_DECODE_BLOCK,
+def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = None,
                   return_visits: bool = False):
     """Attention of a few queries over a cache, visiting only the slots that hold tokens.
 
@@ -86,24 +110,43 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int = DEFAULT
       q: ``[B, T, H, D]``, or a tuple of parts ``[B, T, H, D_i]`` (MLA: ``(q_latent, q_rope)``).
       k: ``[B, S, K, D]``, or parts ``[B, S, K, D_i]`` matching q's; the scores of the parts add.
         ``[B, S, D]`` (no head axis) is one key head shared by all query heads (MQA).
-      v: ``[B, S, K, E]`` (or ``[B, S, E]`` with keys of that form).
+        With ``context.kv_pages`` set: pools ``[P, page, K, D]`` (or ``[P, page, D]``) instead.
+      v: ``[B, S, K, E]`` (or ``[B, S, E]`` with keys of that form; a pool with pooled keys).
       context: the call; with ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are
-        visited. Its default scale is ``1/sqrt(sum D_i)``.
-      block_kv: keys per block (clipped to S).
+        visited; with ``kv_pages [B, N]`` the keys are read from the pools a block of pages at a time
+        (S = N x page). Its default scale is ``1/sqrt(sum D_i)``.
+      block_kv: keys per block, clipped to S (default ``DEFAULT_DECODE_BLOCK``); with pages, the
+        whole pages that fit in it, at least one (default ``DEFAULT_PAGED_BLOCK``).
       return_visits: also return how many key blocks the loop visited (for tests).
 
     Returns:
       ``[B, T, H, E]`` in q's dtype (and the visit count, int32 ``[]``).
     """
     q_parts, k_parts = _parts(q), _parts(k)
-    shapes, D_total = _check_parts(q_parts, k_parts, v)
+    pages = context.kv_pages
+    if pages is not None:  # pools: check them as the [B, S, ...] keys they stand for
+        page_size = k_parts[0].shape[1]
+        if pages.ndim != 2 or pages.shape[0] != q_parts[0].shape[0] or any(
+                part.shape[1] != page_size for part in (*k_parts, v)):
+            raise ValueError(f"a paged call needs pools [P, page, ...] of one page size and kv_pages [B, N]; got "
+                             f"k {[part.shape for part in k_parts]}, v {v.shape}, kv_pages {pages.shape}")
+        B, S = pages.shape[0], pages.shape[1] * page_size
+        shapes, D_total = _check_parts(q_parts, tuple(_as_sequences(part, B, S) for part in k_parts),
+                                       _as_sequences(v, B, S))
+    else:
+        shapes, D_total = _check_parts(q_parts, k_parts, v)
     B, T, S, H, K, _, E = shapes
     G = H // K
     context.check(B, T, S, H)
     scale, cap = context.logit_scale(D_total), context.logit_softcap
+    block_kv = (DEFAULT_DECODE_BLOCK if pages is None else DEFAULT_PAGED_BLOCK) if block_kv is None else block_kv
     if block_kv < 1:
         raise ValueError(f"block_kv must be >= 1, got {block_kv}")
-    bk = min(block_kv, S)
+    if pages is None:
+        bk = min(block_kv, S)
+    else:  # a block is m whole pages
+        m = max(1, min(block_kv // page_size, pages.shape[1]))
+        bk = m * page_size
     longest = S if context.kv_lengths is None else jnp.minimum(jnp.max(context.kv_lengths), S)
     n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
     q_parts = tuple(scaled_queries(part, scale).reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
@@ -118,8 +161,13 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int = DEFAULT
         state, visits = carry
         start = j * bk
         first = jnp.minimum(start, S - bk)  # the last block is slid back to fit; its older keys are masked
-        k_blocks = tuple(_block(part, first, bk) for part in k_parts)  # [B, bk, K, D_i]
-        v_block = _block(v, first, bk)  # [B, bk, K, E]
+        if pages is None:
+            k_blocks = tuple(_block(part, first, bk) for part in k_parts)  # [B, bk, K, D_i]
+            v_block = _block(v, first, bk)  # [B, bk, K, E]
+        else:  # pages first/page .. first/page + m - 1 of every row
+            table = lax.dynamic_slice_in_dim(pages, first // page_size, m, axis=1)  # [B, m]
+            k_blocks = tuple(_pages(part, table) for part in k_parts)  # [B, bk, K, D_i]
+            v_block = _pages(v, table)  # [B, bk, K, E]
         block = context.keys(first, bk)
         unseen = (first + jnp.arange(bk) >= start)[None]  # [1, bk]: keys no earlier block visited
         block = dataclasses.replace(block, kv_valid=combine_masks(block.kv_valid, unseen))
@@ -136,7 +184,7 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int = DEFAULT
     return (out, visits) if return_visits else out
 
 
-def decode_attention(q, k, v, *, block_kv: int = DEFAULT_DECODE_BLOCK, return_visits: bool = False, **keywords):
+def decode_attention(q, k, v, *, block_kv: int | None = None, return_visits: bool = False, **keywords):
     """``decode_kernel`` with the call described by the keywords of ``multi_head_attention``
     (with ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are visited)."""
     context = AttentionContext.from_keywords(q, k, **keywords)

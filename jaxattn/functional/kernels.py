@@ -8,7 +8,8 @@ tokens to a cache and attends over what the cache holds: ``decode_kernel`` serve
 visiting only the slots in use. ``Kernels`` holds the two and the threshold between them;
 MHA and MLA layers use the same value, so the rule is written once:
 
-    kernel = decode   if the call has a cache and T <= decode_max_tokens (and decode is set)
+    kernel = decode   if the cache is paged (any T: only the decode kernel reads pages)
+             decode   if the call has a cache and T <= decode_max_tokens (and decode is set)
              full     otherwise
 
 A kernel is any function ``kernel(q, k, v, context)``. The decode kernel may receive q and k
@@ -57,8 +58,13 @@ class Kernels:
             return cls(default, decode_kernel if decode_fn is None else decode_fn, decode_max_tokens)
         return cls(attention_fn, decode_fn, decode_max_tokens)
 
-    def for_call(self, T: int, cached: bool) -> tuple[Callable, bool]:
-        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache."""
+    def for_call(self, T: int, cached: bool, paged: bool = False) -> tuple[Callable, bool]:
+        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache (paged or not)."""
+        if paged:
+            if self.decode is None:
+                raise ValueError("a paged cache is read by a decode kernel, and this layer has none "
+                                 "(Kernels.choose(attention_fn) without decode_fn): pass decode_fn as well")
+            return self.decode, True
         if cached and self.decode is not None and T <= self.decode_max_tokens:
             return self.decode, True
         return self.full, False
@@ -80,13 +86,16 @@ def attend(kernels: Kernels, q, k, v, context: AttentionContext, *, cached: bool
     When ``context.record_weights`` is set, the weights are computed once (dense), handed to
     ``record`` (a layer's ``sow``), and the output is made from them.
     """
+    paged = context.kv_pages is not None
     if context.record_weights:
+        if paged:
+            raise ValueError("recording the weights reads a cache as it is, not a paged one: use init_cache")
         out, weights = dense_kernel_with_weights(join_parts(q), join_parts(k), join_parts(v), context)
         if record is not None:
             record(weights)
         return out
     T = (q[0] if isinstance(q, (tuple, list)) else q).shape[1]
-    kernel, is_decode = kernels.for_call(T, cached)
+    kernel, is_decode = kernels.for_call(T, cached, paged)
     if is_decode:
         return kernel(q, k, v, context)
     return kernel(join_parts(q), join_parts(k), join_parts(v), context)

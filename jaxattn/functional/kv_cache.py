@@ -20,6 +20,12 @@ cache (``next_positions``), so they cannot disagree with it.
   the position of each slot beside it, so its memory is the window, not the sequence.
 - ``LatentCache``: MLA's compressed latent ``[B, S_max, L]`` and RoPE key
   ``[B, S_max, R]``; preallocated like ``KVCache``.
+- ``PagedKVCache`` and ``PagedLatentCache``: the same tokens kept in pages of a pool shared by
+  every sequence, ``[P, page, ...]``, found through each sequence's page table (vLLM's
+  PagedAttention, Kwon et al. 2023, arXiv 2309.06180), so that a sequence holds memory
+  for the tokens it has, page by page, and sequences can share the pages of a common
+  prefix. Which sequence owns which page is decided outside the compiled step (the serving
+  engine, ``jaxattn.lm.engine``); the cache reads and writes through the table.
 
 The two ways of keeping tokens, writing at each row's length (``_append``) and writing
 round a ring (``_write_round``), and one policy for what may be written
@@ -79,14 +85,15 @@ def write_at_lengths(buffer, new, lengths):
 # ------------------------------------------------------------- shared by every cache
 
 
-def _check_new_tokens(kind: str, buffers: dict, new: tuple):
+def _check_new_tokens(kind: str, buffers: dict, new: tuple, batch: int | None = None):
     """The one policy for what may enter a cache: entries ``[B, T, ...]`` with the
-    buffers' B and trailing axes, and exactly their dtype (no silent cast). Returns (B, T)."""
+    buffers' B (or ``batch``, for pools) and trailing axes, and exactly their dtype (no
+    silent cast). Returns (B, T)."""
     names = tuple(buffers)
     if len(new) != len(buffers):
         raise ValueError(f"{kind}.update takes {len(buffers)} arrays ({', '.join(names)}), got {len(new)}")
     first = next(iter(buffers.values()))
-    B = first.shape[0]
+    B = first.shape[0] if batch is None else batch
     T = new[0].shape[1] if new[0].ndim >= 2 else None
     for (name, buffer), x in zip(buffers.items(), new):
         expected = (B, T) + buffer.shape[2:]
@@ -142,13 +149,15 @@ class KVView(NamedTuple):
     k ``[B, S, K, D]``, v ``[B, S, K, E]``, positions int32 ``[B, S]`` (absolute token
     position of each slot; ``EMPTY_POSITION`` for a slot that holds nothing), lengths
     int32 ``[B]``: slots ``>= lengths[b]`` of row b hold nothing, so a kernel may stop
-    there (``decode_attention`` does).
+    there (``decode_attention`` does). pages int32 ``[B, N]`` for a paged cache (k and v are
+    then its pools ``[P, page, ...]``, slot j of row b in page ``pages[b, j // page]``), else ``None``.
     """
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
     lengths: jax.Array
+    pages: jax.Array | None = None
 
 
 class KVCache(NamedTuple):
@@ -275,12 +284,13 @@ class SlidingKVCache:
 
 class LatentView(NamedTuple):
     """What MLA's queries attend to: c_kv ``[B, S, L]``, k_rope ``[B, S, R]``, positions
-    ``[B, S]`` and lengths ``[B]`` (as in ``KVView``)."""
+    ``[B, S]``, lengths ``[B]`` and pages (as in ``KVView``)."""
 
     c_kv: jax.Array
     k_rope: jax.Array
     positions: jax.Array
     lengths: jax.Array
+    pages: jax.Array | None = None
 
 
 class LatentCache(NamedTuple):
@@ -313,6 +323,128 @@ class LatentCache(NamedTuple):
         row's length; returns ``(LatentView, new_cache)``. Overflow as in ``KVCache.update``."""
         (c_kv, k_rope), positions, lengths = _append(self, (c_kv_new, k_rope_new), num_new)
         return LatentView(c_kv, k_rope, positions, jnp.minimum(lengths, self.capacity)), LatentCache(c_kv, k_rope, lengths)
+
+
+# ------------------------------------------------------------------- paged caches
+
+# Page 0 of every pool is never given to a sequence: the padding of a ragged call is written
+# there, and the unused entries of a page table point to it (what it holds is never visible).
+TRASH_PAGE = 0
+
+
+def _write_pages(pools: tuple, new: tuple, page_table, lengths, num_new):
+    """Writes token t of row b (position ``lengths[b] + t``) into slot ``position % page`` of
+    page ``page_table[b, position // page]`` of each pool ``[P, page, ...]``; tokens past
+    ``num_new[b]`` go to the trash page. One scatter per pool, in place when donated."""
+    T = new[0].shape[1]
+    N, page_size = page_table.shape[1], pools[0].shape[1]
+    positions = next_positions(lengths, T)  # [B, T]
+    real = jnp.arange(T)[None] < num_new[:, None]  # [B, T]
+    index = jnp.minimum(positions // page_size, N - 1)
+    pages = jnp.where(real, jnp.take_along_axis(page_table, index, axis=1), TRASH_PAGE)  # [B, T]
+    slots = positions % page_size  # [B, T]
+    return tuple(pool.at[pages, slots].set(x) for pool, x in zip(pools, new))
+
+
+def _paged_update(cache, new: tuple, num_new):
+    """``(pools, positions [B, N * page], lengths)`` after writing a call's tokens into a paged cache."""
+    pools = dict(zip(cache._fields[:-2], cache[:-2]))
+    B, T = _check_new_tokens(type(cache).__name__, pools, new, batch=cache.page_table.shape[0])
+    num_new = check_num_new(num_new, B, T)
+    written = _write_pages(tuple(pools.values()), new, cache.page_table, cache.lengths, num_new)
+    return written, slot_positions(B, cache.capacity), cache.lengths + num_new
+
+
+def _check_pool(pages: int, page_size: int, pages_per_sequence: int):
+    for name, value in (("pages", pages), ("page_size", page_size), ("pages_per_sequence", pages_per_sequence)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if pages < 2:
+        raise ValueError(f"a pool needs at least 2 pages (page {TRASH_PAGE} is the trash page), got pages={pages}")
+
+
+class PagedKVCache(NamedTuple):
+    """Keys and values in pages of a pool shared by every sequence.
+
+    k ``[P, page, K, D]``, v ``[P, page, K, E]``: P pages of ``page`` tokens; page_table int32
+    ``[B, N]``: row b's pages in order, token p of the row in slot ``p % page`` of page
+    ``page_table[b, p // page]`` (so a row holds at most ``N x page`` tokens); lengths int32
+    ``[B]``. Page ``TRASH_PAGE`` (0) is never a sequence's. Every layer has its own pools and
+    the same table and lengths. A call reads the pages through the table (``KVView.pages``:
+    the decode kernel visits the pages in use, a block of pages per step).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, *, batch: int, pages: int, page_size: int, pages_per_sequence: int, kv_heads: int, head_dim: int,
+               value_dim=None, dtype=jnp.float32):
+        """Zero pools of ``pages`` pages, every table entry on the trash page, lengths 0."""
+        _check_pool(pages, page_size, pages_per_sequence)
+        value_dim = head_dim if value_dim is None else value_dim
+        return cls(
+            k=jnp.zeros((pages, page_size, kv_heads, head_dim), dtype),
+            v=jnp.zeros((pages, page_size, kv_heads, value_dim), dtype),
+            page_table=jnp.full((batch, pages_per_sequence), TRASH_PAGE, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens one row can hold: ``N x page``."""
+        return self.page_table.shape[1] * self.k.shape[1]
+
+    def overflowed(self):
+        return _overflowed_pages(self)
+
+    def update(self, k_new, v_new, num_new=None):
+        """Writes T new tokens of each row through its page table (the caller has given row b
+        pages for positions up to ``lengths[b] + num_new[b] - 1``); returns ``(KVView, new_cache)``,
+        the view's k and v being the pools and its pages the table."""
+        (k, v), positions, lengths = _paged_update(self, (k_new, v_new), num_new)
+        view = KVView(k, v, positions, jnp.minimum(lengths, self.capacity), self.page_table)
+        return view, PagedKVCache(k, v, self.page_table, lengths)
+
+
+class PagedLatentCache(NamedTuple):
+    """MLA's latents in pages: c_kv ``[P, page, L]``, k_rope ``[P, page, R]``, page_table
+    ``[B, N]`` and lengths ``[B]``, as in ``PagedKVCache``."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, *, batch: int, pages: int, page_size: int, pages_per_sequence: int, latent_dim: int, rope_dim: int,
+               dtype=jnp.float32):
+        _check_pool(pages, page_size, pages_per_sequence)
+        return cls(
+            c_kv=jnp.zeros((pages, page_size, latent_dim), dtype),
+            k_rope=jnp.zeros((pages, page_size, rope_dim), dtype),
+            page_table=jnp.full((batch, pages_per_sequence), TRASH_PAGE, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.page_table.shape[1] * self.c_kv.shape[1]
+
+    def overflowed(self):
+        return _overflowed_pages(self)
+
+    def update(self, c_kv_new, k_rope_new, num_new=None):
+        """As ``PagedKVCache.update``, for ``c_kv_new [B, T, L]`` and ``k_rope_new [B, T, R]``."""
+        (c_kv, k_rope), positions, lengths = _paged_update(self, (c_kv_new, k_rope_new), num_new)
+        view = LatentView(c_kv, k_rope, positions, jnp.minimum(lengths, self.capacity), self.page_table)
+        return view, PagedLatentCache(c_kv, k_rope, self.page_table, lengths)
+
+
+def _overflowed_pages(cache):
+    return cache.lengths > cache.capacity
 
 
 # ------------------------------------------------------------------ cache accounting

@@ -213,7 +213,7 @@ def _pad(x, size: int, axis: int, value=None):
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q_positions", "kv_positions", "kv_valid", "kv_lengths", "q_segment_ids", "kv_segment_ids",
+    data_fields=["q_positions", "kv_positions", "kv_valid", "kv_lengths", "kv_pages", "q_segment_ids", "kv_segment_ids",
                  "user_mask", "sinks"],
     meta_fields=["T", "S", "window", "scale", "logit_softcap", "record_weights"],
 )
@@ -229,6 +229,9 @@ class AttentionContext:
       kv_valid ``[B|1, S]``: bool, False for a padding key.
       kv_lengths ``[B]``: int32, keys at index ``>= kv_lengths[b]`` hold nothing (a kernel may stop
         there: the decode kernel does).
+      kv_pages ``[B, N]``: int32, set when the keys live in a paged cache (``PagedKVCache``): key
+        j of row b is slot ``j % page`` of page ``kv_pages[b, j // page]`` of the pools that stand
+        for k and v (``[P, page, ...]``); the decode kernel reads them a block of pages at a time.
       q_segment_ids ``[B|1, T]``, kv_segment_ids ``[B|1, S]``: int32, packed sequences.
       user_mask ``[B|1, H|1, T, S]``: bool, the caller's own mask.
       window: the causal sliding window (static).
@@ -248,6 +251,7 @@ class AttentionContext:
     kv_positions: jax.Array | None = None
     kv_valid: jax.Array | None = None
     kv_lengths: jax.Array | None = None
+    kv_pages: jax.Array | None = None
     q_segment_ids: jax.Array | None = None
     kv_segment_ids: jax.Array | None = None
     user_mask: jax.Array | None = None
@@ -373,15 +377,15 @@ class AttentionContext:
         """Keys that are the queries' own tokens (a full pass without a cache)."""
         return dataclasses.replace(self, S=self.T, kv_positions=self.q_positions, kv_segment_ids=self.q_segment_ids)
 
-    def with_keys(self, kv_positions, kv_lengths=None) -> "AttentionContext":
+    def with_keys(self, kv_positions, kv_lengths=None, kv_pages=None) -> "AttentionContext":
         """Keys at ``kv_positions [B|1, S]`` (a cache view's, where an empty slot sits at a
         position no query reaches) of which row b holds ``kv_lengths[b]`` (a bound the decode
-        kernel stops at)."""
+        kernel stops at), in the pages ``kv_pages [B, N]`` of a paged cache (or ``None``)."""
         if self.q_segment_ids is not None:
             raise ValueError("segment ids (packed sequences) are for calls without a cache")
         S = kv_positions.shape[-1]
         return dataclasses.replace(self, S=S, kv_positions=token_array("kv_positions", kv_positions, S, "S"),
-                                   kv_lengths=kv_lengths)
+                                   kv_lengths=kv_lengths, kv_pages=kv_pages)
 
     def for_layer(self, *, window=None, scale=None, logit_softcap=None, sinks=None, H: int | None = None):
         """The context completed with one layer's settings (each ``None`` leaves the context's)."""
@@ -416,8 +420,8 @@ class AttentionContext:
     def sinks_cotangent(self, d_sinks) -> "AttentionContext":
         """The cotangent of this context in a ``custom_vjp``: nothing for the masking arrays
         (integers and booleans), ``d_sinks`` for the sinks."""
-        empty = {name: None for name in ("q_positions", "kv_positions", "kv_valid", "kv_lengths", "q_segment_ids",
-                                         "kv_segment_ids", "user_mask")}
+        empty = {name: None for name in ("q_positions", "kv_positions", "kv_valid", "kv_lengths", "kv_pages",
+                                         "q_segment_ids", "kv_segment_ids", "user_mask")}
         return dataclasses.replace(self, sinks=None if self.sinks is None else d_sinks.astype(self.sinks.dtype), **empty)
 
     # ------------------------------------------------------------------ reading one
@@ -465,6 +469,7 @@ class AttentionContext:
             kv_positions=_slice(self.kv_positions, kv_start, block_kv, 1),
             kv_valid=_slice(self.kv_valid, kv_start, block_kv, 1),
             kv_lengths=None,  # a bound of the whole call, not of a block
+            kv_pages=None,  # a block's keys are given as they are, not as pages
             q_segment_ids=_slice(self.q_segment_ids, q_start, block_q, 1),
             kv_segment_ids=_slice(self.kv_segment_ids, kv_start, block_kv, 1),
             user_mask=_slice(_slice(self.user_mask, q_start, block_q, 2), kv_start, block_kv, 3),

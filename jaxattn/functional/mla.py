@@ -215,7 +215,7 @@ def _cached_latents(params, dims, h, cache: LatentCache, num_new, settings, cont
     q_c, q_r = mla_queries(params, h, context.q_positions, settings)
     c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
     view, new_cache = cache.update(c_kv, k_r, num_new)
-    context = context.with_keys(view.positions, view.lengths).for_layer(scale=mla_scale(dims, settings),
+    context = context.with_keys(view.positions, view.lengths, view.pages).for_layer(scale=mla_scale(dims, settings),
                                                                         logit_softcap=settings.logit_softcap)
     return q_c, q_r, context, view, new_cache
 
@@ -229,6 +229,9 @@ def mla_decompressed(params: MLAParams, h, cache: LatentCache, *, num_new=None, 
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
+    if getattr(cache, "page_table", None) is not None:
+        raise ValueError("mla_decompressed decompresses a cache it can slice; a paged latent cache is read by "
+                         "mla_absorbed")
     q_c, q_r, context, view, new_cache = _cached_latents(params, dims, h, cache, num_new, settings, context)
     out = _decompressed_attention(params, dims, q_c, q_r, view.c_kv, view.k_rope, context, kernels, True, record)
     return out, new_cache

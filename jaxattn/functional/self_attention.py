@@ -187,8 +187,8 @@ def causal_self_attention(
       settings: ``AttentionSettings`` (RoPE, window, scale, soft-cap, QK-norm).
       kernels: ``Kernels``: which kernel serves this call.
       context: the call's ``AttentionContext`` (token side), when a model built it.
-      cache: a ``KVCache`` or ``SlidingKVCache`` in the dtype of ``x``; this call's keys
-        and values are written into it.
+      cache: a ``KVCache``, ``SlidingKVCache`` or ``PagedKVCache`` in the dtype of ``x``; this
+        call's keys and values are written into it.
       num_new: int ``[B]``, with a cache: how many of the T tokens of each row are real.
       record: called with the weights ``[B, H, T, S]`` when ``context.record_weights``.
 
@@ -212,7 +212,7 @@ def causal_self_attention(
     else:
         view, new_cache = cache.update(k, v, num_new)
         k, v = view.k, view.v  # [B, S, K, D], [B, S, K, E]
-        context = context.with_keys(view.positions, view.lengths)
+        context = context.with_keys(view.positions, view.lengths, view.pages)
     context = context.for_layer(window=settings.window, scale=settings.scale, logit_softcap=settings.logit_softcap,
                                 sinks=params.sinks)
     o = attend(kernels, q, k, v, context, cached=cache is not None, record=record)  # [B, T, H, E]

@@ -30,6 +30,8 @@ from jaxattn.functional import (
     KVCache,
     LatentCache,
     MLASettings,
+    PagedKVCache,
+    PagedLatentCache,
     Rope,
     SlidingKVCache,
     dense_kernel,
@@ -405,6 +407,22 @@ class TransformerLM(nnx.Module):
         chunk = max_length if chunk is None else chunk
         return tuple(SlidingKVCache.create(window=c.window, chunk=chunk, max_length=max_length, **shape)
                      if kind == "local" else KVCache.create(max_length=max_length, **shape) for kind in c.kinds())
+
+    def init_paged_cache(self, batch: int, *, pages: int, page_size: int, pages_per_sequence: int):
+        """Empty paged caches, one per layer (``PagedKVCache``, or ``PagedLatentCache`` for MLA):
+        pools of ``pages`` pages of ``page_size`` tokens, ``batch`` page tables of
+        ``pages_per_sequence`` entries. Local (windowed) layers keep their pages too; the window
+        is a mask. For the serving engine (``jaxattn.lm.engine``), which hands out the pages."""
+        c = self.config
+        if pages_per_sequence * page_size > c.max_length and c.positions != "rope":
+            raise ValueError(f"{pages_per_sequence} pages of {page_size} tokens exceed the context max_length="
+                             f"{c.max_length}: {c.positions} positions exist only up to {c.max_length - 1}")
+        pool = dict(batch=batch, pages=pages, page_size=page_size, pages_per_sequence=pages_per_sequence)
+        if c.attention == "mla":
+            return tuple(PagedLatentCache.create(**pool, latent_dim=c.latent_dim, rope_dim=c.rope_dim, dtype=c.compute_dtype)
+                         for _ in range(c.layers))
+        return tuple(PagedKVCache.create(**pool, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
+                     for _ in range(c.layers))
 
     def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False):
         B, T = tokens.shape
