@@ -125,10 +125,6 @@ def make_decode_step(graphdef):
     return decode_step
 
 
-def _last_logits(logits, lengths):  # [B, P, V], [B] -> [B, V]
-    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-
 def _decode_loop(next_token, carry, *, until: int, keys, stopping: Stopping):
     """The loop both paths share: ``next_token(state, token, key) -> (token, state)`` writes token
     i of every running row, until every row has stopped or ``until`` tokens are written.
@@ -178,7 +174,7 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
     # Created inside the program and carried through the loop: every step writes into the
     # same buffers (in place), no step copies the cache.
     cache = model.init_cache(B, max_length=cache_length, chunk=P)  # a window cache: window + P - 1 slots
-    logits, cache = model(prompt, cache=cache, num_new=lengths)  # prefill: [B, P, V]
+    logits, cache = model(prompt, cache=cache, num_new=lengths, logits_at=(lengths - 1)[:, None])  # prefill: [B, 1, V]
     keys = jax.random.split(key, max_new_tokens)
     decode_step = make_decode_step(graphdef)
 
@@ -186,7 +182,7 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
         logits, cache = decode_step(params, token, cache)
         return sample_token(logits, key, sampling), cache
 
-    carry = _start(sample_token(_last_logits(logits, lengths), keys[0], sampling), max_new_tokens, stopping) + (cache,)
+    carry = _start(sample_token(logits[:, 0], keys[0], sampling), max_new_tokens, stopping) + (cache,)
     switch = longrope_switch(model.config, P, max_new_tokens)
     if switch is not None:  # run to the switch, then prefill everything so far again, with the long factors
         i, token, done, out, _ = _decode_loop(next_token, carry, until=switch, keys=keys, stopping=stopping)
@@ -194,8 +190,8 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
         sequence = jax.vmap(lambda row, new, start: lax.dynamic_update_slice(row, new, (start,)))(
             sequence, out[:, :switch], lengths)  # [B, P + switch]: each row's prompt, then its new tokens
         cache = model.init_cache(B, max_length=cache_length, chunk=P + switch)
-        logits, cache = model(sequence, cache=cache, num_new=lengths + switch)
-        token = sample_token(_last_logits(logits, lengths + switch), keys[switch], sampling)
+        logits, cache = model(sequence, cache=cache, num_new=lengths + switch, logits_at=(lengths + switch - 1)[:, None])
+        token = sample_token(logits[:, 0], keys[switch], sampling)
         carry = _write(i, token, done, out, stopping) + (cache,)
     return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping)[3]  # [B, N]
 
@@ -213,8 +209,9 @@ def _generate_uncached(graphdef, params, prompt, lengths, key, stopping, *, max_
         # so that the tokens present see only each other and the positions are the sequence's
         # (RoPE that follows the length, dynamic or LongRoPE, sees the length so far).
         empty = slots >= lengths[:, None]  # [B, P + N]
-        logits = model(buffer, jnp.where(empty, 0, slots), segment_ids=empty.astype(jnp.int32))  # [B, P + N, V]
-        return _last_logits(logits, lengths)
+        logits = model(buffer, jnp.where(empty, 0, slots), segment_ids=empty.astype(jnp.int32),
+                       logits_at=(lengths - 1)[:, None])  # [B, 1, V]
+        return logits[:, 0]
 
     def write(row, token, position):
         return lax.dynamic_update_slice(row, token[None], (position,))

@@ -363,6 +363,9 @@ class TransformerLM(nnx.Module):
     how many of them are real in each row of a ragged batch. The call's context is built
     once here and shared by every layer. ``record_weights=True`` makes every attention layer
     sow its weights (read them with ``jaxattn.lm.inspection.capture_attention``).
+    ``logits_at`` (int ``[B, n]``, indices into each row's T tokens) computes the logits only
+    there, ``[B, n, V]``: a prompt needs only its last token's, and the output layer over
+    every prompt position would cost as much as a layer or more (V >> C).
     """
 
     def __init__(self, config: TransformerConfig, *, attention_fn=None, decode_fn=None, rngs: nnx.Rngs):
@@ -424,7 +427,8 @@ class TransformerLM(nnx.Module):
         return tuple(PagedKVCache.create(**pool, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
                      for _ in range(c.layers))
 
-    def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False):
+    def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False,
+                 logits_at=None):
         B, T = tokens.shape
         if cache is None:
             if T > self.config.max_length:
@@ -450,6 +454,8 @@ class TransformerLM(nnx.Module):
             else:
                 x, layer_cache = block(x, context, cache=cache[layer], num_new=num_new)
                 new_cache.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)  # [B, n, C]
         x = self.final_norm(x)
         if self.config.tied_embeddings:
             logits = self.embed.attend(x)  # [B, T, V]

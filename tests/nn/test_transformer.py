@@ -109,6 +109,21 @@ def test_ragged_prompts_decode_like_each_prompt_alone():
         chex.assert_trees_all_close(jnp.stack([d[row] for d in decoded]), expected[length:], rtol=1e-5, atol=1e-5)
 
 
+def test_logits_at_computes_only_the_rows_asked_for():
+    model = TransformerLM(Config(**{**SMALL, "kv_heads": 2, "final_softcap": 3.0}), rngs=nnx.Rngs(4))
+    params, full, cached = jitted(model)
+    tokens = tokens_for(2, 9, seed=5)
+    at = jnp.array([[8, 0], [3, 3]])
+    every = full(params, tokens)  # [B, T, V]
+    some = nnx.jit(lambda model, tokens, at: model(tokens, logits_at=at))(model, tokens, at)  # [B, 2, V]
+    chex.assert_trees_all_close(some, jnp.take_along_axis(every, at[..., None], axis=1), rtol=1e-6, atol=1e-6)
+    last, _ = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache, num_new=jnp.array([9, 4]),
+                                                         logits_at=jnp.array([[8], [3]])))(
+        model, tokens, model.init_cache(2, max_length=9))  # [B, 1, V]: each row's last real token
+    row_alone = full(params, tokens[1:, :4])[0, 3]
+    chex.assert_trees_all_close(last[:, 0], jnp.stack([every[0, 8], row_alone]), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_step_traces_once_over_64_tokens():
     model = TransformerLM(Config(**{**SMALL, "max_length": 80}), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
