@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
+import time
 
 DEFAULT_RUN = "runs/default"
 
@@ -102,11 +104,97 @@ def _train(args) -> int:
     return 0
 
 
+REQUEST_FIELDS = {"prompt": str, "id": (str, int), "max_new_tokens": int, "temperature": (int, float), "top_k": int,
+                  "top_p": (int, float), "seed": int}
+
+
+def _read_request(line: str, number: int, args):
+    """One line of a requests file -> ``(id, prompt text, submit keywords)``; a ``ValueError``
+    that names the line when it is not a request."""
+    import json
+
+    from jaxattn.lm.generate import Sampling
+
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"line {number}: not JSON ({error})") from error
+    if not isinstance(request, dict) or "prompt" not in request:
+        raise ValueError(f"line {number}: a request is an object with a \"prompt\"")
+    for key, value in request.items():
+        if key not in REQUEST_FIELDS:
+            raise ValueError(f"line {number}: unknown field {key!r} (fields: {', '.join(REQUEST_FIELDS)})")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, REQUEST_FIELDS[key])):
+            raise ValueError(f"line {number}: {key} must be {REQUEST_FIELDS[key]}, got {value!r}")
+    sampling = Sampling(temperature=request.get("temperature", args.temperature), top_k=request.get("top_k", args.top_k),
+                        top_p=request.get("top_p", args.top_p))
+    keywords = dict(max_new_tokens=request.get("max_new_tokens", args.max_new_tokens), sampling=sampling,
+                    seed=request.get("seed", args.seed))
+    return request.get("id", number), request["prompt"], keywords
+
+
+def _serve_requests(args, model, tokenizer) -> int:
+    """``generate --requests FILE``: every request through the serving engine, each result
+    written to ``--output`` as it finishes."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from jaxattn.lm.engine import Engine, Result
+    from jaxattn.lm.generate import Stopping
+
+    from jaxattn.lm.inspection import load_any
+
+    draft_model = None
+    if args.draft_model is not None:
+        draft_model, draft_tokenizer, _ = load_any(args.draft_model, dtype=args.dtype)
+        probe = "The next day is bright. 1 + 1 = 2"
+        if list(draft_tokenizer.encode(probe)) != list(tokenizer.encode(probe)):
+            raise ValueError(f"--draft-model {args.draft_model} does not tokenize text as the model does: a draft "
+                             "model must share the model's tokenizer")
+    stopping = Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos)
+    engine = Engine(model, slots=args.slots, page_size=args.page_size, stopping=stopping, speculative=args.speculative,
+                    draft_model=draft_model)
+    with open(args.requests, encoding="utf-8") as file:
+        lines = file.read().splitlines()
+    errors = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            request_id, prompt, keywords = _read_request(line, number, args)
+            engine.submit(tokenizer.encode(prompt), id=request_id, **keywords)
+        except ValueError as error:
+            errors.append(Result(number, [], "error", str(error)))
+    total = len(engine.waiting) + len(engine.finished) + len(errors)
+    started, written = time.perf_counter(), 0
+    with open(args.output, "w", encoding="utf-8") as out, tqdm(total=total, unit="request", desc="serve") as bar:
+        for result in itertools.chain(errors, engine.run()):  # each as it finishes
+            record = {"id": result.id, "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
+                      "tokens": [int(t) for t in result.tokens], "finish_reason": result.finish_reason}
+            if result.error is not None:
+                record["error"] = result.error
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            written += 1
+            bar.update(1)
+            bar.set_postfix(tokens=engine.stats["tokens"], pages=engine.pool.in_use)
+    seconds = time.perf_counter() - started
+    print(f"Served {written} requests ({len(errors)} rejected lines) in {seconds:.1f} s: {engine.stats['tokens']:,} "
+          f"tokens, {engine.stats['tokens'] / max(seconds, 1e-9):,.1f} tokens/s, peak {engine.stats['peak_pages']} of "
+          f"{engine.pool.pages - 1} pages of {engine.page_size} tokens; results in {args.output}")
+    return 0
+
+
 def _generate(args) -> int:
     from jaxattn.lm.generate import Sampling, Stopping, generate
     from jaxattn.lm.inspection import load_any
 
     model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype)
+    if args.requests is not None:
+        if args.output is None:
+            raise ValueError("--requests needs --output, the file the results are written to")
+        return _serve_requests(args, model, tokenizer)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.chat is not None:  # an instruct model's conversation, rendered by its chat template
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
@@ -260,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", dest="top_p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", dest="no_cache", action="store_true", help="recompute the full pass per token")
+    generate.add_argument("--requests", default=None,
+                          help="serve many requests: a JSON-lines file, one {\"prompt\": ...} a line (also id, "
+                               "max_new_tokens, temperature, top_k, top_p, seed)")
+    generate.add_argument("--output", default=None, help="with --requests: the JSON-lines file of results")
+    generate.add_argument("--slots", type=int, default=8, help="with --requests: sequences decoded together")
+    generate.add_argument("--page-size", dest="page_size", type=int, default=16, help="with --requests: tokens per page")
+    generate.add_argument("--speculative", type=int, default=0,
+                          help="with --requests: draft tokens per greedy step, by prompt lookup (0: off)")
+    generate.add_argument("--draft-model", dest="draft_model", default=None,
+                          help="with --requests and --speculative: a small model with the same tokenizer that drafts "
+                               "instead of prompt lookup")
     generate.set_defaults(run=_generate)
 
     inspect = commands.add_parser("inspect", help="what the heads of a model attend to on a text")

@@ -1,0 +1,203 @@
+"""The serving engine: every request's greedy output is what `generate` gives it alone,
+token for token (with speculative decoding too, by prompt lookup or a draft model, and when
+the pool is so small that sequences are preempted); pages come back and are reused; prefix pages are shared and
+never written by a sharer; `generate --requests` serves a JSON-lines file."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.cli import main
+from jaxattn.lm.engine import Engine, sample_rows
+from jaxattn.lm.generate import Sampling, Stopping, generate, sample_token
+from jaxattn.nn import TransformerConfig, TransformerLM
+
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Untied embeddings: a tiny random model with tied ones mostly repeats its last token,
+    # which would hide a wrong cache read.
+    config = TransformerConfig(vocab_size=61, width=24, layers=2, heads=4, kv_heads=2, head_dim=6, mlp_hidden=40,
+                               max_length=96, tied_embeddings=False)
+    return TransformerLM(config, rngs=nnx.Rngs(0))
+
+
+def plain_generate(model, requests, stopping):
+    """What `generate` gives each request: one ragged batch (a test of generate checks that a
+    row of a ragged batch is what the prompt gives alone), each row cut at its own limit
+    and end token."""
+    longest = max(n for _, n in requests)
+    tokens = np.asarray(generate(model, [prompt for prompt, _ in requests], max_new_tokens=longest, stopping=stopping))
+    rows = [row[:n] for row, (_, n) in zip(tokens, requests)]
+    return [row[: stopping.lengths(row[None])[0]].tolist() for row in rows]
+
+
+@pytest.fixture(scope="module")
+def requests_and_references(model):
+    """40 requests of mixed prompt (2-40 tokens) and output (1-24 tokens) lengths, an end
+    token that some of them write, and what `generate` gives each."""
+    rng = np.random.default_rng(0)
+    requests = [(rng.integers(1, 61, int(rng.integers(2, 41))).astype(np.int32), int(rng.integers(1, 25)))
+                for _ in range(40)]
+    free = plain_generate(model, requests, Stopping())
+    middles = np.concatenate([row[2:-2] for row in free if len(row) > 4])  # tokens written mid-way
+    stopping = Stopping((int(np.bincount(middles).argmax()),), 0)
+    references = plain_generate(model, requests, stopping)
+    assert sum(stopping.ids[0] in r for r in references) >= 3  # some requests do stop at the end token
+    return requests, references, stopping
+
+
+def serve(engine, requests):
+    for prompt, n in requests:
+        engine.submit(prompt, max_new_tokens=n)
+    return {result.id: result for result in engine.run()}
+
+
+@pytest.mark.parametrize("speculative", [0, 3])
+def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_references, speculative):
+    requests, references, stopping = requests_and_references
+    engine = Engine(model, slots=5, page_size=4, prefill_chunk=8, stopping=stopping, speculative=speculative)
+    if speculative:  # warmed up, serving compiles nothing more
+        assert engine.warm_up() == 4 * 4  # rows 1, 2, 4, 5 x tokens 8 (a chunk), 1, 2 and 4 (verify 1 + 3, bucketed)
+        compiled = engine._forward._cache_size()
+    results = serve(engine, requests)
+    if speculative:
+        assert engine._forward._cache_size() == compiled
+    for index, reference in enumerate(references):
+        assert results[index].tokens == reference, index
+        assert results[index].finish_reason == ("eos" if reference[-1] in stopping.ids else "length")
+    assert engine.pool.in_use == 0 and len(engine.pool.free) == engine.pool.pages - 1  # every page came back
+    if speculative:
+        assert engine.stats["accepted"] > 0
+        assert engine.stats["calls"] < 0.8 * 400  # fewer calls than tokens: drafts were accepted
+    held = np.array(engine.stats["memory"])  # (pages x page size, tokens held) after every step
+    assert np.all(held[:, 0] <= held[:, 1] + 5 * (4 + 4 + speculative))  # at most ~a page and the lookahead per slot
+
+
+def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, requests_and_references):
+    requests, references, stopping = requests_and_references
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = nnx.merge(graphdef, jax.tree.unflatten(treedef, [x * (1 + 0.05 * jax.random.normal(key, x.shape, x.dtype))
+                                                             for x, key in zip(leaves, keys)]))
+    # The model drafting for itself (every draft is what it would say), and a noisy copy of it
+    # (most drafts right, some rejected and rolled back).
+    for draft_model in (model, noisy):
+        engine = Engine(model, slots=5, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3,
+                        draft_model=draft_model)
+        results = serve(engine, requests[:16])
+        assert [results[index].tokens for index in range(16)] == references[:16]
+        drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
+        assert drafted > 60 and engine.pool.in_use == 0
+        if draft_model is model:
+            assert accepted >= 0.9 * drafted  # all but near-ties (a call of other shapes rounds differently)
+        else:
+            assert 0.2 * drafted < accepted < drafted
+    with pytest.raises(ValueError, match="give speculative >= 1"):
+        Engine(model, draft_model=noisy)
+    other = TransformerLM(TransformerConfig(vocab_size=50, width=16, layers=1, heads=2, head_dim=8, mlp_hidden=24,
+                                            max_length=96), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"draft model's vocabulary \(50\) is not the model's \(61\)"):
+        Engine(model, speculative=2, draft_model=other)
+
+
+def test_a_small_pool_reuses_pages_and_preempts_without_changing_outputs(model, requests_and_references):
+    requests, references, stopping = requests_and_references
+    engine = Engine(model, slots=4, page_size=4, pages=30, prefill_chunk=8, stopping=stopping)
+    used = set()
+    engine.on_step = lambda e: used.update(p for s in e.running if s is not None for p in s.pages)
+    results = serve(engine, requests[:16])
+    assert [results[i].tokens for i in range(16)] == references[:16]
+    assert engine.stats["peak_pages"] <= 29 and used <= set(range(1, 30))
+    assert engine.stats["preempted"] > 0  # the pool ran out and a sequence was recomputed later
+    assert engine.pool.in_use == 0
+
+
+def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(1, 61, 42)
+    requests = [(np.concatenate([prefix, rng.integers(1, 61, int(rng.integers(1, 9)))]).astype(np.int32), 6)
+                for _ in range(8)]
+    engine = Engine(model, slots=4, page_size=8, prefill_chunk=16)
+    snapshots, holders = {}, []
+
+    def watch(engine):
+        for sequence in engine.running:
+            if sequence is not None and sequence.shared:
+                shared = sequence.pages[: sequence.shared // 8]
+                pool = np.asarray(engine.cache[0].k)
+                snapshots.setdefault(tuple(shared), pool[shared].copy())
+                np.testing.assert_array_equal(pool[shared], snapshots[tuple(shared)])  # no sharer wrote into them
+                holders.append(min(engine.pool.references[page] for page in shared))
+
+    engine.on_step = watch
+    results = serve(engine, requests)
+    assert engine.stats["shared_pages"] == 7 * 5  # 42 prefix tokens: 5 full pages, reused by the 7 others
+    assert snapshots and all(len(pages) == 5 for pages in snapshots)
+    assert max(holders) >= 4  # held by several running sequences at once (4 slots)
+    assert [results[index].tokens for index in range(8)] == plain_generate(model, requests, Stopping())
+    assert engine.pool.in_use == 0 and not engine.pool.prefix_page  # the table empties with the pages
+
+
+def test_requests_that_cannot_fit_finish_with_an_error(model):
+    engine = Engine(model, slots=2, page_size=4, pages=10)
+    engine.submit(np.arange(1, 90), max_new_tokens=20, id="long")
+    engine.submit(np.arange(1, 30), max_new_tokens=20, id="pool")
+    engine.submit([], max_new_tokens=5, id="empty")
+    engine.submit([3, 4], max_new_tokens=2, id="ok")
+    results = {r.id: r for r in engine.run()}
+    assert "exceeds the longest sequence a slot holds (96 tokens)" in results["long"].error
+    assert "more pages than the pool has (9)" in results["pool"].error
+    assert results["empty"].error == "the prompt has no tokens"
+    assert results["ok"].finish_reason == "length" and len(results["ok"].tokens) == 2
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        Engine(model, slots=0)
+
+
+def test_sampling_per_row_follows_sample_token():
+    logits = jnp.asarray(np.random.default_rng(2).standard_normal((5, 30)), jnp.float32)
+    settings = [Sampling(), Sampling(temperature=0.7), Sampling(temperature=1.0, top_k=3),
+                Sampling(temperature=0.9, top_p=0.5), Sampling(temperature=1.3, top_k=5, top_p=0.8)]
+    keys = jax.random.split(jax.random.key(4), 5)
+    rows = sample_rows(logits, keys, jnp.array([s.temperature for s in settings]),
+                       jnp.array([s.top_k or 0 for s in settings]),
+                       jnp.array([1.0 if s.top_p is None else s.top_p for s in settings]))
+    for row, sampling in enumerate(settings):  # each row as sample_token draws it alone, with that row's key
+        assert int(rows[row]) == int(sample_token(logits[row : row + 1], keys[row], sampling)[0]), sampling
+
+
+def test_generate_requests_serves_a_jsonl_file(tmp_path, capsys):
+    gpt2 = Path(__file__).parent.parent / "data" / "hf" / "gpt2"
+    lines = [json.dumps({"prompt": "The sky is", "max_new_tokens": 6, "temperature": 0}),
+             json.dumps({"prompt": "The next day", "id": "day", "max_new_tokens": 4, "temperature": 0}),
+             "not json", json.dumps({"prompt": "x", "colour": 1}),
+             json.dumps({"prompt": "The sky", "max_new_tokens": 500})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["generate", "--model", str(gpt2), "--requests", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--slots", "2", "--page-size", "4"]) == 0
+    results = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert set(results) == {1, "day", 3, 4, 5}
+    assert results[3]["finish_reason"] == "error" and results[3]["error"].startswith("line 3: not JSON")
+    assert "unknown field 'colour'" in results[4]["error"]
+    assert "exceeds the longest sequence" in results[5]["error"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(gpt2), "--prompt", "The sky is", "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    assert "The sky is" + results[1]["text"] == capsys.readouterr().out.strip("\n")  # what generate prints
+    assert len(results["day"]["tokens"]) == 4 and results["day"]["finish_reason"] == "length"
+    assert main(["generate", "--model", str(gpt2), "--requests", str(tmp_path / "in.jsonl")]) == 2
+    assert "--requests needs --output" in capsys.readouterr().err
+    drafting = ["generate", "--model", str(gpt2), "--requests", str(tmp_path / "in.jsonl"), "--output",
+                str(tmp_path / "drafted.jsonl"), "--slots", "2", "--page-size", "4", "--speculative", "2", "--draft-model"]
+    assert main(drafting + [str(gpt2)]) == 0  # the model drafting for itself: the same greedy text
+    drafted = {r["id"]: r for r in map(json.loads, (tmp_path / "drafted.jsonl").read_text().splitlines())}
+    assert [drafted[key]["tokens"] for key in (1, "day")] == [results[key]["tokens"] for key in (1, "day")]
+    assert main(drafting + [str(gpt2.parent / "llama")]) == 2
+    assert "does not tokenize text as the model does" in capsys.readouterr().err
