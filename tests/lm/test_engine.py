@@ -90,12 +90,12 @@ def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, reques
     # The model drafting for itself (every draft is what it would say), and a noisy copy of it
     # (most drafts right, some rejected and rolled back).
     for draft_model in (model, noisy):
-        engine = Engine(model, slots=5, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3,
-                        draft_model=draft_model)
-        results = serve(engine, requests[:16])
-        assert [results[index].tokens for index in range(16)] == references[:16]
+        engine = Engine(model, slots=2, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3,
+                        draft_model=draft_model)  # 2 slots: few shapes to compile
+        results = serve(engine, requests[:12])
+        assert [results[index].tokens for index in range(12)] == references[:12]
         drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
-        assert drafted > 60 and engine.pool.in_use == 0
+        assert drafted > 40 and engine.pool.in_use == 0
         if draft_model is model:
             assert accepted >= 0.9 * drafted  # all but near-ties (a call of other shapes rounds differently)
         else:
