@@ -45,3 +45,17 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
     assert {row["devices"] for row in ring} == {1, 2}
     assert {row["layout"] for row in ring} == {"causal, contiguous", "causal, zigzag", "not causal"}
     assert all(Path(path).stat().st_size > 1000 for path in saved["plots"])
+
+
+def test_serve_trace_helpers():
+    from benchmarks.serve import choose_end_token, cut, make_trace
+
+    assert cut([5, 6, 7, 8], 3, None) == [5, 6, 7]
+    assert cut([5, 6, 7, 8], 4, 6) == [5, 6]  # the end token is kept, as generate keeps it
+    outputs = [[1, 2, 3, 9, 4], [9, 1, 2, 3, 3], [2, 2, 2, 3, 9]]
+    # 9 would end the second request at its first token; 3 ends all three between token 2 and their limits
+    assert choose_end_token(outputs, limits=[5, 5, 5], shortest=2) == 3
+    assert choose_end_token(outputs, limits=[5, 5, 3], shortest=2) == 3
+    lengths = [len(prompt) for prompt, _ in make_trace(200, 50, long_tailed=True)]
+    assert 16 <= min(lengths) and max(lengths) <= 512
+    assert sum(n < 128 for n in lengths) > 90  # log-uniform: 60% below 128 (uniform lengths: 23%)
