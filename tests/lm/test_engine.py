@@ -161,6 +161,23 @@ def test_requests_that_cannot_fit_finish_with_an_error(model):
         Engine(model, slots=0)
 
 
+def test_a_sampled_request_draws_the_same_tokens_alone_or_among_others(model, requests_and_references):
+    requests, _, stopping = requests_and_references
+    sampling = Sampling(temperature=0.9, top_k=8, top_p=0.9)
+    prompt = requests[3][0]
+
+    def sampled(company):
+        engine = Engine(model, slots=5, page_size=4, prefill_chunk=8, stopping=stopping)
+        for other, n in company:
+            engine.submit(other, max_new_tokens=n)
+        engine.submit(prompt, max_new_tokens=20, sampling=sampling, seed=11, id="sampled")
+        return next(result.tokens for result in engine.run() if result.id == "sampled")
+
+    alone = sampled([])
+    assert alone == sampled(requests[:9])  # its own key stream: the rows around it change nothing
+    assert alone != plain_generate(model, [(prompt, 20)], Stopping())[0]  # and it did sample, not take the argmax
+
+
 def test_sampling_per_row_follows_sample_token():
     logits = jnp.asarray(np.random.default_rng(2).standard_normal((5, 30)), jnp.float32)
     settings = [Sampling(), Sampling(temperature=0.7), Sampling(temperature=1.0, top_k=3),
