@@ -26,7 +26,7 @@ jaxattn with ``load_hf_model``, so every side holds the same weights; float32, g
    own, 16 new tokens each, with sharing on and off: time to first token (from submission,
    all submitted at once) and the pages held.
 3. Speculative decoding by prompt lookup, on repetitive text: 16 prompts that repeat a
-   random 24-token sentence (about 130 tokens), 128 new tokens; a random model's greedy
+   random 24-token sentence (about 130 tokens), 256 new tokens; a random model's greedy
    continuation soon settles into a cycle, which prompt lookup then drafts. Tokens/s with
    and without; the outputs are compared token for token, and any difference must start at
    a near-tie (the two top logits within 1e-4 in the model's uncached forward).
@@ -352,7 +352,7 @@ def main(argv=None) -> dict:
     repetitive = []
     for _ in range(16):
         sentence = rng.integers(1, vocab, 24).astype(np.int32)
-        repetitive.append((np.tile(sentence, 6)[: int(rng.integers(120, 140))], 32 if args.quick else 128))
+        repetitive.append((np.tile(sentence, 6)[: int(rng.integers(120, 140))], 32 if args.quick else 256))
     runs = {}
     for label, k in (("warm-up", 0), ("warm-up", args.speculative), ("plain", 0), ("speculative", args.speculative)):
         out, seconds, engine = serve(model, repetitive, slots=slots, page_size=page_size, stopping=Stopping(),

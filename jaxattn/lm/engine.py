@@ -13,7 +13,8 @@ continuous batching) works one *step* at a time instead:
   by the same kernel as a decode step, so decoding sequences wait at most one chunk;
 - requests whose prompts begin with the same pages share them (``PagePool``: reference
   counts, a table from a prefix's tokens to the page that holds them): the prefix is computed
-  once, and a sharer writes only into pages of its own;
+  once, and a sharer writes only into pages of its own; released, those pages stay cached
+  until the pool needs them, so a later request still finds its prefix;
 - with ``speculative=k``, every greedy step also proposes up to k draft tokens, by prompt
   lookup (the tokens that followed the last n-gram's previous occurrence in the sequence:
   Saxena 2023) or by a small draft model (Leviathan et al. 2023, arXiv 2211.17192; its own
@@ -149,41 +150,60 @@ class PagePool:
     """Who holds which page: a free list, a reference count per page, and the prefix table
     (the tokens of a prompt up to the end of one of its pages -> the page that holds them).
 
-    Page ``TRASH_PAGE`` is never handed out. A page returns to the free list when its last
-    holder lets it go; its prefix entry goes with it.
+    Page ``TRASH_PAGE`` is never handed out. When its last holder lets a page go, it returns
+    to the free list, unless it holds a prefix of the table: then it stays *cached*, still
+    found by the table, so that a later request with the same prefix takes it back instead
+    of computing it again (vLLM's automatic prefix caching), until the free list runs out
+    and the least recently released cached page is reused (its entry leaves the table).
     """
 
     def __init__(self, pages: int):
         self.pages = pages
         self.free = deque(range(1, pages))
+        self.cached: dict[int, None] = {}  # unreferenced pages that hold a prefix, least recently released first
+        self.evicted = 0  # cached pages taken for new tokens
         self.references = np.zeros(pages, np.int64)
         self.prefix_page: dict[tuple, int] = {}
         self.page_prefix: dict[int, tuple] = {}
 
     @property
     def in_use(self) -> int:
-        return self.pages - 1 - len(self.free)
+        """Pages some sequence holds (cached ones are not: they can be reused at once)."""
+        return self.pages - 1 - len(self.free) - len(self.cached)
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
 
     def take(self) -> int:
-        page = self.free.popleft()
+        """A page for new tokens: a free one, else the least recently released cached one."""
+        if self.free:
+            page = self.free.popleft()
+        else:
+            page = next(iter(self.cached))
+            del self.cached[page]
+            del self.prefix_page[self.page_prefix.pop(page)]
+            self.evicted += 1
         self.references[page] = 1
         return page
 
     def share(self, page: int) -> int:
+        """One more holder of a page of the prefix table (taken back from the cache if unheld)."""
+        self.cached.pop(page, None)
         self.references[page] += 1
         return page
 
     def release(self, page: int) -> None:
         self.references[page] -= 1
         if self.references[page] == 0:
-            self.free.append(page)
-            prefix = self.page_prefix.pop(page, None)
-            if prefix is not None:
-                self.prefix_page.pop(prefix, None)
+            if page in self.page_prefix:
+                self.cached[page] = None
+            else:
+                self.free.append(page)
 
     def register(self, prefix: tuple, page: int) -> None:
         """Page ``page`` holds the last page of ``prefix`` (its whole tokens, computed)."""
-        if prefix not in self.prefix_page:
+        if prefix not in self.prefix_page and page not in self.page_prefix:
             self.prefix_page[prefix] = page
             self.page_prefix[page] = prefix
 
@@ -389,7 +409,8 @@ class Engine:
                 deferred.append(sequence)
                 continue
             needed = -(-(len(sequence.tokens) + 1) // self.page_size) - matched
-            if needed > len(self.pool.free):
+            cached = sum(self.pool.references[self.pool.prefix_page[key]] == 0 for key in keys[:matched])
+            if needed + cached > self.pool.available:  # taking back a cached page makes it unavailable
                 deferred.append(sequence)
                 break  # first come, first served: nothing behind it jumps the queue for pages
             sequence.slot = self.running.index(None)
@@ -403,7 +424,7 @@ class Engine:
     def _ensure_pages(self, sequence: _Sequence, tokens: int) -> bool:
         """Gives ``sequence`` pages for ``tokens`` tokens; False when the pool runs out."""
         while len(sequence.pages) * self.page_size < tokens:
-            if not self.pool.free:
+            if not self.pool.available:
                 return False
             sequence.pages.append(self.pool.take())
         return True
@@ -423,7 +444,7 @@ class Engine:
         return True
 
     def _release(self, sequence: _Sequence) -> None:
-        for page in sequence.pages:
+        for page in reversed(sequence.pages):  # the deepest pages of a prefix are reused first, its start last
             self.pool.release(page)
         sequence.pages = []
 

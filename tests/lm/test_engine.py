@@ -72,7 +72,7 @@ def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_ref
     for index, reference in enumerate(references):
         assert results[index].tokens == reference, index
         assert results[index].finish_reason == ("eos" if reference[-1] in stopping.ids else "length")
-    assert engine.pool.in_use == 0 and len(engine.pool.free) == engine.pool.pages - 1  # every page came back
+    assert engine.pool.in_use == 0 and engine.pool.available == engine.pool.pages - 1  # every page came back
     if speculative:
         assert engine.stats["accepted"] > 0
         assert engine.stats["calls"] < 0.8 * 400  # fewer calls than tokens: drafts were accepted
@@ -117,6 +117,7 @@ def test_a_small_pool_reuses_pages_and_preempts_without_changing_outputs(model, 
     assert [results[i].tokens for i in range(16)] == references[:16]
     assert engine.stats["peak_pages"] <= 29 and used <= set(range(1, 30))
     assert engine.stats["preempted"] > 0  # the pool ran out and a sequence was recomputed later
+    assert engine.pool.evicted > 0  # released pages still caching a prefix were reused for new tokens
     assert engine.pool.in_use == 0
 
 
@@ -143,7 +144,13 @@ def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
     assert snapshots and all(len(pages) == 5 for pages in snapshots)
     assert max(holders) >= 4  # held by several running sequences at once (4 slots)
     assert [results[index].tokens for index in range(8)] == plain_generate(model, requests, Stopping())
-    assert engine.pool.in_use == 0 and not engine.pool.prefix_page  # the table empties with the pages
+    # Released, the prefix's pages stay cached in the table, and a later request takes them back.
+    assert engine.pool.in_use == 0 and set(engine.pool.cached) == set(engine.pool.prefix_page.values())
+    later = (np.concatenate([prefix, [5, 6, 7]]).astype(np.int32), 6)
+    shared = engine.stats["shared_pages"]
+    engine.submit(later[0], max_new_tokens=6)
+    assert [result.tokens for result in engine.run()] == plain_generate(model, [later], Stopping())
+    assert engine.stats["shared_pages"] == shared + 5  # not computed again
 
 
 def test_requests_that_cannot_fit_finish_with_an_error(model):
