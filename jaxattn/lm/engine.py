@@ -473,11 +473,12 @@ class Engine:
         chunks = sorted({self._bucket(n, self.prefill_chunk, smallest=16) for n in range(1, self.prefill_chunk + 1)})
         verify = sorted({self._bucket(n, 1 + self.speculative, smallest=2) for n in range(2, 2 + self.speculative)})
         shapes = 0
+        calls = [(T, False) for T in chunks + [1]] + [(T, True) for T in verify]  # (tokens, all positions)
         for R in rows:
-            for T in chunks + [1] + verify:
+            for T, all_positions in calls:
                 written, sampling = self._arrays([], T, R=R)
                 _, _, self.cache = self._forward(self._leaves, self.cache, *written, *sampling,
-                                                 all_positions=T in verify)
+                                                 all_positions=all_positions)
                 shapes += 1
             if self.draft_model is not None:
                 for T in chunks:

@@ -19,6 +19,7 @@ from jaxattn.nn import TransformerConfig, TransformerLM
 
 
 
+
 @pytest.fixture(scope="module")
 def model():
     # Untied embeddings: a tiny random model with tied ones mostly repeats its last token,
@@ -63,12 +64,7 @@ def serve(engine, requests):
 def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_references, speculative):
     requests, references, stopping = requests_and_references
     engine = Engine(model, slots=5, page_size=4, prefill_chunk=8, stopping=stopping, speculative=speculative)
-    if speculative:  # warmed up, serving compiles nothing more
-        assert engine.warm_up() == 4 * 4  # rows 1, 2, 4, 5 x tokens 8 (a chunk), 1, 2 and 4 (verify 1 + 3, bucketed)
-        compiled = engine._forward._cache_size()
     results = serve(engine, requests)
-    if speculative:
-        assert engine._forward._cache_size() == compiled
     for index, reference in enumerate(references):
         assert results[index].tokens == reference, index
         assert results[index].finish_reason == ("eos" if reference[-1] in stopping.ids else "length")
@@ -78,6 +74,17 @@ def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_ref
         assert engine.stats["calls"] < 0.8 * 400  # fewer calls than tokens: drafts were accepted
     held = np.array(engine.stats["memory"])  # (pages x page size, tokens held) after every step
     assert np.all(held[:, 0] <= held[:, 1] + 5 * (4 + 4 + speculative))  # at most ~a page and the lookahead per slot
+
+
+def test_warmed_up_serving_compiles_nothing_more(model, requests_and_references):
+    requests, references, stopping = requests_and_references
+    engine = Engine(model, slots=2, page_size=4, prefill_chunk=4, stopping=stopping, speculative=3)
+    # rows 1, 2 x (tokens 4: a chunk; 1: a step) and (2, 4: verify 1 + 3, bucketed; 4 again, all positions)
+    assert engine.warm_up() == 2 * 4
+    compiled = engine._forward._cache_size()
+    results = serve(engine, requests[:4])
+    assert [results[index].tokens for index in range(4)] == references[:4]
+    assert engine._forward._cache_size() == compiled
 
 
 def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, requests_and_references):
@@ -90,8 +97,8 @@ def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, reques
     # The model drafting for itself (every draft is what it would say), and a noisy copy of it
     # (most drafts right, some rejected and rolled back).
     for draft_model in (model, noisy):
-        engine = Engine(model, slots=2, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3,
-                        draft_model=draft_model)  # 2 slots: few shapes to compile
+        engine = Engine(model, slots=2, page_size=4, pages=5 * 24 + 1, prefill_chunk=8, stopping=stopping,
+                        speculative=3, draft_model=draft_model)  # 2 slots, the pool of 5: shapes compiled above
         results = serve(engine, requests[:12])
         assert [results[index].tokens for index in range(12)] == references[:12]
         drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
@@ -126,13 +133,13 @@ def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
     prefix = rng.integers(1, 61, 42)
     requests = [(np.concatenate([prefix, rng.integers(1, 61, int(rng.integers(1, 9)))]).astype(np.int32), 6)
                 for _ in range(8)]
-    engine = Engine(model, slots=4, page_size=8, prefill_chunk=16)
+    engine = Engine(model, slots=5, page_size=4, prefill_chunk=8)  # the shapes of the tests above
     snapshots, holders = {}, []
 
     def watch(engine):
         for sequence in engine.running:
             if sequence is not None and sequence.shared:
-                shared = sequence.pages[: sequence.shared // 8]
+                shared = sequence.pages[: sequence.shared // 4]
                 pool = np.asarray(engine.cache[0].k)
                 snapshots.setdefault(tuple(shared), pool[shared].copy())
                 np.testing.assert_array_equal(pool[shared], snapshots[tuple(shared)])  # no sharer wrote into them
@@ -140,9 +147,9 @@ def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
 
     engine.on_step = watch
     results = serve(engine, requests)
-    assert engine.stats["shared_pages"] == 7 * 5  # 42 prefix tokens: 5 full pages, reused by the 7 others
-    assert snapshots and all(len(pages) == 5 for pages in snapshots)
-    assert max(holders) >= 4  # held by several running sequences at once (4 slots)
+    assert engine.stats["shared_pages"] == 7 * 10  # 42 prefix tokens: 10 full pages, reused by the 7 others
+    assert snapshots and all(len(pages) == 10 for pages in snapshots)
+    assert max(holders) >= 4  # held by several running sequences at once (5 slots)
     assert [results[index].tokens for index in range(8)] == plain_generate(model, requests, Stopping())
     # Released, the prefix's pages stay cached in the table, and a later request takes them back.
     assert engine.pool.in_use == 0 and set(engine.pool.cached) == set(engine.pool.prefix_page.values())
@@ -150,7 +157,7 @@ def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
     shared = engine.stats["shared_pages"]
     engine.submit(later[0], max_new_tokens=6)
     assert [result.tokens for result in engine.run()] == plain_generate(model, [later], Stopping())
-    assert engine.stats["shared_pages"] == shared + 5  # not computed again
+    assert engine.stats["shared_pages"] == shared + 10  # not computed again
 
 
 def test_requests_that_cannot_fit_finish_with_an_error(model):
