@@ -575,10 +575,10 @@ class Engine:
                 if tokens[start : start + n] == tail:
                     # Copy what followed, reading on into the copy itself when it reaches the end
                     # (as LZ77 does): a repeat of period p drafts ``room`` tokens, not p - n.
-                    extended = list(tokens)
-                    for i in range(room):
-                        extended.append(extended[start + n + i])
-                    return extended[len(tokens):]
+                    draft = []
+                    for j in range(start + n, start + n + room):
+                        draft.append(tokens[j] if j < len(tokens) else draft[j - len(tokens)])
+                    return draft
         return []
 
     def _model_drafts(self, decoding: list[_Sequence]) -> dict[int, list[int]]:
