@@ -147,7 +147,7 @@ def _serve_requests(args, model, tokenizer) -> int:
 
     draft_model = None
     if args.draft_model is not None:
-        draft_model, draft_tokenizer, _ = load_any(args.draft_model, dtype=args.dtype)
+        draft_model, draft_tokenizer, _ = load_any(args.draft_model, dtype=args.dtype, quantize=args.quantize)
         probe = "The next day is bright. 1 + 1 = 2"
         if list(draft_tokenizer.encode(probe)) != list(tokenizer.encode(probe)):
             raise ValueError(f"--draft-model {args.draft_model} does not tokenize text as the model does: a draft "
@@ -190,7 +190,7 @@ def _generate(args) -> int:
     from jaxattn.lm.generate import Sampling, Stopping, generate
     from jaxattn.lm.inspection import load_any
 
-    model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype)
+    model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     if args.requests is not None:
         if args.output is None:
             raise ValueError("--requests needs --output, the file the results are written to")
@@ -271,7 +271,7 @@ def _inspect(args) -> int:
 
     if args.text is None and not args.induction:
         raise ValueError("give a text to look at, or --induction to run the induction test")
-    model, tokenizer, description = load_any(args.model, dtype=args.dtype)
+    model, tokenizer, description = load_any(args.model, dtype=args.dtype, quantize=args.quantize)
     summary = f"{description}: {model.config.layers} layers x {model.config.heads} heads"
     scores = None
     if args.induction:
@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=None,
                           help="instead of --checkpoint: a Hugging Face folder or hub id (or a run folder)")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                          help="parameters and computation of a Hugging Face model")
+                          help="parameters and computation of a Hugging Face model; a run folder's weights (bfloat16)")
+    generate.add_argument("--quantize", default=None, choices=["int8"],
+                          help="int8 weights, one scale per output channel (fewer bytes to read per token)")
     generate.add_argument("--prompt", default="The next day is bright")
     generate.add_argument("--chat", default=None,
                           help="instead of --prompt: a user message, in the checkpoint's chat template (instruct models)")
@@ -369,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--head", type=int, default=None, help="show only this head")
     inspect.add_argument("--out", default="attention.png", help="the heatmap PNG (default: ./attention.png)")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    inspect.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights, one scale per output channel")
     inspect.add_argument("--html", default=None, help="also write the interactive explorer page (one offline HTML file)")
     inspect.add_argument("--induction", action="store_true",
                          help="score every head on the induction test (random tokens written twice)")

@@ -214,7 +214,8 @@ def _cached_latents(params, dims, h, cache: LatentCache, num_new, settings, cont
     context = call_context(h, context=context, cache=cache)
     q_c, q_r = mla_queries(params, h, context.q_positions, settings)
     c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
-    view, new_cache = cache.update(c_kv, k_r, num_new)
+    with jax.named_scope("cache_write"):
+        view, new_cache = cache.update(c_kv, k_r, num_new)
     context = context.with_keys(view.positions, view.lengths, view.pages).for_layer(scale=mla_scale(dims, settings),
                                                                         logit_softcap=settings.logit_softcap)
     return q_c, q_r, context, view, new_cache
@@ -256,7 +257,8 @@ def mla_absorbed(params: MLAParams, h, cache: LatentCache, *, num_new=None, sett
     _check_hidden(h, dims)
     q_c, q_r, context, view, new_cache = _cached_latents(params, dims, h, cache, num_new, settings, context)
     q_latent = jnp.einsum("bthd,lhd->bthl", q_c, params.w_uk)  # [B, T, H, L]
-    o_latent = attend(kernels, (q_latent, q_r), (view.c_kv, view.k_rope), view.c_kv, context, cached=True,
-                      record=record)  # [B, T, H, L]
+    with jax.named_scope("attention_kernel"):
+        o_latent = attend(kernels, (q_latent, q_r), (view.c_kv, view.k_rope), view.c_kv, context, cached=True,
+                          record=record)  # [B, T, H, L]
     o = jnp.einsum("bthl,lhe->bthe", o_latent, params.w_uv)  # [B, T, H, E]
     return jnp.einsum("bthe,hec->btc", o, params.w_o), new_cache  # [B, T, C]

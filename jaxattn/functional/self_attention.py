@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.kernels import Kernels, attend
+from jaxattn.functional.packed import packed_matmul
 from jaxattn.functional.masks import AttentionContext, check_positive, check_window
 from jaxattn.functional.positions import Rope
 
@@ -133,8 +134,12 @@ def check_attention_params(params: AttentionParams, settings: AttentionSettings 
     return AttentionDims(C, H, K, D, E)
 
 
-def _project(x, weight, bias, equation):
-    y = jnp.einsum(equation, x, weight)
+def _project(x, weight, bias, contracted: int):
+    """``x [B, T, *in]`` times ``weight [*in, *out]`` (plain or ``PackedWeight``) over the
+    ``contracted`` axes ``in``, plus ``bias [*out]``: ``[B, T, *out]``. One matrix product of the
+    flattened shapes (``packed_matmul``): an einsum over two head axes let XLA on the CPU
+    transpose the whole of ``w_o`` on every call to match the activation's layout."""
+    y = packed_matmul(x, weight, contracted)
     return y if bias is None else y + bias
 
 
@@ -199,9 +204,10 @@ def causal_self_attention(
     if x.ndim != 3 or x.shape[-1] != dims.C:
         raise ValueError(f"attention takes x [B, T, C={dims.C}], got {x.shape}")
     context = call_context(x, positions, context=context, cache=cache)
-    q = _project(x, params.w_q, params.b_q, "btc,chd->bthd")  # [B, T, H, D]
-    k = _project(x, params.w_k, params.b_k, "btc,ckd->btkd")  # [B, T, K, D]
-    v = _project(x, params.w_v, params.b_v, "btc,cke->btke")  # [B, T, K, E]
+    with jax.named_scope("projections"):
+        q = _project(x, params.w_q, params.b_q, 1)  # [B, T, H, D]
+        k = _project(x, params.w_k, params.b_k, 1)  # [B, T, K, D]
+        v = _project(x, params.w_v, params.b_v, 1)  # [B, T, K, E]
     if settings.qk_norm is not None:
         q, k = qk_norm(q, params.q_norm, settings), qk_norm(k, params.k_norm, settings)
     if settings.rope is not None:
@@ -210,11 +216,14 @@ def causal_self_attention(
     if cache is None:
         context = context.self_keys()
     else:
-        view, new_cache = cache.update(k, v, num_new)
+        with jax.named_scope("cache_write"):
+            view, new_cache = cache.update(k, v, num_new)
         k, v = view.k, view.v  # [B, S, K, D], [B, S, K, E]
         context = context.with_keys(view.positions, view.lengths, view.pages)
     context = context.for_layer(window=settings.window, scale=settings.scale, logit_softcap=settings.logit_softcap,
                                 sinks=params.sinks)
-    o = attend(kernels, q, k, v, context, cached=cache is not None, record=record)  # [B, T, H, E]
-    out = _project(o, params.w_o, params.b_o, "bthe,hec->btc")  # [B, T, C]
+    with jax.named_scope("attention_kernel"):
+        o = attend(kernels, q, k, v, context, cached=cache is not None, record=record)  # [B, T, H, E]
+    with jax.named_scope("projections"):
+        out = _project(o, params.w_o, params.b_o, 2)  # [B, T, C]
     return out if cache is None else (out, new_cache)

@@ -167,7 +167,17 @@ def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
     return step if 1 <= step < max_new_tokens else None
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length"))
+# XLA moves work that does not change between iterations out of a loop ("loop-invariant code
+# motion"). For bfloat16 or int8 weights (jaxattn.lm.quantize) that work is their conversion: XLA
+# would make a float32 copy of every weight before the decode loop and read that copy each step,
+# so narrow weights would decode slower than float32 ones (benchmarks/decode_profile.py measured
+# int8 GPT-2 small at 0.8x float32 with it, ... without). Without the pass, each step converts
+# inside the fused matrix-vector products and reads only the narrow weights.
+DECODE_LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length"),
+         compiler_options=DECODE_LOOP_COMPILER_OPTIONS)
 def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, cache_length):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
@@ -180,7 +190,8 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
 
     def next_token(cache, token, key):
         logits, cache = decode_step(params, token, cache)
-        return sample_token(logits, key, sampling), cache
+        with jax.named_scope("sampling"):
+            return sample_token(logits, key, sampling), cache
 
     carry = _start(sample_token(logits[:, 0], keys[0], sampling), max_new_tokens, stopping) + (cache,)
     switch = longrope_switch(model.config, P, max_new_tokens)

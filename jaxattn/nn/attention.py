@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.functional import AttentionParams, AttentionSettings, Kernels, causal_self_attention
+from jaxattn.functional.packed import PackedWeight
 from jaxattn.nn.layers import default_kernel_init, param
 
 
@@ -79,8 +80,14 @@ class MultiHeadAttention(nnx.Module):
 
     def params(self) -> AttentionParams:
         """The weights as the functional ``AttentionParams`` pytree, in the compute dtype."""
-        names = AttentionParams._fields
-        return AttentionParams(*(None if getattr(self, n) is None else getattr(self, n)[...].astype(self.dtype) for n in names))
+        def value(name):
+            variable = getattr(self, name)
+            if variable is None:
+                return None
+            value = variable.get_value()  # a PackedWeight (jaxattn.lm.quantize) stays packed
+            return value if isinstance(value, PackedWeight) else value.astype(self.dtype)
+
+        return AttentionParams(*(value(name) for name in AttentionParams._fields))
 
     def _record(self, weights):
         self.sow(nnx.Intermediate, "attention_weights", weights)

@@ -22,6 +22,8 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec
 
+from jaxattn.functional.packed import PackedWeight, packed_matmul
+
 # GPT-2's initialisation: small normal weights keep the residual stream's scale in check.
 default_kernel_init = nnx.initializers.normal(stddev=0.02)
 
@@ -64,6 +66,41 @@ def param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
 
 
+class Dense(nnx.Module):
+    """``x W + b``: ``kernel [in, out]``, ``bias [out]`` (as ``nnx.Linear`` names them, so run folders
+    and checkpoints load either way), computed in ``dtype``. The kernel may be a ``PackedWeight``
+    (``jaxattn.lm.quantize``: bfloat16 or int8, stored output-major for decoding)."""
+
+    def __init__(self, width_in: int, width_out: int, *, use_bias: bool = False, dtype=jnp.float32,
+                 kernel_init=default_kernel_init, bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (width_in, width_out), jnp.float32))
+        self.bias = nnx.Param(bias_init(rngs.params(), (width_out,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        y = packed_matmul(x.astype(self.dtype), self.kernel.get_value(), 1)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    """A table ``embedding [V, C]`` (``nnx.Embed``'s name): rows looked up by token id, and, tied,
+    the output layer. The table may be a ``PackedWeight`` of the output layer's ``[C, V]`` (its
+    values are then the table's rows, one scale per row)."""
+
+    def __init__(self, rows: int, width: int, *, dtype=jnp.float32, embedding_init=default_kernel_init, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(embedding_init(rngs.params(), (rows, width), jnp.float32))
+
+    def __call__(self, ids):  # int [...] -> [..., C]
+        table = self.embedding.get_value()
+        if not isinstance(table, PackedWeight):
+            return jnp.take(table, ids, axis=0).astype(self.dtype)
+        rows = jnp.take(table.values, ids, axis=0).astype(jnp.float32)
+        if table.scale is not None:
+            rows = rows * jnp.take(table.scale, ids)[..., None]
+        return rows.astype(self.dtype)
+
+
 ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's gelu_new, Gemma's gelu_pytorch_tanh
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # the exact erf form (GPT-NeoX)
@@ -79,9 +116,9 @@ class Mlp(nnx.Module):
                  dtype=jnp.float32, out_init=default_kernel_init, rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros_init()
         self.activation = activation
-        self.up = nnx.Linear(width, hidden, use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
+        self.up = Dense(width, hidden, use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
                              bias_init=logical(zeros, "mlp"), rngs=rngs)
-        self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
+        self.down = Dense(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
                                bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
@@ -98,9 +135,9 @@ class GatedMlp(nnx.Module):
         self.activation = activation
         up = dict(use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
                   bias_init=logical(zeros, "mlp"), rngs=rngs)
-        self.gate = nnx.Linear(width, hidden, **up)
-        self.up = nnx.Linear(width, hidden, **up)
-        self.down = nnx.Linear(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
+        self.gate = Dense(width, hidden, **up)
+        self.up = Dense(width, hidden, **up)
+        self.down = Dense(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
                                bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
