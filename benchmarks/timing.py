@@ -57,3 +57,29 @@ def measure(fn, *args, repeats: int = 5, **static_kwargs) -> Timing:
 
 def device_kind() -> str:
     return jax.devices()[0].device_kind
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): machines of
+    one kind may be an AMD EPYC one day and an Intel Xeon the next."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this process reads from memory: the best of ``repeats`` jitted
+    ``jnp.sum`` over ``gib`` GiB of float32 (a reduction reads each byte once and writes nothing)."""
+    import jax.numpy as jnp
+
+    data = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = time_calls(lambda: total(data), repeats=repeats).min_s
+    del data
+    return gib * 2**30 / seconds
