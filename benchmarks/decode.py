@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 from pathlib import Path
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import device_kind, time_calls
+from benchmarks.timing import device_kind, time_calls, write_results
 from jaxattn import viz
 from jaxattn.lm.generate import generate, make_decode_step
 from jaxattn.nn import TransformerConfig, TransformerLM
@@ -238,9 +237,7 @@ def main(argv=None) -> dict:
     for part in parts:
         results[part] = globals()[f"{part}_part"](configs, args, print)
     results["plots"] = plots(results, Path(args.img))
-    path = Path(args.results) / f"decode-{device_kind().lower().replace(' ', '-')}-{results['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    path = write_results(results, "decode", args.results)
     print("\nSummary:")
     for line in summary(results):
         print("  " + line)

@@ -17,7 +17,8 @@ thunks, the while loop's condition, waiting for the worker threads).
 
 Models, random weights in the shapes of: GPT-2 small (12 x 768, 12 heads, vocabulary 50257,
 tied) and a Llama-shaped GQA model (8 x 512, 8/2 heads, SwiGLU 1536, vocabulary 32000).
-Weight formats: float32, bfloat16 and int8 (``jaxattn.lm.quantize``). Writes
+Weight formats: float32, bfloat16 and int8 (``jaxattn.lm.quantize``). First, GPT-2's products one at a
+time in both weight layouts (``product_speeds``): which layout this CPU reads at speed. Writes
 benchmarks/results/decode-profile-<device>-<date>.json.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import re
 import tempfile
 import time
@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import cpu_model, device_kind, read_bandwidth, time_calls
+from benchmarks.timing import cpu_model, device_kind, read_bandwidth, time_calls, write_results
 from jaxattn.lm.generate import generate
 from jaxattn.lm.hf import transformer_config
 from jaxattn.lm.quantize import convert_weights, weight_bytes
@@ -117,10 +117,11 @@ def traced_op_times(call) -> tuple[dict[str, float], float]:
     return dict(times), wall
 
 
-def decode_profile(model, prompt, new_tokens: int) -> dict:
+def decode_profile(model, prompt, new_tokens: int, untraced: dict[int, float]) -> dict:
     """Milliseconds per decode step by category, from ``generate`` traced twice (``new_tokens``
-    and 1 new token: the difference is the decode loop). The profiler slows the ops down
-    (``traced_step_ms`` against ``step_ms``, untraced); the shares are what to read."""
+    and 1 new token: the difference is the decode loop). ``untraced``: the seconds of the same
+    two calls without the profiler, which slows the ops down (``traced_step_ms`` against
+    ``step_ms``); the shares are what to read."""
     from jaxattn.lm import generate as generation
 
     def call(n):
@@ -133,15 +134,13 @@ def decode_profile(model, prompt, new_tokens: int) -> dict:
         cache_length=len(prompt) + new_tokens)
     scopes = op_scopes(lowered.compile().as_text())
     steps = new_tokens - 1
-    untraced = {n: time_calls(call(n), repeats=3).min_s for n in (1, new_tokens)}
-    jax.block_until_ready(call(1)())
     _, wall_one = traced_op_times(call(1))
     times, wall = traced_op_times(call(new_tokens))
     per_step = collections.defaultdict(float)
     for name, seconds in times.items():
-        stack = scopes.get(name, "").split("/")
-        if "while" in stack[:2]:  # jit(_generate_cached)/while/...: the decode loop, not the prefill
-            per_step[category("/".join(stack))] += seconds * 1e3 / steps
+        stack = scopes.get(name, "")
+        if "while" in stack.split("/")[:2]:  # jit(_generate_cached)/while/...: the decode loop, not the prefill
+            per_step[category(stack)] += seconds * 1e3 / steps
     traced_step = (wall - wall_one) * 1e3 / steps
     per_step[OVERHEAD] = max(traced_step - sum(per_step.values()), 0.0)
     return dict(step_ms=(untraced[new_tokens] - untraced[1]) * 1e3 / steps, traced_step_ms=traced_step,
@@ -160,9 +159,10 @@ def run_model(name, hf, *, formats, prompt_tokens, new_tokens, repeats, bandwidt
         limit = bandwidth / nbytes
         tokens = np.asarray(generate(model, [prompt], max_new_tokens=new_tokens))
         reference = tokens if reference is None else reference
-        timing = time_calls(lambda: generate(model, [prompt], max_new_tokens=new_tokens), repeats=repeats)
-        tokens_per_s = new_tokens / timing.min_s
-        profile = decode_profile(model, prompt, new_tokens)
+        untraced = {n: time_calls(lambda n=n: generate(model, [prompt], max_new_tokens=n), repeats=repeats).min_s
+                    for n in (1, new_tokens)}
+        tokens_per_s = new_tokens / untraced[new_tokens]
+        profile = decode_profile(model, prompt, new_tokens, untraced)
         row = dict(model=name, weights=weights, weight_bytes=nbytes, limit_tokens_per_s=limit,
                    tokens_per_s=tokens_per_s, fraction_of_limit=tokens_per_s / limit,
                    step_ms=profile["step_ms"], step_fraction_of_limit=1e3 / profile["step_ms"] / limit,
@@ -179,6 +179,34 @@ def run_model(name, hf, *, formats, prompt_tokens, new_tokens, repeats, bandwidt
     return rows
 
 
+# GPT-2 small's products of one decode step, (inputs K, outputs N): q/k/v, MLP up, MLP down, output layer.
+PRODUCT_SHAPES = ((768, 2304), (768, 3072), (3072, 768), (768, 50257))
+
+
+def product_speeds(formats, *, repeats: int, say) -> list[dict]:
+    """One product ``x [1, K] @ W`` at a time, compiled alone, for each weight format and both
+    layouts: ``[K, N]`` (``x @ W``, as a model holds its kernels) and ``[N, K]`` (``x @ W^T``, as
+    ``PackedWeight`` stores them), the weight converted to float32 inside the product. The
+    microseconds say which layout XLA on this CPU reads at speed; the model's loop adds the rest."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for K, N in PRODUCT_SHAPES:
+        x = jax.numpy.asarray(rng.standard_normal((1, K)), np.float32)
+        weight = jax.numpy.asarray(rng.standard_normal((K, N)), np.float32)
+        for weights in formats:
+            for layout, stored, product in (
+                    ("[K, N]", weight, lambda x, w: x @ w.astype(x.dtype)),
+                    ("[N, K]", weight.T.copy(), lambda x, w: x @ w.T.astype(x.dtype))):
+                stored = stored.astype(weights)
+                compiled = jax.jit(product).lower(x, stored).compile()
+                seconds = time_calls(lambda: compiled(x, stored), repeats=repeats).min_s
+                rows.append(dict(K=K, N=N, weights=weights, layout=layout, us=seconds * 1e6,
+                                 gb_per_s=stored.nbytes / seconds / 1e9))
+        say(f"  {K:>5} x {N:<6} " + "  ".join(f"{row['weights']} {row['layout']} {row['us']:6.0f} us"
+                                             for row in rows if (row["K"], row["N"]) == (K, N)), flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=64)
@@ -192,6 +220,8 @@ def main(argv=None) -> dict:
     cpu = cpu_model()
     print(f"CPU: {cpu}; {device_kind()}; jax {jax.__version__}; read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(best of 5 jnp.sum over 1 GiB)")
+    print("One product of a decode step at a time (weights converted to float32 inside the product):", flush=True)
+    products = product_speeds(args.formats, repeats=20, say=print)
     print(f"batch 1, prompt {args.prompt}, {args.new} new tokens, greedy, KV cache", flush=True)
     rows = []
     for name in args.models:
@@ -205,10 +235,9 @@ def main(argv=None) -> dict:
               f"{row['tokens_per_s']:.1f} | {row['fraction_of_limit']:.0%} | {row['greedy_agreement']:.0%} |")
     date = datetime.date.today().isoformat()
     results = dict(device_kind=device_kind(), cpu=cpu, read_bandwidth_bytes_per_s=bandwidth, date=date,
-                   versions={"jax": jax.__version__}, prompt=args.prompt, new_tokens=args.new, rows=rows)
-    path = Path(args.results) / f"decode-profile-{device_kind().lower().replace(' ', '-')}-{date}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+                   versions={"jax": jax.__version__}, prompt=args.prompt, new_tokens=args.new, rows=rows,
+                   products=products)
+    path = write_results(results, "decode-profile", args.results)
     print(f"\nSummary: {len(rows)} rows; results {path}")
     return results
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from benchmarks.timing import device_kind, time_calls
+from benchmarks.timing import device_kind, time_calls, write_results
 from jaxattn.lm.generate import generate
 from jaxattn.lm.hf import load_hf_model
 
@@ -117,9 +116,7 @@ def main(argv=None) -> dict:
               f"{row['ratio']:.2f}x | {'yes' if row['same_tokens'] else 'no'} |")
     results = {"device_kind": device_kind(), "versions": versions, "date": datetime.date.today().isoformat(),
                "prompt": args.prompt, "new_tokens": args.new, "rows": rows}
-    path = Path(args.results) / f"hf-decode-{device_kind().lower().replace(' ', '-')}-{results['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    path = write_results(results, "hf-decode", args.results)
     print(f"\nSummary: {len(rows)} models; results {path}")
     return results
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.timing import device_kind
+from benchmarks.timing import device_kind, write_results
 from jaxattn.lm.engine import Engine
 from jaxattn.lm.generate import Stopping, generate
 from jaxattn.lm.hf import load_hf_model
@@ -419,8 +418,7 @@ def main(argv=None) -> dict:
     print(f"same tokens as static batching: {t['same_as_static']}/{count}; as transformers: {t['same_as_transformers']}/{count}")
     results["seconds"] = time.perf_counter() - began
     if not args.quick:
-        path = Path(args.results) / f"serve-{device_kind().lower().replace(' ', '-')}-{results['date']}.json"
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        path = write_results(results, "serve", args.results)
         print(f"wrote {path}")
     print(f"Done in {results['seconds']:.0f} s")
     return results

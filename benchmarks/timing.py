@@ -9,9 +9,11 @@ loop; ``measure`` compiles a function and times it with that loop.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 
@@ -65,9 +67,10 @@ def cpu_model() -> str:
     import platform
 
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -81,5 +84,12 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     data = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     seconds = time_calls(lambda: total(data), repeats=repeats).min_s
-    del data
     return gib * 2**30 / seconds
+
+
+def write_results(results: dict, name: str, folder) -> Path:
+    """Writes ``results`` as ``<folder>/<name>-<device kind>-<results["date"]>.json``; returns the path."""
+    path = Path(folder) / f"{name}-{device_kind().lower().replace(' ', '-')}-{results['date']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path

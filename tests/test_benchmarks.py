@@ -59,3 +59,31 @@ def test_serve_trace_helpers():
     lengths = [len(prompt) for prompt, _ in make_trace(200, 50, long_tailed=True)]
     assert 16 <= min(lengths) and max(lengths) <= 512
     assert sum(n < 128 for n in lengths) > 90  # log-uniform: 60% below 128 (uniform lengths: 23%)
+
+
+def test_decode_profile_attributes_ops_to_their_named_scope():
+    """Every instruction of a compiled loop gets the scope it was traced in, and its category;
+    an instruction without metadata takes the one scheduled before it."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.decode_profile import CATEGORIES, OTHER, category, op_scopes
+
+    def step(carry):
+        i, x, w = carry
+        with jax.named_scope("mlp"):
+            x = jnp.tanh(x @ w)
+        with jax.named_scope("sampling"):
+            x = x - jnp.max(x)
+        return i + 1, x, w
+
+    program = jax.jit(lambda x, w: jax.lax.while_loop(lambda c: c[0] < 3, step, (0, x, w))[1])
+    scopes = op_scopes(program.lower(jnp.ones((1, 8)), jnp.ones((8, 8))).compile().as_text())
+    labels = dict(CATEGORIES)
+    found = {category(stack) for stack in scopes.values() if "while" in stack.split("/")[:2]}
+    assert {labels["mlp"], labels["sampling"]} <= found
+    assert category("jit(f)/while/body/attention/cache_write/scatter") == labels["cache_write"]
+    assert category("jit(f)/while/body/attention/rope/mul") == labels["attention"]
+    assert category("jit(f)/while/body/iota") == OTHER
+    text = 'ENTRY %main {\n  %a = f32[2] add(%x, %y), metadata={op_name="jit(f)/mlp/add"}\n  %b = f32[2] copy(%a)\n}\n'
+    assert op_scopes(text) == {"a": "jit(f)/mlp/add", "b": "jit(f)/mlp/add"}

@@ -9,16 +9,17 @@ speed is the speed at which the weights stream from memory. Two things decide it
   compute dtype; the weight is converted inside the product.
 - **The layout.** Stored ``[N, K]`` (each output channel's K inputs contiguous, as PyTorch's
   ``Linear`` keeps them), ``x @ values.T`` is a row-by-row matrix-vector product that XLA on the
-  CPU fuses with the conversion: measured in ``benchmarks/decode_profile.py``, int8 ``[N, K]``
-  streams its bytes as fast as float32 does, while ``[K, N]`` int8 or bfloat16 weights were
-  converted to a float32 copy first (slower than float32 itself).
+  CPU fuses with the conversion, while a ``[K, N]`` int8 or bfloat16 weight is converted to a
+  float32 copy first and is slower than float32 itself (``benchmarks/decode_profile.py`` times
+  both layouts, one product at a time, beside the model).
 
 ``PackedWeight`` is that storage, for a weight of any original shape ``[*in, *out]`` (``contracted``
 input axes): ``values [prod(out), prod(in)]``, ``scale [prod(out)]`` or ``None``. ``pack_weight``
 makes one from a dense weight, ``dense_weight`` turns it back (for paths that need the plain
-array), ``packed_matmul`` multiplies. Hand-written rather than taken from a quantization library
-(Qwix, AQT): those intercept ``dot_general`` and keep the weight's ``[K, N]`` layout, which is
-the layout this CPU reads slowly; the whole method is the four functions below.
+array), ``packed_matmul`` multiplies. Hand-written rather than taken from a quantization library:
+Qwix (read for this) intercepts ``dot_general`` and quantizes the weight in the layout the module
+holds it, ``[K, N]``, the layout this CPU reads slowly; the whole method is the three functions
+below.
 
 Shape letters: K inputs (the contracted axes, flattened), N outputs (flattened), M rows of x.
 """
@@ -47,15 +48,8 @@ class PackedWeight:
     contracted: int = dataclasses.field(metadata=dict(static=True))
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
     def format(self) -> str:
         return jnp.dtype(self.values.dtype).name
-
-    def nbytes(self) -> int:
-        return self.values.size * self.values.dtype.itemsize + (0 if self.scale is None else self.scale.size * 4)
 
 
 def pack_weight(weight, contracted: int, weights: str) -> PackedWeight:

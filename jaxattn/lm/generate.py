@@ -171,8 +171,9 @@ def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
 # motion"). For bfloat16 or int8 weights (jaxattn.lm.quantize) that work is their conversion: XLA
 # would make a float32 copy of every weight before the decode loop and read that copy each step,
 # so narrow weights would decode slower than float32 ones (benchmarks/decode_profile.py measured
-# int8 GPT-2 small at 0.8x float32 with it, 26.6 against 32.9 tokens/s, and 1.5x without). Without the pass, each step converts
-# inside the fused matrix-vector products and reads only the narrow weights.
+# int8 GPT-2 small at 0.8x float32 with it, 26.6 against 32.9 tokens/s, and 1.5x without). Without
+# the pass, each step converts inside the fused matrix-vector products and reads only the narrow
+# weights.
 DECODE_LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
