@@ -117,9 +117,9 @@ class Mlp(nnx.Module):
         zeros = nnx.initializers.zeros_init()
         self.activation = activation
         self.up = Dense(width, hidden, use_bias=bias, dtype=dtype, kernel_init=logical(default_kernel_init, "embed", "mlp"),
-                             bias_init=logical(zeros, "mlp"), rngs=rngs)
+                        bias_init=logical(zeros, "mlp"), rngs=rngs)
         self.down = Dense(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
-                               bias_init=logical(zeros, "embed"), rngs=rngs)
+                          bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
         return self.down(ACTIVATIONS[self.activation](self.up(x)))
@@ -138,7 +138,7 @@ class GatedMlp(nnx.Module):
         self.gate = Dense(width, hidden, **up)
         self.up = Dense(width, hidden, **up)
         self.down = Dense(hidden, width, use_bias=bias, dtype=dtype, kernel_init=logical(out_init, "mlp", "embed"),
-                               bias_init=logical(zeros, "embed"), rngs=rngs)
+                          bias_init=logical(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x):  # [B, T, C] -> [B, T, C]
         return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
