@@ -16,7 +16,9 @@ vocabulary 32000); a Llama-3-shaped one (the same shape with Llama 3's vocabular
 layers alternating a 64-token window and global attention, width 512, 8/4 heads of 64,
 GeGLU 1536, soft-capped attention and final logits, four norms a layer, Gemma's
 vocabulary of 256000 tied to the embedding; transformers runs it with eager attention,
-which soft-capping needs). Prints a table with the ratio; writes
+which soft-capping needs). Also: the read bandwidth measured in this process, each float32 figure
+as a fraction of ``bandwidth / weight bytes``, and the same checkpoints decoded with their
+weights stored in bfloat16 and int8 (``--formats``). Prints a table with the ratio; writes
 benchmarks/results/hf-decode-<device>-<date>.json.
 """
 
@@ -30,9 +32,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.timing import device_kind, time_calls, write_results
+from benchmarks.timing import cpu_model, device_kind, read_bandwidth, time_calls, write_results
 from jaxattn.lm.generate import generate
 from jaxattn.lm.hf import load_hf_model
+from jaxattn.lm.quantize import convert_weights, weight_bytes
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,7 +61,7 @@ def hf_models():
     }
 
 
-def run_one(name, config, *, prompt_tokens, new_tokens, repeats, say):
+def run_one(name, config, *, prompt_tokens, new_tokens, repeats, bandwidth, formats, say):
     import torch
     import transformers
 
@@ -84,12 +87,29 @@ def run_one(name, config, *, prompt_tokens, new_tokens, repeats, say):
     same = np.array_equal(np.asarray(ours()[0]), theirs())
     ours_timing = time_calls(ours, repeats=repeats)
     theirs_timing = time_calls(theirs, repeats=repeats)
+    limit = bandwidth / weight_bytes(model)
     row = dict(model=name, parameters=parameters, jaxattn_tokens_per_s=new_tokens / ours_timing.min_s,
                transformers_tokens_per_s=new_tokens / theirs_timing.min_s, jaxattn_median_s=ours_timing.median_s,
-               transformers_median_s=theirs_timing.median_s, same_tokens=bool(same))
+               transformers_median_s=theirs_timing.median_s, same_tokens=bool(same), limit_tokens_per_s=limit)
     row["ratio"] = row["jaxattn_tokens_per_s"] / row["transformers_tokens_per_s"]
-    say(f"  jaxattn {row['jaxattn_tokens_per_s']:.1f} tokens/s, transformers {row['transformers_tokens_per_s']:.1f} "
-        f"tokens/s -> {row['ratio']:.2f}x; identical greedy tokens: {same}", flush=True)
+    row["fraction_of_limit"] = row["jaxattn_tokens_per_s"] / limit
+    say(f"  jaxattn {row['jaxattn_tokens_per_s']:.1f} tokens/s ({row['fraction_of_limit']:.0%} of the limit, "
+        f"{limit:.1f}), transformers {row['transformers_tokens_per_s']:.1f} tokens/s -> {row['ratio']:.2f}x; "
+        f"identical greedy tokens: {same}", flush=True)
+    reference = np.asarray(ours()[0])
+    row["weights"] = {}
+    for weights in formats:  # the same checkpoint with its matrices stored in fewer bytes
+        small = convert_weights(model, weights)
+
+        def narrow():
+            return generate(small, [prompt], max_new_tokens=new_tokens)
+
+        agreement = float(np.mean(np.asarray(narrow()[0]) == reference))
+        tokens_per_s = new_tokens / time_calls(narrow, repeats=repeats).min_s
+        row["weights"][weights] = dict(tokens_per_s=tokens_per_s, vs_float32=tokens_per_s / row["jaxattn_tokens_per_s"],
+                                       greedy_agreement=agreement)
+        say(f"  jaxattn, {weights} weights: {tokens_per_s:.1f} tokens/s = {tokens_per_s / row['jaxattn_tokens_per_s']:.2f}x "
+            f"float32; greedy tokens as float32's: {agreement:.0%}", flush=True)
     return row
 
 
@@ -99,23 +119,33 @@ def main(argv=None) -> dict:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--formats", nargs="*", default=["bfloat16", "int8"],
+                        help="also decode with the weights stored in these formats (jaxattn.lm.quantize)")
     args = parser.parse_args(argv)
     import torch
     import transformers
 
     versions = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    print(f"device: {device_kind()}; torch threads {torch.get_num_threads()}; {versions}")
+    bandwidth = read_bandwidth()
+    print(f"device: {device_kind()}; CPU: {cpu_model()}; read bandwidth {bandwidth / 1e9:.1f} GB/s (best of 5 "
+          f"jnp.sum over 1 GiB); torch threads {torch.get_num_threads()}; {versions}")
     print(f"batch 1, prompt {args.prompt}, {args.new} new tokens, greedy, float32, KV cache on both sides")
-    rows = [run_one(name, config, prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats, say=print)
+    rows = [run_one(name, config, prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats,
+                    bandwidth=bandwidth, formats=args.formats, say=print)
             for name, config in hf_models().items()]
     print()
-    print("| model | jaxattn tokens/s | transformers tokens/s | jaxattn / transformers | same tokens |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    formats = "".join(f" {weights} tokens/s (x float32) |" for weights in args.formats)
+    print(f"| model | jaxattn tokens/s | of the limit | transformers tokens/s | jaxattn / transformers | same tokens |{formats}")
+    print("| --- | ---: | ---: | ---: | ---: | --- |" + " ---: |" * len(args.formats))
     for row in rows:
-        print(f"| {row['model']} | {row['jaxattn_tokens_per_s']:.1f} | {row['transformers_tokens_per_s']:.1f} | "
-              f"{row['ratio']:.2f}x | {'yes' if row['same_tokens'] else 'no'} |")
-    results = {"device_kind": device_kind(), "versions": versions, "date": datetime.date.today().isoformat(),
-               "prompt": args.prompt, "new_tokens": args.new, "rows": rows}
+        narrow = "".join(f" {row['weights'][w]['tokens_per_s']:.1f} ({row['weights'][w]['vs_float32']:.2f}x) |"
+                         for w in args.formats)
+        print(f"| {row['model']} | {row['jaxattn_tokens_per_s']:.1f} | {row['fraction_of_limit']:.0%} | "
+              f"{row['transformers_tokens_per_s']:.1f} | {row['ratio']:.2f}x | {'yes' if row['same_tokens'] else 'no'} |"
+              f"{narrow}")
+    results = {"device_kind": device_kind(), "cpu": cpu_model(), "read_bandwidth_bytes_per_s": bandwidth,
+               "versions": versions, "date": datetime.date.today().isoformat(), "prompt": args.prompt,
+               "new_tokens": args.new, "rows": rows}
     path = write_results(results, "hf-decode", args.results)
     print(f"\nSummary: {len(rows)} models; results {path}")
     return results
