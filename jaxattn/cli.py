@@ -154,7 +154,7 @@ def _serve_requests(args, model, tokenizer) -> int:
                              "model must share the model's tokenizer")
     stopping = Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos)
     engine = Engine(model, slots=args.slots, page_size=args.page_size, stopping=stopping, speculative=args.speculative,
-                    draft_model=draft_model)
+                    draft_model=draft_model, cache_dtype=args.kv_cache)
     with open(args.requests, encoding="utf-8") as file:
         lines = file.read().splitlines()
     errors = []
@@ -208,6 +208,7 @@ def _generate(args) -> int:
         sampling=sampling,
         seed=args.seed,
         use_cache=not args.no_cache,
+        cache_dtype=args.kv_cache,
         stopping=stopping,
     )
     new = tokens[0, : stopping.lengths(tokens)[0]]  # up to the end-of-sequence token, if one came
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="parameters and computation of a Hugging Face model; a run folder's weights (bfloat16)")
     generate.add_argument("--quantize", default=None, choices=["int8"],
                           help="int8 weights, one scale per output channel (fewer bytes to read per token)")
+    generate.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"],
+                          help="int8 keys and values, one scale per token and head (fewer bytes to read at long contexts)")
     generate.add_argument("--prompt", default="The next day is bright")
     generate.add_argument("--chat", default=None,
                           help="instead of --prompt: a user message, in the checkpoint's chat template (instruct models)")

@@ -16,6 +16,7 @@ from jaxattn.functional.flash import flash_attention, flash_block_map, flash_ker
 from jaxattn.functional.kernels import Kernels
 from jaxattn.functional.kv_cache import (
     EMPTY_POSITION,
+    Int8Tokens,
     KVCache,
     KVView,
     LatentCache,
@@ -23,8 +24,11 @@ from jaxattn.functional.kv_cache import (
     PagedKVCache,
     PagedLatentCache,
     SlidingKVCache,
+    dequantize_tokens,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
+    quantize_tokens,
+    stored_bytes_per_token,
 )
 from jaxattn.functional.masks import (
     AttentionContext,
@@ -51,6 +55,7 @@ __all__ = [
     "AttentionContext",
     "AttentionParams",
     "AttentionSettings",
+    "Int8Tokens",
     "KVCache",
     "KVView",
     "Kernels",
@@ -72,6 +77,7 @@ __all__ = [
     "decode_kernel",
     "dense_kernel",
     "dense_weights",
+    "dequantize_tokens",
     "flash_attention",
     "flash_block_map",
     "flash_kernel",
@@ -84,6 +90,7 @@ __all__ = [
     "multi_head_attention_weights",
     "next_positions",
     "padding_mask",
+    "quantize_tokens",
     "ring_attention",
     "ring_attention_shard",
     "ring_kernel",
@@ -92,5 +99,6 @@ __all__ = [
     "rope",
     "segment_mask",
     "sinusoidal_positions",
+    "stored_bytes_per_token",
     "zigzag_order",
 ]

@@ -26,6 +26,11 @@ D]``: the pages in use, never the whole pool), with the same mask and the same o
 softmax. A call of any T (one decode step,
 a few speculative tokens, a chunk of a long prompt) reads a paged cache this way.
 
+An **int8** cache (``Int8Tokens``: int8 values, a scale per token and head) is read the same
+way: the block's values and scales are sliced (or gathered) and multiplied out, ``[B, bk, K, D]``
+in the queries' dtype, so the whole buffer is never dequantized and the loop reads a quarter of a
+float32 cache's bytes.
+
 Forward only: this is the inference path (training uses ``flash_kernel``). Shape
 letters as in ``heads.py``; ``bk`` is the key block (m whole pages, for a paged cache).
 """
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn.functional.heads import check_multi_head_shapes, group_heads, vmap_heads
+from jaxattn.functional.kv_cache import Int8Tokens, dequantize_tokens
 from jaxattn.functional.masks import AttentionContext, combine_masks
 from jaxattn.functional.softmax import (
     SoftmaxState,
@@ -62,24 +68,39 @@ def _parts(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _described(x, dtype):
+    """Keys or values as the kernel's checks see them: an int8 cache's ``Int8Tokens`` stands for
+    floats of the queries' dtype."""
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, Int8Tokens) else x
+
+
 def _with_head_axis(x):
     """``[B, S, D]`` (one key/value head for every query) described as ``[B, S, 1, D]``, without touching it."""
     return jax.ShapeDtypeStruct(x.shape[:2] + (1,) + x.shape[2:], x.dtype) if x.ndim == 3 else x
 
 
-def _block(x, start, size):
+def _read(x, take, dtype):
+    """One block of keys or values: ``take`` applied to x (to values and scales alike for an int8
+    cache, which is then dequantized: this block only), as ``[B, bk, K|1, D]`` in ``dtype``."""
+    block = dequantize_tokens(jax.tree.map(take, x), dtype)
+    return block[:, :, None] if block.ndim == 3 else block
+
+
+def _block(x, start, size, dtype):
     """Keys ``start .. start + size`` of ``[B, S, K, D]`` or ``[B, S, D]``, as ``[B, size, K|1, D]``."""
-    block = lax.dynamic_slice_in_dim(x, start, size, axis=1)
-    return block[:, :, None] if x.ndim == 3 else block
+    return _read(x, lambda leaf: lax.dynamic_slice_in_dim(leaf, start, size, axis=1), dtype)
 
 
-def _pages(pool, pages):
+def _pages(pool, pages, dtype):
     """Pages ``pages[b, :]`` of ``pool [P, page, K, D]`` (or ``[P, page, D]``) for every row b,
     in order: ``[B, m x page, K|1, D]`` for ``pages [B, m]``, a gather of B x m pages."""
     B, m = pages.shape
-    block = jnp.take(pool, pages.reshape(-1), axis=0)  # [B m, page, ...]
-    block = block.reshape((B, m * pool.shape[1]) + pool.shape[2:])  # [B, m page, K, D]
-    return block[:, :, None] if pool.ndim == 3 else block
+
+    def take(leaf):  # [P, page, ...] -> [B, m page, ...]
+        block = jnp.take(leaf, pages.reshape(-1), axis=0)  # [B m, page, ...]
+        return block.reshape((B, m * leaf.shape[1]) + leaf.shape[2:])
+
+    return _read(pool, take, dtype)
 
 
 def _as_sequences(pool, B: int, S: int):
@@ -111,6 +132,7 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
       k: ``[B, S, K, D]``, or parts ``[B, S, K, D_i]`` matching q's; the scores of the parts add.
         ``[B, S, D]`` (no head axis) is one key head shared by all query heads (MQA).
         With ``context.kv_pages`` set: pools ``[P, page, K, D]`` (or ``[P, page, D]``) instead.
+        Any of them may be an int8 cache's ``Int8Tokens``: each block is dequantized as it is read.
       v: ``[B, S, K, E]`` (or ``[B, S, E]`` with keys of that form; a pool with pooled keys).
       context: the call; with ``kv_lengths [B]`` only the first ``max(kv_lengths)`` slots are
         visited; with ``kv_pages [B, N]`` the keys are read from the pools a block of pages at a time
@@ -123,6 +145,7 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
       ``[B, T, H, E]`` in q's dtype (and the visit count, int32 ``[]``).
     """
     q_parts, k_parts = _parts(q), _parts(k)
+    dtype = q_parts[0].dtype
     pages = context.kv_pages
     if pages is not None:  # pools: check them as the [B, S, ...] keys they stand for
         page_size = k_parts[0].shape[1]
@@ -131,10 +154,10 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
             raise ValueError(f"a paged call needs pools [P, page, ...] of one page size and kv_pages [B, N]; got "
                              f"k {[part.shape for part in k_parts]}, v {v.shape}, kv_pages {pages.shape}")
         B, S = pages.shape[0], pages.shape[1] * page_size
-        shapes, D_total = _check_parts(q_parts, tuple(_as_sequences(part, B, S) for part in k_parts),
-                                       _as_sequences(v, B, S))
+        shapes, D_total = _check_parts(q_parts, tuple(_as_sequences(_described(part, dtype), B, S) for part in k_parts),
+                                       _as_sequences(_described(v, dtype), B, S))
     else:
-        shapes, D_total = _check_parts(q_parts, k_parts, v)
+        shapes, D_total = _check_parts(q_parts, tuple(_described(part, dtype) for part in k_parts), _described(v, dtype))
     B, T, S, H, K, _, E = shapes
     G = H // K
     context.check(B, T, S, H)
@@ -162,12 +185,12 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
         start = j * bk
         first = jnp.minimum(start, S - bk)  # the last block is slid back to fit; its older keys are masked
         if pages is None:
-            k_blocks = tuple(_block(part, first, bk) for part in k_parts)  # [B, bk, K, D_i]
-            v_block = _block(v, first, bk)  # [B, bk, K, E]
+            k_blocks = tuple(_block(part, first, bk, dtype) for part in k_parts)  # [B, bk, K, D_i]
+            v_block = _block(v, first, bk, dtype)  # [B, bk, K, E]
         else:  # pages first/page .. first/page + m - 1 of every row
             table = lax.dynamic_slice_in_dim(pages, first // page_size, m, axis=1)  # [B, m]
-            k_blocks = tuple(_pages(part, table) for part in k_parts)  # [B, bk, K, D_i]
-            v_block = _pages(v, table)  # [B, bk, K, E]
+            k_blocks = tuple(_pages(part, table, dtype) for part in k_parts)  # [B, bk, K, D_i]
+            v_block = _pages(v, table, dtype)  # [B, bk, K, E]
         block = context.keys(first, bk)
         unseen = (first + jnp.arange(bk) >= start)[None]  # [1, bk]: keys no earlier block visited
         block = dataclasses.replace(block, kv_valid=combine_masks(block.kv_valid, unseen))

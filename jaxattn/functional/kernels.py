@@ -8,7 +8,8 @@ tokens to a cache and attends over what the cache holds: ``decode_kernel`` serve
 visiting only the slots in use. ``Kernels`` holds the two and the threshold between them;
 MHA and MLA layers use the same value, so the rule is written once:
 
-    kernel = decode   if the cache is paged (any T: only the decode kernel reads pages)
+    kernel = decode   if the cache is paged or int8 (any T: only the decode kernel reads pages,
+                      and it dequantizes an int8 cache a block at a time)
              decode   if the call has a cache and T <= decode_max_tokens (and decode is set)
              full     otherwise
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxattn.functional.attention import dense_kernel, dense_kernel_with_weights
 from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_kernel
+from jaxattn.functional.kv_cache import Int8Tokens
 from jaxattn.functional.masks import AttentionContext
 
 
@@ -58,11 +60,13 @@ class Kernels:
             return cls(default, decode_kernel if decode_fn is None else decode_fn, decode_max_tokens)
         return cls(attention_fn, decode_fn, decode_max_tokens)
 
-    def for_call(self, T: int, cached: bool, paged: bool = False) -> tuple[Callable, bool]:
-        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache (paged or not)."""
-        if paged:
+    def for_call(self, T: int, cached: bool, paged: bool = False, int8: bool = False) -> tuple[Callable, bool]:
+        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache (paged or
+        int8 or neither)."""
+        if paged or int8:
             if self.decode is None:
-                raise ValueError("a paged cache is read by a decode kernel, and this layer has none "
+                kind = "a paged" if paged else "an int8"
+                raise ValueError(f"{kind} cache is read by a decode kernel, and this layer has none "
                                  "(Kernels.choose(attention_fn) without decode_fn): pass decode_fn as well")
             return self.decode, True
         if cached and self.decode is not None and T <= self.decode_max_tokens:
@@ -87,15 +91,17 @@ def attend(kernels: Kernels, q, k, v, context: AttentionContext, *, cached: bool
     ``record`` (a layer's ``sow``), and the output is made from them.
     """
     paged = context.kv_pages is not None
+    int8 = any(isinstance(part, Int8Tokens) for part in (*(k if isinstance(k, (tuple, list)) else (k,)), v))
     if context.record_weights:
-        if paged:
-            raise ValueError("recording the weights reads a cache as it is, not a paged one: use init_cache")
+        if paged or int8:
+            raise ValueError("recording the weights reads a float cache as it is, not a paged or int8 one: "
+                             "use init_cache with the model's dtype")
         out, weights = dense_kernel_with_weights(join_parts(q), join_parts(k), join_parts(v), context)
         if record is not None:
             record(weights)
         return out
     T = (q[0] if isinstance(q, (tuple, list)) else q).shape[1]
-    kernel, is_decode = kernels.for_call(T, cached, paged)
+    kernel, is_decode = kernels.for_call(T, cached, paged, int8)
     if is_decode:
         return kernel(q, k, v, context)
     return kernel(join_parts(q), join_parts(k), join_parts(v), context)

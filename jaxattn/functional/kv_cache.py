@@ -27,10 +27,21 @@ cache (``next_positions``), so they cannot disagree with it.
   prefix. Which sequence owns which page is decided outside the compiled step (the serving
   engine, ``jaxattn.lm.engine``); the cache reads and writes through the table.
 
+Every cache can keep its entries in **int8** instead (``create(..., dtype=jnp.int8)``): each
+buffer is then an ``Int8Tokens``, int8 values with one scale per token and head,
+
+    scale = max_d |x_d| / 127        x_d ~ scale * round(x_d / scale)        (per token, per head)
+
+written when the tokens enter (``quantize_tokens``) and undone by the decode kernel one block of
+keys at a time (``dequantize_tokens``), never for the whole buffer. Per token and head it holds
+D + 2 bytes where a bfloat16 cache holds 2 D (0.52x at D = 64); serving engines keep their caches
+so (an "fp8/int8 KV cache"), since at long contexts a decode step reads mostly the cache.
+
 The two ways of keeping tokens, writing at each row's length (``_append``) and writing
 round a ring (``_write_round``), and one policy for what may be written
-(``_check_new_tokens``: the cache's shapes and exactly its dtype), are shared by all three.
-At the end: how many numbers each kind stores per token (DeepSeek-V2, Table 1).
+(``_check_new_tokens``: the cache's shapes and exactly its dtype; any float for int8 entries,
+which are quantized), are shared by all of them. At the end: how many numbers each kind stores
+per token (DeepSeek-V2, Table 1), and how many bytes a given cache holds per token.
 
 Shape letters: B batch, T new tokens, S_max capacity, W window, K key/value heads,
 D key width, E value width, L latent width, R RoPE width.
@@ -73,13 +84,81 @@ def write_at_lengths(buffer, new, lengths):
     """Writes row b of ``new [B, T, ...]`` into ``buffer [B, S_max, ...]`` at slot ``lengths[b]``.
 
     One ``lax.dynamic_update_slice`` per row (vmapped over the batch), so a prefill
-    (T > 1) and a decode step (T = 1) are the same operation.
+    (T > 1) and a decode step (T = 1) are the same operation. ``buffer`` and ``new`` may be
+    ``Int8Tokens`` (values and scales are written alike).
     """
 
     def write(row, new_row, start):  # [S_max, ...], [T, ...], [] -> [S_max, ...]
         return lax.dynamic_update_slice(row, new_row, (start,) + (0,) * (row.ndim - 1))
 
-    return jax.vmap(write)(buffer, new, lengths)
+    return jax.tree.map(lambda b, x: jax.vmap(write)(b, x, lengths), buffer, new)
+
+
+# ------------------------------------------------------------------- int8 entries
+
+
+INT8_SCALE_DTYPE = jnp.bfloat16  # 2 bytes per token and head; the values are quantized against the stored scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Tokens:
+    """A cache buffer kept in int8, one scale per token and head: ``x ~ values * scale[..., None]``.
+
+    values int8 ``[B, S, K, D]`` (a pool: ``[P, page, K, D]``; MLA's latents: ``[B, S, L]``),
+    scale bfloat16 ``[B, S, K]`` (``[B, S]``): the shape of values without its last axis.
+    ``shape`` and ``ndim`` are the values'; a kernel reads blocks of it with
+    ``dequantize_tokens``. A pytree (not a tuple: a kernel tells it from a tuple of key parts).
+    """
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @classmethod
+    def zeros(cls, shape: tuple) -> "Int8Tokens":
+        return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], INT8_SCALE_DTYPE))
+
+
+
+def quantize_tokens(x) -> Int8Tokens:
+    """Float entries ``[..., D]`` -> ``Int8Tokens``: symmetric, one scale per vector of D numbers,
+    ``scale = max |x| / 127`` (rounded to bfloat16 first, so that ``values * scale`` is what was
+    quantized against), ``values = round(x / scale)`` clipped to [-127, 127]. An all-zero vector
+    gets scale 0 and values 0 (never a division by zero)."""
+    xf = x.astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(xf), axis=-1) / 127).astype(INT8_SCALE_DTYPE)  # [...]
+    stored = scale.astype(jnp.float32)[..., None]
+    values = jnp.round(xf / jnp.where(stored > 0, stored, 1))
+    return Int8Tokens(jnp.clip(values, -127, 127).astype(jnp.int8), scale)
+
+
+def dequantize_tokens(x, dtype):
+    """``Int8Tokens`` -> ``values * scale`` in ``dtype`` (any other array: cast to ``dtype``)."""
+    if isinstance(x, Int8Tokens):
+        return x.values.astype(dtype) * x.scale.astype(dtype)[..., None]
+    return x.astype(dtype)
+
+
+def _as_entries(buffer, x):
+    """New tokens in the form of ``buffer``: quantized for an ``Int8Tokens`` buffer, as they are otherwise."""
+    return quantize_tokens(x) if isinstance(buffer, Int8Tokens) else x
+
+
+def _zeros(shape: tuple, dtype):
+    """An empty buffer: zeros of ``dtype``, or ``Int8Tokens`` for ``dtype=int8``."""
+    return Int8Tokens.zeros(shape) if jnp.dtype(dtype) == jnp.int8 else jnp.zeros(shape, dtype)
 
 
 # ------------------------------------------------------------- shared by every cache
@@ -88,7 +167,8 @@ def write_at_lengths(buffer, new, lengths):
 def _check_new_tokens(kind: str, buffers: dict, new: tuple, batch: int | None = None):
     """The one policy for what may enter a cache: entries ``[B, T, ...]`` with the
     buffers' B (or ``batch``, for pools) and trailing axes, and exactly their dtype (no
-    silent cast). Returns (B, T)."""
+    silent cast); an int8 buffer (``Int8Tokens``) takes floats of any width and quantizes
+    them. Returns (B, T)."""
     names = tuple(buffers)
     if len(new) != len(buffers):
         raise ValueError(f"{kind}.update takes {len(buffers)} arrays ({', '.join(names)}), got {len(new)}")
@@ -104,7 +184,10 @@ def _check_new_tokens(kind: str, buffers: dict, new: tuple, batch: int | None = 
                 f"new {got} do not fit the {kind} ({described}): "
                 f"need {name} [B={B}, T, {', '.join(map(str, buffer.shape[2:]))}]"
             )
-        if x.dtype != buffer.dtype:
+        if isinstance(buffer, Int8Tokens):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"new {name} has dtype {x.dtype}; an int8 {kind} quantizes float entries")
+        elif x.dtype != buffer.dtype:
             raise ValueError(
                 f"new {name} has dtype {x.dtype} but the {kind} holds {buffer.dtype}; "
                 f"cast it (x.astype({buffer.dtype})) or create the cache with dtype={x.dtype}"
@@ -122,7 +205,8 @@ def _append(cache, new: tuple, num_new):
         shapes = ", ".join(f"{n} {b.shape}" for n, b in buffers.items())
         raise ValueError(f"cannot write {T} tokens into a {type(cache).__name__} of capacity {capacity} ({shapes})")
     num_new = check_num_new(num_new, B, T)
-    written = tuple(write_at_lengths(buffer, x, cache.lengths) for buffer, x in zip(buffers.values(), new))
+    written = tuple(write_at_lengths(buffer, _as_entries(buffer, x), cache.lengths)
+                    for buffer, x in zip(buffers.values(), new))
     return written, slot_positions(B, capacity), cache.lengths + num_new
 
 
@@ -133,7 +217,8 @@ def _write_round(buffers: tuple, new: tuple, lengths):
     T = new[0].shape[1]
     slots = next_positions(lengths, T) % capacity  # [B, T]
     rows = jnp.arange(slots.shape[0])[:, None]  # [B, 1]
-    return tuple(buffer.at[rows, slots].set(x, unique_indices=True) for buffer, x in zip(buffers, new))
+    return tuple(jax.tree.map(lambda b, x: b.at[rows, slots].set(x, unique_indices=True), buffer, _as_entries(buffer, x))
+                 for buffer, x in zip(buffers, new))
 
 
 def _overflowed(cache):
@@ -173,11 +258,13 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(cls, *, batch: int, max_length: int, kv_heads: int, head_dim: int, value_dim=None, dtype=jnp.float32):
-        """Zero buffers ``[batch, max_length, kv_heads, head_dim]`` and lengths 0."""
+        """Zero buffers ``[batch, max_length, kv_heads, head_dim]`` and lengths 0. ``dtype`` is the
+        entries' (what ``update`` must be given), or ``jnp.int8``: ``Int8Tokens`` buffers that
+        quantize whatever floats ``update`` is given (every cache's ``create`` takes it)."""
         value_dim = head_dim if value_dim is None else value_dim
         return cls(
-            k=jnp.zeros((batch, max_length, kv_heads, head_dim), dtype),
-            v=jnp.zeros((batch, max_length, kv_heads, value_dim), dtype),
+            k=_zeros((batch, max_length, kv_heads, head_dim), dtype),
+            v=_zeros((batch, max_length, kv_heads, value_dim), dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
         )
 
@@ -242,8 +329,8 @@ class SlidingKVCache:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         capacity = window + chunk - 1 if max_length is None else min(window + chunk - 1, max_length)
         return cls(
-            k=jnp.zeros((batch, capacity, kv_heads, head_dim), dtype),
-            v=jnp.zeros((batch, capacity, kv_heads, value_dim), dtype),
+            k=_zeros((batch, capacity, kv_heads, head_dim), dtype),
+            v=_zeros((batch, capacity, kv_heads, value_dim), dtype),
             positions=jnp.full((batch, capacity), EMPTY_POSITION, jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
             window=window,
@@ -305,8 +392,8 @@ class LatentCache(NamedTuple):
     @classmethod
     def create(cls, *, batch: int, max_length: int, latent_dim: int, rope_dim: int, dtype=jnp.float32):
         return cls(
-            c_kv=jnp.zeros((batch, max_length, latent_dim), dtype),
-            k_rope=jnp.zeros((batch, max_length, rope_dim), dtype),
+            c_kv=_zeros((batch, max_length, latent_dim), dtype),
+            k_rope=_zeros((batch, max_length, rope_dim), dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
         )
 
@@ -343,7 +430,8 @@ def _write_pages(pools: tuple, new: tuple, page_table, lengths, num_new):
     index = jnp.minimum(positions // page_size, N - 1)
     pages = jnp.where(real, jnp.take_along_axis(page_table, index, axis=1), TRASH_PAGE)  # [B, T]
     slots = positions % page_size  # [B, T]
-    return tuple(pool.at[pages, slots].set(x) for pool, x in zip(pools, new))
+    return tuple(jax.tree.map(lambda p, x: p.at[pages, slots].set(x), pool, _as_entries(pool, x))
+                 for pool, x in zip(pools, new))
 
 
 def _paged_update(cache, new: tuple, num_new):
@@ -386,8 +474,8 @@ class PagedKVCache(NamedTuple):
         _check_pool(pages, page_size, pages_per_sequence)
         value_dim = head_dim if value_dim is None else value_dim
         return cls(
-            k=jnp.zeros((pages, page_size, kv_heads, head_dim), dtype),
-            v=jnp.zeros((pages, page_size, kv_heads, value_dim), dtype),
+            k=_zeros((pages, page_size, kv_heads, head_dim), dtype),
+            v=_zeros((pages, page_size, kv_heads, value_dim), dtype),
             page_table=jnp.full((batch, pages_per_sequence), TRASH_PAGE, jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
         )
@@ -423,8 +511,8 @@ class PagedLatentCache(NamedTuple):
                dtype=jnp.float32):
         _check_pool(pages, page_size, pages_per_sequence)
         return cls(
-            c_kv=jnp.zeros((pages, page_size, latent_dim), dtype),
-            k_rope=jnp.zeros((pages, page_size, rope_dim), dtype),
+            c_kv=_zeros((pages, page_size, latent_dim), dtype),
+            k_rope=_zeros((pages, page_size, rope_dim), dtype),
             page_table=jnp.full((batch, pages_per_sequence), TRASH_PAGE, jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
         )
@@ -462,3 +550,13 @@ def latent_cache_elements_per_token(*, latent_dim: int, rope_dim: int) -> int:
     """Numbers MLA's cache stores per token and layer: ``L + R`` (DeepSeek-V2, Table 1,
     written there as ``(d_c + d_h^R) l``, i.e. ``9/2 d_h`` per layer at d_c = 4 d_h, d_h^R = d_h / 2)."""
     return latent_dim + rope_dim
+
+
+def stored_bytes_per_token(cache) -> float:
+    """Bytes one cache (a layer's, as created) holds per token slot, counted from its buffers:
+    the entries and, for an int8 cache, their scales (not lengths, positions or page tables).
+    ``K (D + E)`` times the dtype's size for a float ``KVCache``; ``K (D + E + 2 x 2)`` for int8."""
+    entries = [value for name, value in cache._asdict().items() if name not in ("lengths", "page_table")] \
+        if hasattr(cache, "_asdict") else [cache.k, cache.v]
+    slots = entries[0].shape[0] * entries[0].shape[1]
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(entries)) / slots

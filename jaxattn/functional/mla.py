@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.kernels import Kernels, attend
-from jaxattn.functional.kv_cache import LatentCache
+from jaxattn.functional.kv_cache import Int8Tokens, LatentCache
 from jaxattn.functional.masks import check_positive, default_scale
 from jaxattn.functional.positions import Rope
 from jaxattn.functional.self_attention import call_context, rms_norm
@@ -230,9 +230,9 @@ def mla_decompressed(params: MLAParams, h, cache: LatentCache, *, num_new=None, 
     """
     dims = check_mla_params(params)
     _check_hidden(h, dims)
-    if getattr(cache, "page_table", None) is not None:
-        raise ValueError("mla_decompressed decompresses a cache it can slice; a paged latent cache is read by "
-                         "mla_absorbed")
+    if getattr(cache, "page_table", None) is not None or isinstance(cache.c_kv, Int8Tokens):
+        raise ValueError("mla_decompressed decompresses a float cache it can slice; a paged or int8 latent cache "
+                         "is read by mla_absorbed (a block at a time)")
     q_c, q_r, context, view, new_cache = _cached_latents(params, dims, h, cache, num_new, settings, context)
     out = _decompressed_attention(params, dims, q_c, q_r, view.c_kv, view.k_rope, context, kernels, True, record)
     return out, new_cache

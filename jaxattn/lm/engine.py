@@ -270,11 +270,14 @@ class Engine:
         tokens (greedily) instead of prompt lookup; its keys and values live in pools of its
         own, read through the same page tables.
       prefix_sharing: share the pages of common prompt prefixes.
+      cache_dtype: the pools' entries: the model's dtype (default) or ``"int8"`` (a scale per
+        token and head; the draft model's pools too).
     """
 
     def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
                  max_length: int | None = None, prefill_chunk: int = 128, stopping: Stopping = Stopping(),
-                 speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None):
+                 speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None,
+                 cache_dtype=None):
         config = model.config
         max_length = config.max_length if max_length is None else max_length
         for name, value in (("slots", slots), ("page_size", page_size), ("max_length", max_length),
@@ -305,7 +308,7 @@ class Engine:
         leaves, treedef = jax.tree.flatten(params)
         self._forward, self._leaves = compiled_forward(graphdef, treedef), leaves
         self.cache = model.init_paged_cache(slots, pages=pages, page_size=page_size,
-                                            pages_per_sequence=self.pages_per_sequence)
+                                            pages_per_sequence=self.pages_per_sequence, dtype=cache_dtype)
         self.draft_model = draft_model
         if draft_model is not None:
             graphdef, params = nnx.split(draft_model)
@@ -313,7 +316,7 @@ class Engine:
             self._draft_forward = compiled_forward(graphdef, treedef)
             self._draft, self._draft_leaves = compiled_draft(graphdef, treedef), leaves
             self.draft_cache = draft_model.init_paged_cache(slots, pages=pages, page_size=page_size,
-                                                            pages_per_sequence=self.pages_per_sequence)
+                                                            pages_per_sequence=self.pages_per_sequence, dtype=cache_dtype)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence | None] = [None] * slots
         self.finished: deque[Result] = deque()

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxattn.nn.transformer import cache_dtype as cache_dtype_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,14 +178,15 @@ def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
 DECODE_LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length"),
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length", "cache_dtype"),
          compiler_options=DECODE_LOOP_COMPILER_OPTIONS)
-def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, cache_length):
+def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, cache_length,
+                     cache_dtype):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
     # Created inside the program and carried through the loop: every step writes into the
     # same buffers (in place), no step copies the cache.
-    cache = model.init_cache(B, max_length=cache_length, chunk=P)  # a window cache: window + P - 1 slots
+    cache = model.init_cache(B, max_length=cache_length, chunk=P, dtype=cache_dtype)  # a window cache: window + P - 1 slots
     logits, cache = model(prompt, cache=cache, num_new=lengths, logits_at=(lengths - 1)[:, None])  # prefill: [B, 1, V]
     keys = jax.random.split(key, max_new_tokens)
     decode_step = make_decode_step(graphdef)
@@ -201,7 +203,7 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
         sequence = jnp.zeros((B, P + switch), jnp.int32).at[:, :P].set(prompt)
         sequence = jax.vmap(lambda row, new, start: lax.dynamic_update_slice(row, new, (start,)))(
             sequence, out[:, :switch], lengths)  # [B, P + switch]: each row's prompt, then its new tokens
-        cache = model.init_cache(B, max_length=cache_length, chunk=P + switch)
+        cache = model.init_cache(B, max_length=cache_length, chunk=P + switch, dtype=cache_dtype)
         logits, cache = model(sequence, cache=cache, num_new=lengths + switch, logits_at=(lengths + switch - 1)[:, None])
         token = sample_token(logits[:, 0], keys[switch], sampling)
         carry = _write(i, token, done, out, stopping) + (cache,)
@@ -247,6 +249,7 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     cache_length: int | None = None,
+    cache_dtype: str | None = None,
     stopping: Stopping = Stopping(),
 ):
     """Continues each prompt by up to ``max_new_tokens`` tokens.
@@ -260,6 +263,9 @@ def generate(
       use_cache: decode with the KV cache (True) or re-run the model on the whole
         buffer for every token (False).
       cache_length: the cache's capacity S_max (default: the longest prompt plus N).
+      cache_dtype: the cache's entries: the model's dtype (default), or ``"int8"`` (a scale per
+        token and head, dequantized a block at a time by the decode kernel; prompts too are then
+        attended through the int8 cache).
       stopping: when a row ends (``Stopping.for_tokenizer(tokenizer)``: at the checkpoint's
         end-of-sequence tokens); the default never stops before N.
 
@@ -283,5 +289,9 @@ def generate(
     graphdef, params = nnx.split(model)
     arguments = (graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), stopping)
     if use_cache:
-        return _generate_cached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, cache_length=cache_length)
+        cache_dtype = None if cache_dtype is None else str(cache_dtype_of(model.config, cache_dtype))
+        return _generate_cached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, cache_length=cache_length,
+                                cache_dtype=cache_dtype)
+    if cache_dtype is not None:
+        raise ValueError(f"cache_dtype={cache_dtype!r} needs use_cache=True")
     return _generate_uncached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling)

@@ -871,7 +871,7 @@ def mla_from_hf(tensors, hf: dict, *, prefix: str = "", dtype: str = "float32"):
         key = prefix + name
         try:
             array = np.asarray(tensors[key])
-        except KeyError:
+        except KeyError as error:
             raise LoadError(f"tensor {key!r} is missing") from error
         if shape is not None and array.shape != shape:
             raise LoadError(f"tensor {key!r} has shape {array.shape}; the config needs {shape}")

@@ -294,6 +294,23 @@ def cache_elements_per_token(config: TransformerConfig) -> int:
     return kv_cache_elements_per_token(kv_heads=config.kv_heads, head_dim=config.head_dim)
 
 
+CACHE_DTYPES = ("int8",)  # besides the compute dtype
+
+
+def cache_dtype(config: TransformerConfig, dtype=None):
+    """The dtype of a model's caches: its compute dtype (``None``, or that dtype named), or
+    ``"int8"`` (``Int8Tokens`` entries: ``jaxattn.functional.kv_cache``)."""
+    if dtype is None:
+        return config.compute_dtype
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype != config.compute_dtype and str(dtype) not in CACHE_DTYPES:
+        raise ValueError(f"a cache holds the model's dtype ({config.compute_dtype}) or one of {CACHE_DTYPES}, got {dtype!r}")
+    return dtype
+
+
 def cache_bytes_per_token(config: TransformerConfig) -> int:
     """``cache_elements_per_token`` times the bytes of one element of the compute dtype."""
     return cache_elements_per_token(config) * config.compute_dtype.itemsize
@@ -407,13 +424,15 @@ class TransformerLM(nnx.Module):
             self.unembed = Dense(config.width, config.vocab_size, use_bias=False, dtype=dtype,
                                  kernel_init=logical(default_kernel_init, "embed", "vocab"), rngs=rngs)
 
-    def init_cache(self, batch: int, max_length: int | None = None, *, chunk: int | None = None):
+    def init_cache(self, batch: int, max_length: int | None = None, *, chunk: int | None = None, dtype=None):
         """Empty per-layer caches: a ``KVCache`` of ``max_length`` slots (default the context)
         for a global layer, a ``SlidingKVCache`` for a local (sliding-window) layer
         (``window + chunk - 1`` slots, at most ``max_length``; ``chunk``, the most tokens one call
         adds, defaults to ``max_length``: pass the prompt's length, or 1 for steps only, to
-        keep it near the window), or MLA's ``LatentCache``."""
+        keep it near the window), or MLA's ``LatentCache``. ``dtype``: the compute dtype
+        (default), or ``"int8"`` for int8 entries with a scale per token and head."""
         c = self.config
+        dtype = cache_dtype(c, dtype)
         max_length = c.max_length if max_length is None else max_length
         if max_length > c.max_length and c.positions != "rope":
             raise ValueError(
@@ -422,30 +441,30 @@ class TransformerLM(nnx.Module):
             )
         if c.attention == "mla":
             return tuple(
-                LatentCache.create(
-                    batch=batch, max_length=max_length, latent_dim=c.latent_dim, rope_dim=c.rope_dim, dtype=c.compute_dtype
-                )
+                LatentCache.create(batch=batch, max_length=max_length, latent_dim=c.latent_dim, rope_dim=c.rope_dim, dtype=dtype)
                 for _ in range(c.layers)
             )
-        shape = dict(batch=batch, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
+        shape = dict(batch=batch, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=dtype)
         chunk = max_length if chunk is None else chunk
         return tuple(SlidingKVCache.create(window=c.window, chunk=chunk, max_length=max_length, **shape)
                      if kind == "local" else KVCache.create(max_length=max_length, **shape) for kind in c.kinds())
 
-    def init_paged_cache(self, batch: int, *, pages: int, page_size: int, pages_per_sequence: int):
+    def init_paged_cache(self, batch: int, *, pages: int, page_size: int, pages_per_sequence: int, dtype=None):
         """Empty paged caches, one per layer (``PagedKVCache``, or ``PagedLatentCache`` for MLA):
         pools of ``pages`` pages of ``page_size`` tokens, ``batch`` page tables of
         ``pages_per_sequence`` entries. Local (windowed) layers keep their pages too; the window
-        is a mask. For the serving engine (``jaxattn.lm.engine``), which hands out the pages."""
+        is a mask. For the serving engine (``jaxattn.lm.engine``), which hands out the pages.
+        ``dtype`` as in ``init_cache``."""
         c = self.config
+        dtype = cache_dtype(c, dtype)
         if pages_per_sequence * page_size > c.max_length and c.positions != "rope":
             raise ValueError(f"{pages_per_sequence} pages of {page_size} tokens exceed the context max_length="
                              f"{c.max_length}: {c.positions} positions exist only up to {c.max_length - 1}")
         pool = dict(batch=batch, pages=pages, page_size=page_size, pages_per_sequence=pages_per_sequence)
         if c.attention == "mla":
-            return tuple(PagedLatentCache.create(**pool, latent_dim=c.latent_dim, rope_dim=c.rope_dim, dtype=c.compute_dtype)
+            return tuple(PagedLatentCache.create(**pool, latent_dim=c.latent_dim, rope_dim=c.rope_dim, dtype=dtype)
                          for _ in range(c.layers))
-        return tuple(PagedKVCache.create(**pool, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=c.compute_dtype)
+        return tuple(PagedKVCache.create(**pool, kv_heads=c.kv_heads, head_dim=c.head_dim, dtype=dtype)
                      for _ in range(c.layers))
 
     def __call__(self, tokens, positions=None, *, segment_ids=None, cache=None, num_new=None, record_weights=False,

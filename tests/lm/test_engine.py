@@ -29,12 +29,13 @@ def model():
     return TransformerLM(config, rngs=nnx.Rngs(0))
 
 
-def plain_generate(model, requests, stopping):
+def plain_generate(model, requests, stopping, cache_dtype=None):
     """What `generate` gives each request: one ragged batch (a test of generate checks that a
     row of a ragged batch is what the prompt gives alone), each row cut at its own limit
     and end token."""
     longest = max(n for _, n in requests)
-    tokens = np.asarray(generate(model, [prompt for prompt, _ in requests], max_new_tokens=longest, stopping=stopping))
+    tokens = np.asarray(generate(model, [prompt for prompt, _ in requests], max_new_tokens=longest, stopping=stopping,
+                                 cache_dtype=cache_dtype))
     rows = [row[:n] for row, (_, n) in zip(tokens, requests)]
     return [row[: stopping.lengths(row[None])[0]].tolist() for row in rows]
 
@@ -74,6 +75,18 @@ def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_ref
         assert engine.stats["calls"] < 0.8 * 400  # fewer calls than tokens: drafts were accepted
     held = np.array(engine.stats["memory"])  # (pages x page size, tokens held) after every step
     assert np.all(held[:, 0] <= held[:, 1] + 5 * (4 + 4 + speculative))  # at most ~a page and the lookahead per slot
+
+
+def test_int8_pools_serve_what_generate_gives_with_an_int8_cache(model, requests_and_references):
+    """Pages of int8 entries (a scale per token and head) hold the same numbers as generate's int8
+    cache, so the greedy outputs agree token for token (speculative steps and chunks included)."""
+    requests, _, stopping = requests_and_references
+    requests = requests[:12]
+    engine = Engine(model, slots=4, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3, cache_dtype="int8")
+    assert type(engine.cache[0].k).__name__ == "Int8Tokens"
+    results = serve(engine, requests)
+    references = plain_generate(model, requests, stopping, cache_dtype="int8")
+    assert [results[index].tokens for index in range(len(requests))] == references
 
 
 def test_warmed_up_serving_compiles_nothing_more(model, requests_and_references):

@@ -136,6 +136,10 @@ def test_golden_deepseek_mla_layer():
                                 atol=1e-5, rtol=0)
     layer = mla_layer_from_hf(SafetensorsFolder(folder), hf, prefix="model.layers.0.self_attn.")
     chex.assert_trees_all_close(layer(jnp.asarray(expected["hidden"])), expected["output"], atol=1e-5, rtol=0)
+    tensors = SafetensorsFolder(folder)
+    missing = {name: tensors[name] for name in tensors.names() if not name.endswith("kv_b_proj.weight")}
+    with pytest.raises(LoadError, match="kv_b_proj.weight' is missing"):
+        mla_from_hf(missing, hf, prefix="model.layers.0.self_attn.")
 
 
 def test_tokenizer_round_trips_and_fits_the_model():
@@ -201,18 +205,20 @@ def test_generation_stops_per_row_at_the_checkpoints_eos(capsys):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied with biases and learned positions; untied GQA
-def test_int8_weights_print_what_transformers_prints(name, capsys):
-    """``generate --quantize int8`` on a checkpoint: the text transformers prints in float32 for the
-    same prompt (greedy, 20 tokens, its stopping), and logits within 5% of its logits' range.
+def test_int8_weights_or_cache_print_what_transformers_prints(name, capsys):
+    """``generate --quantize int8`` (and ``--kv-cache int8``) on a checkpoint: the text transformers
+    prints in float32 for the same prompt (greedy, 20 tokens, its stopping), and logits within 5% of
+    its logits' range.
     (Of the other fixtures, Llama 3's tiny random model meets a near-tie and leaves transformers'
     text at int8, and Gemma 2's, soft-capped at 3, moves 16% of its range: random weights of
     width 16.)"""
     from jaxattn.lm.quantize import convert_weights
 
     expected = json.loads((FIXTURES / name / "expected.json").read_text())
-    assert main(["generate", "--model", str(FIXTURES / name), "--quantize", "int8", "--prompt", PROMPT_TEXT,
-                 "--temperature", "0", "--max-new-tokens", "20"]) == 0
-    assert capsys.readouterr().out == expected["printed"] + "\n"
+    for flags in (["--quantize", "int8"], ["--kv-cache", "int8"]):  # int8 weights; an int8 cache
+        assert main(["generate", "--model", str(FIXTURES / name), *flags, "--prompt", PROMPT_TEXT,
+                     "--temperature", "0", "--max-new-tokens", "20"]) == 0
+        assert capsys.readouterr().out == expected["printed"] + "\n", flags
     golden = np.load(FIXTURES / name / "expected.npz")
     model = convert_weights(load_hf_model(FIXTURES / name)[0], "int8")
     ours = np.asarray(model(jnp.asarray(golden["tokens"][:1])))[0]

@@ -1,11 +1,13 @@
 """Weights in fewer bytes: packed products against NumPy, int8 rounding within half a step, and
 converted models that decode as the float32 model whose weights are the dequantized ones."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from jaxattn.functional import Int8Tokens
 from jaxattn.functional.packed import dense_weight, pack_weight, packed_matmul
 from jaxattn.lm.generate import generate
 from jaxattn.lm.quantize import convert_weights, weight_bytes
@@ -87,3 +89,60 @@ def test_a_converted_model_decodes_as_its_dequantized_float32_twin(tiny, weights
                                   np.asarray(generate(twin, prompts, max_new_tokens=6)))
     with pytest.raises(ValueError, match="already converted"):
         convert_weights(converted, "int8")
+
+
+CACHE_MODELS = {  # untied, so that a wrong cache read cannot hide behind "repeat the last token"
+    "local/global GQA": (dict(kv_heads=2, head_dim=16, layer_types=("local", "global"), window=6), 2e-2),
+    "MLA": (dict(attention="mla", latent_dim=16, rope_dim=4, head_dim=16), 5e-2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CACHE_MODELS))
+def test_an_int8_cache_decodes_near_the_float32_cache(kind):
+    """Teacher-forced: a ragged prompt, then 12 steps of one token, through an int8 cache and a
+    float32 one; logits in units of their spread over the vocabulary differ by <= 2e-2 (GQA).
+    MLA's bound is 5e-2: one scale for a token's whole latent, which is both its key and its value,
+    moved the logits of this tiny random MLA by 1.9-4.5% of their spread over four seeds (GQA's:
+    0.7-1.2%); ``benchmarks/quantized.py`` measures trained and loaded models. Greedy generation
+    with each cache gives the same 30 tokens."""
+    config = TransformerConfig(vocab_size=64, width=32, layers=2, heads=4, mlp_hidden=48, max_length=64,
+                               tied_embeddings=False, **CACHE_MODELS[kind][0])
+    model = TransformerLM(config, rngs=nnx.Rngs(4))
+    graphdef, params = nnx.split(model)
+    call = jax.jit(lambda params, tokens, cache, num_new: nnx.merge(graphdef, params)(
+        tokens, cache=cache, num_new=num_new, logits_at=(num_new - 1)[:, None]))  # [B, 1, V] at each row's last token
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 32)), jnp.int32)
+    num_new = jnp.array([20, 13])
+    runs = {}
+    for dtype in (None, "int8"):
+        logits, cache = call(params, tokens[:, :20], model.init_cache(2, 40, dtype=dtype), num_new)
+        steps = [logits[:, 0]]
+        for i in range(12):  # each row's next token of the random sequence
+            token = jnp.take_along_axis(tokens, (num_new + i)[:, None], axis=1)  # [2, 1]
+            logits, cache = call(params, token, cache, jnp.ones(2, jnp.int32))
+            steps.append(logits[:, 0])
+        runs[dtype] = np.stack([np.asarray(s) for s in steps])  # [13, 2, V]
+    assert isinstance(cache[1].k if kind != "MLA" else cache[1].c_kv, Int8Tokens)
+    unit = runs[None].std(axis=-1, keepdims=True)  # the logits' spread, per row and step
+    error = np.abs(runs["int8"] - runs[None]) / unit
+    assert error.max() <= CACHE_MODELS[kind][1], error.max()
+    assert error.max() > 0  # the int8 cache is not the float one under another name
+    prompts = [np.arange(1, 12), np.arange(5, 9)]
+    np.testing.assert_array_equal(np.asarray(generate(model, prompts, max_new_tokens=30, cache_dtype="int8")),
+                                  np.asarray(generate(model, prompts, max_new_tokens=30)))
+
+
+def test_an_int8_cache_refuses_what_would_dequantize_it_whole(tiny):
+    from jaxattn.functional import mla_decompressed
+
+    tokens = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="not a paged or int8 one"):
+        tiny(tokens, cache=tiny.init_cache(1, 8, dtype="int8"), record_weights=True)
+    mla = TransformerLM(TransformerConfig(vocab_size=64, width=32, layers=1, heads=2, head_dim=8, mlp_hidden=48,
+                                          max_length=16, attention="mla", latent_dim=8, rope_dim=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="a paged or int8 latent cache is read by mla_absorbed"):
+        mla_decompressed(mla.blocks[0].attn.params(), jnp.ones((1, 1, 32)), mla.init_cache(1, 4, dtype="int8")[0])
+    with pytest.raises(ValueError, match="int8"):
+        tiny.init_cache(1, 8, dtype="int4")
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(tiny, [np.arange(1, 4)], max_new_tokens=2, use_cache=False, cache_dtype="int8")
