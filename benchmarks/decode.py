@@ -70,9 +70,10 @@ def time_generation(model, prompt, new_tokens, *, use_cache, repeats=3, cache_le
     return timing.min_s, timing.median_s
 
 
-def step_seconds(model, *, position: int, capacity: int, tokens: int = 1, repeats: int) -> float:
+def step_seconds(model, *, position: int, capacity: int, tokens: int = 1, repeats: int, cache_dtype=None) -> float:
     """Median seconds of one call of ``tokens`` new tokens with ``position`` tokens already
-    in a cache of ``capacity`` slots; the cache is donated (updated in place)."""
+    in a cache of ``capacity`` slots (of ``cache_dtype``: the model's, or ``"int8"``); the
+    cache is donated (updated in place)."""
     graphdef, params = nnx.split(model)
 
     def call(params, token, cache):
@@ -80,7 +81,7 @@ def step_seconds(model, *, position: int, capacity: int, tokens: int = 1, repeat
 
     step = jax.jit(call, donate_argnums=2)
     token = jnp.full((1, tokens), 65, jnp.int32)
-    state = {"cache": model.init_cache(1, max_length=capacity)}
+    state = {"cache": model.init_cache(1, max_length=capacity, dtype=cache_dtype)}
 
     def reset():
         state["cache"] = tuple(layer._replace(lengths=jnp.full((1,), position, jnp.int32)) for layer in state["cache"])

@@ -87,3 +87,29 @@ def test_decode_profile_attributes_ops_to_their_named_scope():
     assert category("jit(f)/while/body/iota") == OTHER
     text = 'ENTRY %main {\n  %a = f32[2] add(%x, %y), metadata={op_name="jit(f)/mlp/add"}\n  %b = f32[2] copy(%a)\n}\n'
     assert op_scopes(text) == {"a": "jit(f)/mlp/add", "b": "jit(f)/mlp/add"}
+
+
+def test_quantized_quality_measures_bits_per_byte_of_the_cached_prefill():
+    """``benchmarks.quantized``: the cached prefill's bits per byte equal a plain forward pass's
+    cross entropy computed by NumPy; float32 against itself moves nothing; the int8 cache moves the
+    logits a little, not nothing."""
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.quantized import quality, window_logits
+    from jaxattn.nn import TransformerConfig, TransformerLM
+
+    model = TransformerLM(TransformerConfig(vocab_size=256, width=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                                            mlp_hidden=48, max_length=200), rngs=nnx.Rngs(0))
+    text = np.frombuffer(b"the quick brown fox jumps over the lazy dog; " * 40, np.uint8).astype(np.int32)
+    windows = np.stack([text[i * 128 : i * 128 + 129] for i in range(3)])
+    bits, _ = window_logits(model, windows, None)
+    logits = np.asarray(model(windows[:, :-1]), np.float64)  # [3, 128, V], no cache
+    logits -= logits.max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, windows[:, 1:, None], -1)[..., 0] / np.log(2)
+    np.testing.assert_allclose(bits, expected, rtol=1e-4, atol=1e-4)
+    rows = {row["variant"]: row for row in quality("tiny", model, text, windows=3, new_tokens=8, say=lambda *_, **__: None)}
+    assert rows["float32"]["logits_max_moved"] == 0 and rows["float32"]["greedy_agreement"] == 1
+    assert 0 < rows["int8 cache"]["logits_max_moved"] < 0.1
+    assert abs(rows["int8 cache"]["relative_change"]) < 0.01
