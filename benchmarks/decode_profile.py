@@ -131,7 +131,7 @@ def decode_profile(model, prompt, new_tokens: int, untraced: dict[int, float]) -
     lowered = generation._generate_cached.lower(
         graphdef, params, jax.numpy.asarray(prompt[None]), jax.numpy.asarray([len(prompt)], np.int32),
         jax.random.key(0), generation.Stopping(), max_new_tokens=new_tokens, sampling=generation.Sampling(),
-        cache_length=len(prompt) + new_tokens)
+        cache_length=len(prompt) + new_tokens, cache_dtype=None)
     scopes = op_scopes(lowered.compile().as_text())
     steps = new_tokens - 1
     _, wall_one = traced_op_times(call(1))

@@ -10,7 +10,9 @@ own layout ``[B, S, K, D]``, by a loop whose trip count is *traced*:
         k_j, v_j = cache[:, j bk : (j + 1) bk]             (a dynamic slice: no copy of the buffer)
         state = online_softmax_step(scores(q, k_j), v_j, mask_j, state)
 
-with the online softmax of ``softmax.py`` (the same functions as the flash kernel: soft-cap,
+(a cache of at most one block, ``S <= bk``, is that one block, without the loop: measured on
+GPT-2 small's decode, a step of 38.6 ms became 35.5 ms, the loop's dispatch gone), with the
+online softmax of ``softmax.py`` (the same functions as the flash kernel: soft-cap,
 sinks) and the block's mask from the call's ``AttentionContext`` (the same rule as every
 kernel: causal on absolute positions, so a step is aligned bottom-right; window; padding).
 A step therefore costs what the longest row holds, whatever the capacity. GQA/MQA read each K/V head once for its G queries;
@@ -88,6 +90,8 @@ def _read(x, take, dtype):
 
 def _block(x, start, size, dtype):
     """Keys ``start .. start + size`` of ``[B, S, K, D]`` or ``[B, S, D]``, as ``[B, size, K|1, D]``."""
+    if size == x.shape[1]:  # the whole buffer: read as it is (a slice of all of it made XLA copy it)
+        return _read(x, lambda leaf: leaf, dtype)
     return _read(x, lambda leaf: lax.dynamic_slice_in_dim(leaf, start, size, axis=1), dtype)
 
 
@@ -201,7 +205,10 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
 
     sinks = context.head_sinks(K)
     init = (SoftmaxState.start((B, T, K, G), E, None if sinks is None else sinks[None, None]), jnp.zeros((), jnp.int32))
-    state, visits = lax.fori_loop(0, n_blocks, key_block, init)
+    if pages is None and bk == S:  # the whole cache is one block: no loop to dispatch
+        state, visits = key_block(0, init)
+    else:
+        state, visits = lax.fori_loop(0, n_blocks, key_block, init)
     out, _ = online_softmax_finish(state)  # [B, T, K, G, E]
     out = out.reshape(B, T, H, E).astype(q_parts[0].dtype)
     return (out, visits) if return_visits else out
