@@ -83,12 +83,14 @@ def window_logits(model, windows: np.ndarray, cache_dtype, batch: int = 4):
     return np.concatenate([np.asarray(b) for b in bits]), np.concatenate([np.asarray(x) for x in logits])
 
 
-def quality(name: str, model, validation: np.ndarray, *, windows: int, new_tokens: int, say) -> list[dict]:
+def quality(name: str, model, validation: np.ndarray, *, windows: int, new_tokens: int, say,
+            variants=VARIANTS) -> list[dict]:
+    """One row per variant (float32 first: the others are compared with it)."""
     held_out = evaluation_windows(validation, length=WINDOW, max_windows=windows)
     starts = np.linspace(0, len(validation) - 64, 4).astype(int)
     prompts = [validation[s : s + 64] for s in starts]
     rows, reference = [], {}
-    for way in VARIANTS:
+    for way in variants:
         started = time.perf_counter()
         net, cache_dtype = variant(model, way)
         bits, logits = window_logits(net, held_out, cache_dtype)

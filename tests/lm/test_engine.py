@@ -81,7 +81,7 @@ def test_int8_pools_serve_what_generate_gives_with_an_int8_cache(model, requests
     """Pages of int8 entries (a scale per token and head) hold the same numbers as generate's int8
     cache, so the greedy outputs agree token for token (speculative steps and chunks included)."""
     requests, _, stopping = requests_and_references
-    requests = requests[:12]
+    requests = requests[:8]
     engine = Engine(model, slots=4, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3, cache_dtype="int8")
     assert type(engine.cache[0].k).__name__ == "Int8Tokens"
     results = serve(engine, requests)
