@@ -14,8 +14,8 @@
 
 Each is run four ways: float32 (weights and cache), bfloat16 weights, int8 weights (one scale
 per output channel, ``jaxattn.lm.quantize``), and an int8 cache (a scale per token and head).
-Reported: bits per byte over ``--windows`` windows of 128 bytes (the length both models were trained on), every window prefilled
-through the cache with logits at every position (so an int8 cache's keys are read back
+Reported: bits per byte over ``--windows`` windows of 128 bytes (the length both models were
+trained on), every window prefilled through the cache with logits at every position (so an int8 cache's keys are read back
 quantized, as in decoding); how far the logits moved from float32's, in units of their spread
 over the vocabulary (their standard deviation at that position): the most any logit of a
 position moved, as the median, 99th percentile and maximum over positions; and

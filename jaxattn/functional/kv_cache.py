@@ -131,7 +131,6 @@ class Int8Tokens:
         return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], INT8_SCALE_DTYPE))
 
 
-
 def quantize_tokens(x) -> Int8Tokens:
     """Float entries ``[..., D]`` -> ``Int8Tokens``: symmetric, one scale per vector of D numbers,
     ``scale = max |x| / 127`` (rounded to bfloat16 first, so that ``values * scale`` is what was

@@ -186,7 +186,8 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
     B, P = prompt.shape
     # Created inside the program and carried through the loop: every step writes into the
     # same buffers (in place), no step copies the cache.
-    cache = model.init_cache(B, max_length=cache_length, chunk=P, dtype=cache_dtype)  # a window cache: window + P - 1 slots
+    # (A window cache holds window + P - 1 slots.)
+    cache = model.init_cache(B, max_length=cache_length, chunk=P, dtype=cache_dtype)
     logits, cache = model(prompt, cache=cache, num_new=lengths, logits_at=(lengths - 1)[:, None])  # prefill: [B, 1, V]
     keys = jax.random.split(key, max_new_tokens)
     decode_step = make_decode_step(graphdef)
