@@ -190,6 +190,9 @@ def _generate(args) -> int:
     from jaxattn.lm.generate import Sampling, Stopping, generate
     from jaxattn.lm.inspection import load_any
 
+    if args.kv_cache is not None and args.no_cache:
+        raise ValueError(f"--kv-cache {args.kv_cache} says how to store the cache, and --no-cache decodes without one: "
+                         "give one of them")
     model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     if args.requests is not None:
         if args.output is None:

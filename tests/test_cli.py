@@ -94,6 +94,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
         main(["generate"])
 
 
+def test_an_int8_cache_without_a_cache_is_a_clear_error(capsys):
+    assert main(["generate", "--kv-cache", "int8", "--no-cache"]) == 2
+    assert "--kv-cache int8 says how to store the cache, and --no-cache decodes without one" in capsys.readouterr().err
+
+
 def test_train_a_model_with_todays_attention_from_a_config_file(tmp_path, text_file, capsys):
     import json
 
