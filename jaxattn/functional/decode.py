@@ -30,8 +30,8 @@ a few speculative tokens, a chunk of a long prompt) reads a paged cache this way
 
 An **int8** cache (``Int8Tokens``: int8 values, a scale per token and head) is read the same
 way: the block's values and scales are sliced (or gathered) and multiplied out, ``[B, bk, K, D]``
-in the queries' dtype, so the whole buffer is never dequantized and the loop reads a quarter of a
-float32 cache's bytes.
+in the queries' dtype, so the whole buffer is never dequantized and the loop reads about a quarter
+of a float32 cache's bytes.
 
 Forward only: this is the inference path (training uses ``flash_kernel``). Shape
 letters as in ``heads.py``; ``bk`` is the key block (m whole pages, for a paged cache).
@@ -90,8 +90,6 @@ def _read(x, take, dtype):
 
 def _block(x, start, size, dtype):
     """Keys ``start .. start + size`` of ``[B, S, K, D]`` or ``[B, S, D]``, as ``[B, size, K|1, D]``."""
-    if size == x.shape[1]:  # the whole buffer: read as it is (a slice of all of it made XLA copy it)
-        return _read(x, lambda leaf: leaf, dtype)
     return _read(x, lambda leaf: lax.dynamic_slice_in_dim(leaf, start, size, axis=1), dtype)
 
 
