@@ -33,7 +33,6 @@ Writes ``benchmarks/results/quantized-<device>-<date>.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import tempfile
 import time
