@@ -122,10 +122,6 @@ class Int8Tokens:
     def ndim(self) -> int:
         return self.values.ndim
 
-    @property
-    def dtype(self):
-        return self.values.dtype
-
     @classmethod
     def zeros(cls, shape: tuple) -> "Int8Tokens":
         return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], INT8_SCALE_DTYPE))
