@@ -14,7 +14,7 @@ jaxattn with ``load_hf_model``, so every side holds the same weights; float32, g
    compiles its shapes): the token that ends the most requests somewhere between their 16th
    token and their limit without ending any before the 16th. Tokens/s counts each request's
    own tokens (up to its end token or limit) over the wall time of the whole trace:
-   - the engine (``jaxattn.lm.engine.Engine``), its KV memory in use (pages x page size)
+   - the engine (``jaxattn.serve.Engine``), its KV memory in use (pages x page size)
      and the tokens held sampled after every step;
    - static batching: the same requests in submission order, in batches of ``slots``, each
      batch one ``generate`` call that runs until its longest request ends (every batch is
@@ -50,7 +50,7 @@ import jax
 import numpy as np
 
 from benchmarks.timing import device_kind, write_results
-from jaxattn.lm.engine import Engine
+from jaxattn.serve import Engine
 from jaxattn.lm.generate import Stopping, generate
 from jaxattn.lm.hf import load_hf_model
 
@@ -175,13 +175,13 @@ def transformers_continuous(reference, trace, *, eos):
 
 def memory_summary(engine) -> dict:
     """KV memory in use (pages x page size) against the tokens held, after every step."""
-    memory = np.array(engine.stats["memory"], dtype=np.float64)  # [steps, 2]
+    memory = np.array(engine.stats.memory, dtype=np.float64)  # [steps, 2]
     peak = int(memory[:, 0].argmax())
     busy = memory[:, 1] > 0
     return dict(peak_tokens_of_pages=int(memory[peak, 0]), tokens_held_at_peak=int(memory[peak, 1]),
                 ratio_at_peak=float(memory[peak, 0] / memory[peak, 1]),
                 ratio_over_the_trace=float(memory[busy, 0].sum() / memory[busy, 1].sum()),
-                peak_pages=engine.stats["peak_pages"])
+                peak_pages=engine.stats.peak_pages)
 
 
 def near_tie_differences(model, trace, plain, speculative_outputs, tolerance: float = 1e-4) -> list[dict]:
@@ -299,7 +299,7 @@ def main(argv=None) -> dict:
                    static_tokens_per_s=tokens / static_s, engine_over_static=static_s / engine_s,
                    static_kv_reserved_tokens=reserved, memory=memory,
                    same_as_static=int(sum(a == b for a, b in zip(outputs, static_outputs))),
-                   steps=engine.stats["steps"], calls=engine.stats["calls"])
+                   steps=engine.stats.steps, calls=engine.stats.calls)
         if with_transformers:
             print("  transformers' continuous batching: one untimed pass, then the timed one", flush=True)
             transformers_continuous(reference, trace, eos=eos)
@@ -312,7 +312,7 @@ def main(argv=None) -> dict:
                        transformers_tokens_per_s=their_tokens / theirs_s,
                        engine_over_transformers=(tokens / engine_s) / (their_tokens / theirs_s),
                        same_as_transformers=int(sum(a == b for a, b in zip(outputs, theirs))))
-        return row, engine.stats["memory"], stopping, outputs
+        return row, engine.stats.memory, stopping, outputs
 
     print(f"[1/4] the trace, {count} requests, lengths uniform, then long-tailed", flush=True)
     results["trace"], trace_memory, stopping, engine_outputs = run_trace("uniform lengths", trace, with_transformers=True)
@@ -334,10 +334,10 @@ def main(argv=None) -> dict:
             continue
         ttft = np.array([out[i].first_token_s for i in range(len(shared_trace))])
         sharing[label] = dict(mean_ttft_s=float(ttft.mean()), median_ttft_s=float(np.median(ttft)), seconds=seconds,
-                              peak_pages=engine.stats["peak_pages"], shared_pages=engine.stats["shared_pages"],
+                              peak_pages=engine.stats.peak_pages, shared_pages=engine.stats.shared_pages,
                               outputs=[out[i].tokens for i in range(len(shared_trace))])
-        print(f"  {label}: mean time to first token {ttft.mean():.3f} s, peak pages {engine.stats['peak_pages']}, "
-              f"pages shared {engine.stats['shared_pages']}", flush=True)
+        print(f"  {label}: mean time to first token {ttft.mean():.3f} s, peak pages {engine.stats.peak_pages}, "
+              f"pages shared {engine.stats.shared_pages}", flush=True)
     same = sharing["with sharing"].pop("outputs") == sharing["without sharing"].pop("outputs")
     results["prefix_sharing"] = dict(sharing, prefix_tokens=len(prefix), prefix_pages=len(prefix) // page_size,
                                      same_outputs=same, ttft_ratio=sharing["without sharing"]["mean_ttft_s"]
@@ -359,11 +359,11 @@ def main(argv=None) -> dict:
         if label == "warm-up":
             continue
         made = sum(len(out[i].tokens) for i in range(len(repetitive)))
-        runs[label] = dict(tokens=made, seconds=seconds, tokens_per_s=made / seconds, calls=engine.stats["calls"],
-                           drafted=engine.stats["drafted"], accepted=engine.stats["accepted"],
+        runs[label] = dict(tokens=made, seconds=seconds, tokens_per_s=made / seconds, calls=engine.stats.calls,
+                           drafted=engine.stats.drafted, accepted=engine.stats.accepted,
                            outputs=[out[i].tokens for i in range(len(repetitive))])
-        print(f"  {label}: {made / seconds:.1f} tokens/s, {engine.stats['calls']} calls, "
-              f"{engine.stats['accepted']} of {engine.stats['drafted']} drafts accepted", flush=True)
+        print(f"  {label}: {made / seconds:.1f} tokens/s, {engine.stats.calls} calls, "
+              f"{engine.stats.accepted} of {engine.stats.drafted} drafts accepted", flush=True)
     differences = near_tie_differences(model, repetitive, runs["plain"].pop("outputs"), runs["speculative"].pop("outputs"))
     results["speculative"] = dict(runs, text="16 prompts, each a random 24-token sentence repeated (120-139 tokens)",
                                   speedup=runs["speculative"]["tokens_per_s"] / runs["plain"]["tokens_per_s"],

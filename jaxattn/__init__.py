@@ -7,6 +7,6 @@
 
 from jaxattn import functional, nn
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["functional", "nn", "__version__"]

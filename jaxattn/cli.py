@@ -1,10 +1,9 @@
-"""The ``jaxattn`` command: tour, train, generate, inspect."""
+"""The ``jaxattn`` command (also ``python -m jaxattn``): tour, train, generate, inspect."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import sys
 import time
 
@@ -104,46 +103,17 @@ def _train(args) -> int:
     return 0
 
 
-REQUEST_FIELDS = {"prompt": str, "id": (str, int), "max_new_tokens": int, "temperature": (int, float), "top_k": int,
-                  "top_p": (int, float), "seed": int}
-
-
-def _read_request(line: str, number: int, args):
-    """One line of a requests file -> ``(id, prompt text, submit keywords)``; a ``ValueError``
-    that names the line when it is not a request."""
-    import json
-
-    from jaxattn.lm.generate import Sampling
-
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"line {number}: not JSON ({error})") from error
-    if not isinstance(request, dict) or "prompt" not in request:
-        raise ValueError(f"line {number}: a request is an object with a \"prompt\"")
-    for key, value in request.items():
-        if key not in REQUEST_FIELDS:
-            raise ValueError(f"line {number}: unknown field {key!r} (fields: {', '.join(REQUEST_FIELDS)})")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, REQUEST_FIELDS[key])):
-            raise ValueError(f"line {number}: {key} must be {REQUEST_FIELDS[key]}, got {value!r}")
-    sampling = Sampling(temperature=request.get("temperature", args.temperature), top_k=request.get("top_k", args.top_k),
-                        top_p=request.get("top_p", args.top_p))
-    keywords = dict(max_new_tokens=request.get("max_new_tokens", args.max_new_tokens), sampling=sampling,
-                    seed=request.get("seed", args.seed))
-    return request.get("id", number), request["prompt"], keywords
-
-
 def _serve_requests(args, model, tokenizer) -> int:
     """``generate --requests FILE``: every request through the serving engine, each result
-    written to ``--output`` as it finishes."""
+    written to ``--output`` as it finishes; a bad line is an error result of its own."""
     import json
 
     from tqdm.auto import tqdm
 
-    from jaxattn.lm.engine import Engine, Result
     from jaxattn.lm.generate import Stopping
-
-    from jaxattn.lm.inspection import load_any
+    from jaxattn.lm.load import load_any
+    from jaxattn.lm.sampling import Sampling
+    from jaxattn.serve import Engine, Request, serve_requests
 
     draft_model = None
     if args.draft_model is not None:
@@ -155,40 +125,28 @@ def _serve_requests(args, model, tokenizer) -> int:
     stopping = Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos)
     engine = Engine(model, slots=args.slots, page_size=args.page_size, stopping=stopping, speculative=args.speculative,
                     draft_model=draft_model, cache_dtype=args.kv_cache)
-    with open(args.requests, encoding="utf-8") as file:
-        lines = file.read().splitlines()
-    errors = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            request_id, prompt, keywords = _read_request(line, number, args)
-            engine.submit(tokenizer.encode(prompt), id=request_id, **keywords)
-        except ValueError as error:
-            errors.append(Result(number, [], "error", str(error)))
-    total = len(engine.waiting) + len(engine.finished) + len(errors)
-    started, written = time.perf_counter(), 0
-    with open(args.output, "w", encoding="utf-8") as out, tqdm(total=total, unit="request", desc="serve") as bar:
-        for result in itertools.chain(errors, engine.run()):  # each as it finishes
-            record = {"id": result.id, "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
-                      "tokens": [int(t) for t in result.tokens], "finish_reason": result.finish_reason}
-            if result.error is not None:
-                record["error"] = result.error
+    defaults = Request("", args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p), args.seed)
+    source = sys.stdin.buffer if args.requests == "-" else open(args.requests, "rb")
+    started = time.perf_counter()
+    with source, open(args.output, "w", encoding="utf-8") as out, tqdm(unit="request", desc="serve") as bar:
+        def write(record):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
-            written += 1
             bar.update(1)
-            bar.set_postfix(tokens=engine.stats["tokens"], pages=engine.pool.in_use)
+            bar.set_postfix(tokens=engine.stats.tokens, pages=engine.pool.in_use)
+
+        counts = serve_requests(engine, tokenizer, source, write, defaults=defaults)
     seconds = time.perf_counter() - started
-    print(f"Served {written} requests ({len(errors)} rejected lines) in {seconds:.1f} s: {engine.stats['tokens']:,} "
-          f"tokens, {engine.stats['tokens'] / max(seconds, 1e-9):,.1f} tokens/s, peak {engine.stats['peak_pages']} of "
+    stats = engine.stats
+    print(f"Served {counts['served']} requests ({counts['rejected']} rejected lines) in {seconds:.1f} s: "
+          f"{stats.tokens:,} tokens, {stats.tokens / max(seconds, 1e-9):,.1f} tokens/s, peak {stats.peak_pages} of "
           f"{engine.pool.pages - 1} pages of {engine.page_size} tokens; results in {args.output}")
     return 0
 
 
 def _generate(args) -> int:
     from jaxattn.lm.generate import Sampling, Stopping, generate
-    from jaxattn.lm.inspection import load_any
+    from jaxattn.lm.load import load_any
 
     if args.kv_cache is not None and args.no_cache:
         raise ValueError(f"--kv-cache {args.kv_cache} says how to store the cache, and --no-cache decodes without one: "
@@ -271,7 +229,7 @@ def _inspect(args) -> int:
     import numpy as np
 
     from jaxattn.lm.explorer import write_explorer
-    from jaxattn.lm.inspection import load_any
+    from jaxattn.lm.load import load_any
 
     if args.text is None and not args.induction:
         raise ValueError("give a text to look at, or --induction to run the induction test")
@@ -293,7 +251,10 @@ def _inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxattn import __version__
+
     parser = argparse.ArgumentParser(prog="jaxattn", description="Transformer attention from first principles, in JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tour = commands.add_parser("tour", help="walk a sentence through attention, step by step")
@@ -357,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", dest="no_cache", action="store_true", help="recompute the full pass per token")
     generate.add_argument("--requests", default=None,
-                          help="serve many requests: a JSON-lines file, one {\"prompt\": ...} a line (also id, "
-                               "max_new_tokens, temperature, top_k, top_p, seed)")
+                          help="serve many requests: a JSON-lines file (- for standard input), one {\"prompt\": ...} "
+                               "a line (also id, max_new_tokens, temperature, top_k, top_p, seed)")
     generate.add_argument("--output", default=None, help="with --requests: the JSON-lines file of results")
     generate.add_argument("--slots", type=int, default=8, help="with --requests: sequences decoded together")
     generate.add_argument("--page-size", dest="page_size", type=int, default=16, help="with --requests: tokens per page")

@@ -27,6 +27,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from jaxattn.functional.attention import dense_kernel, dense_kernel_with_weights
+from jaxattn.functional.checks import check_int
 from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_kernel
 from jaxattn.functional.kv_cache import Int8Tokens
 from jaxattn.functional.masks import AttentionContext
@@ -43,9 +44,7 @@ class Kernels:
     decode_max_tokens: int = DECODE_MAX_TOKENS
 
     def __post_init__(self):
-        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) \
-                or self.decode_max_tokens < 0:
-            raise ValueError(f"decode_max_tokens must be an integer >= 0, got {self.decode_max_tokens!r}")
+        check_int("decode_max_tokens", self.decode_max_tokens, minimum=0)
 
     @classmethod
     def choose(cls, attention_fn=None, decode_fn=None, *, default: Callable = dense_kernel,

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn.functional.checks import check_int
 from jaxattn.functional.masks import next_positions
 
 # A position larger than any query position: a key slot holding it is never visible.
@@ -319,9 +320,8 @@ class SlidingKVCache:
         """Empty buffers of ``window + chunk - 1`` slots (at most ``max_length``, the longest
         sequence the cache will hold: a cache that never wraps needs no more)."""
         value_dim = head_dim if value_dim is None else value_dim
-        for name, value in (("window", window), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("window", window)
+        check_int("chunk", chunk)
         capacity = window + chunk - 1 if max_length is None else min(window + chunk - 1, max_length)
         return cls(
             k=_zeros((batch, capacity, kv_heads, head_dim), dtype),
@@ -440,8 +440,7 @@ def _paged_update(cache, new: tuple, num_new):
 
 def _check_pool(pages: int, page_size: int, pages_per_sequence: int):
     for name, value in (("pages", pages), ("page_size", page_size), ("pages_per_sequence", pages_per_sequence)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value)
     if pages < 2:
         raise ValueError(f"a pool needs at least 2 pages (page {TRASH_PAGE} is the trash page), got pages={pages}")
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn.functional.checks import check_int, check_number
 from jaxattn.functional.heads import group_heads
 
 # A finite stand-in for -inf: exp(MASK_VALUE - max) underflows to exactly 0 in float32,
@@ -62,8 +63,8 @@ def _check_integer(name: str, x) -> None:
 
 
 def check_window(window) -> None:
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    if window is not None:
+        check_int("window", window)
 
 
 def check_bool_mask(mask):
@@ -84,10 +85,8 @@ def default_scale(D: int, scale: float | None = None) -> float:
 
 def check_positive(name: str, value) -> None:
     """``value`` is None or a finite number > 0 (a scale, a soft-cap)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+    if value is not None:
+        check_number(name, value, above=0)
 
 
 def next_positions(lengths, T: int):

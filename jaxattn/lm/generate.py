@@ -22,50 +22,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxattn.lm.sampling import Sampling, sample_token
 from jaxattn.nn.transformer import cache_dtype as cache_dtype_of
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. ``temperature=0`` is greedy (argmax);
-    ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set whose
-    probability reaches p (nucleus sampling, Holtzman et al. 2020)."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def sample_token(logits, key, sampling: Sampling):
-    """logits float32 ``[B, V]`` -> token ids int32 ``[B]``.
-
-    Tokens outside top-k / top-p get a logit of -inf: probability exactly 0. Top-k keeps
-    every token tied with the k-th largest; top-p keeps a token when the probability of
-    the tokens ranked before it is *below* p (so the kept set is the smallest whose total
-    reaches p; with ties, the earlier token id ranks first).
-    """
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth_largest = lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    if sampling.top_p is not None and sampling.top_p < 1:
-        order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V], most likely first
-        sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # probability of the tokens ahead
-        keep_sorted = before < sampling.top_p  # the first token is always kept
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass

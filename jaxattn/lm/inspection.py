@@ -1,7 +1,6 @@
 """Looking inside a model: what each head attends to on a text.
 
-``load_any`` opens whatever ``jaxattn inspect`` is given (a jaxattn run folder, a Hugging
-Face folder or a hub id); ``capture_attention`` runs the model once, each layer computing
+``capture_attention`` runs the model once, each layer computing
 its weights once and sowing them (``nnx.capture``), and keeps every layer's weights for the
 whole batch; ``head_roles`` measures, per layer and head, the three habits a learner
 should look for in a real model:
@@ -22,45 +21,11 @@ Shape letters: L layers, B batch, H heads, T tokens, n tokens of one random copy
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-
-def load_any(name, *, dtype: str = "float32", quantize: str | None = None):
-    """``(model, tokenizer, description)`` for a jaxattn run folder (it holds ``run.json``),
-    a Hugging Face folder (``config.json``) or a hub id. ``dtype``: a Hugging Face model's
-    parameters and computation; a run folder's model (trained in float32) gets its weights
-    stored in that dtype (``convert_weights``). ``quantize="int8"``: int8 weights, one scale per
-    output channel (``jaxattn.lm.quantize``), whatever ``dtype`` says of the weights."""
-    from jaxattn.lm.checkpoint import RUN_FILE, RunFolder
-    from jaxattn.lm.quantize import convert_weights
-
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-    weights = quantize or "float32"  # how the matrices are stored (a Hugging Face dtype is the loader's)
-    path = Path(name).expanduser()
-    if (path / RUN_FILE).is_file():
-        from jaxattn.lm.tokenizer import ByteTokenizer
-
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"a run folder's weights can be stored as float32 or bfloat16, not {dtype!r}")
-        model, tokenizer, description = RunFolder(path).load_model(), ByteTokenizer(), f"jaxattn run {path}"
-        weights = quantize or dtype
-    else:
-        from jaxattn.lm.hf import LoadError, load_hf_model
-
-        model, tokenizer = load_hf_model(name, dtype=dtype)
-        if tokenizer is None:
-            raise LoadError(f"{str(name)!r} has no tokenizer.json: jaxattn cannot turn text into this model's tokens")
-        description = f"Hugging Face {model.config.width}-wide, {model.config.layers}-layer model {name}"
-    if weights != "float32":
-        model = convert_weights(model, weights)
-        description += f", {weights} weights"
-    return model, tokenizer, description
 
 
 @nnx.jit

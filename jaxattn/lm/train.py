@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxattn.functional.checks import check_int, check_number
 from jaxattn.functional.ring import zigzag_order
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.data import Corpus, batch_at, evaluation_windows
@@ -53,25 +54,13 @@ class TrainConfig:
         """Rejects hyper-parameters that could only end in NaN or nothing, before any step runs."""
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "log_every", "checkpoint_every",
                      "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name, low, low_allowed, high in (
-            ("learning_rate", 0.0, False, math.inf),
-            ("grad_clip", 0.0, False, math.inf),
-            ("weight_decay", 0.0, True, math.inf),
-            ("min_learning_rate_ratio", 0.0, True, 1.0),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if value < low or (value == low and not low_allowed) or value > high:
-                bound = f"> {low}" if not low_allowed else f">= {low}"
-                raise ValueError(f"{name} must be {bound}" + (f" and <= {high}" if high < math.inf else "") + f", got {value!r}")
+            check_int(name, getattr(self, name), minimum=0)
+        check_number("learning_rate", self.learning_rate, above=0)
+        check_number("grad_clip", self.grad_clip, above=0)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("min_learning_rate_ratio", self.min_learning_rate_ratio, minimum=0, maximum=1)
 
 
 def default_model_config(attention: str = "gqa") -> TransformerConfig:

@@ -41,6 +41,7 @@ from jaxattn.functional import (
     latent_cache_elements_per_token,
     sinusoidal_positions,
 )
+from jaxattn.functional.checks import check_int, check_number
 from jaxattn.functional.decode import DECODE_MAX_TOKENS
 from jaxattn.functional.packed import PackedWeight, packed_matmul
 from jaxattn.functional.softmax import soft_cap
@@ -171,15 +172,14 @@ class TransformerConfig:
             raise ValueError(f"mlp must be one of {tuple(MLP_KINDS)}, got {self.mlp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
-            raise ValueError(f"decode_max_tokens must be an integer >= 0, got {self.decode_max_tokens!r}")
+        check_int("decode_max_tokens", self.decode_max_tokens, minimum=0)
         if not self.norm_epsilon > 0:
             raise ValueError(f"norm_epsilon must be > 0, got {self.norm_epsilon}")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+        if self.window is not None:
+            check_int("window", self.window)
         for name in ("vocab_size", "width", "layers", "head_dim", "mlp_hidden", "max_length", "latent_dim", "rope_dim"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
         if self.attention == "mla":
             if self.window is not None:
                 raise ValueError(
@@ -215,8 +215,8 @@ class TransformerConfig:
         """The settings of today's attention: valid, and used by the model they describe."""
         for name in ("local_rope_theta", "attention_scale", "attention_softcap", "final_softcap"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
+            if value is not None:
+                check_number(name, value, above=0)
         if self.norm_placement not in NORM_PLACEMENTS:
             raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         if self.parallel_residual and self.norm_placement != "pre":

@@ -307,7 +307,7 @@ class BadInputTest(chex.TestCase):
             multi_head_attention(q, k, v, kv_lengths=jnp.array([1, 2, 3]))
         with self.assertRaisesRegex(ValueError, "pass is_causal=True"):
             multi_head_attention(q, k, v, window=3)
-        with self.assertRaisesRegex(ValueError, "window must be a positive int"):
+        with self.assertRaisesRegex(ValueError, "window must be an integer >= 1"):
             multi_head_attention(q, k, v, is_causal=True, window=0)
 
     def test_one_head_shape_errors(self):

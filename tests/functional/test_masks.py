@@ -106,7 +106,7 @@ def test_combine_masks_is_and_and_skips_none():
 def test_bad_mask_arguments():
     with pytest.raises(TypeError, match="q_positions must be an integer array"):
         causal_mask(jnp.zeros(3), jnp.arange(3))
-    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
         causal_mask(jnp.arange(3), jnp.arange(3), window=0)
     with pytest.raises(ValueError, match=r"kv_lengths must have shape \[B\], got \(2, 2\)"):
         padding_mask(jnp.ones((2, 2), jnp.int32), 4)

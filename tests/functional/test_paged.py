@@ -96,7 +96,7 @@ def test_mla_latents_in_pages_equal_their_dense_cache():
 def test_bad_pools_and_tables_are_refused():
     with pytest.raises(ValueError, match="at least 2 pages"):
         PagedKVCache.create(batch=1, pages=1, page_size=4, pages_per_sequence=2, kv_heads=1, head_dim=4)
-    with pytest.raises(ValueError, match="page_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         PagedKVCache.create(batch=1, pages=4, page_size=0, pages_per_sequence=2, kv_heads=1, head_dim=4)
     cache = PagedKVCache.create(batch=2, pages=4, page_size=4, pages_per_sequence=2, kv_heads=1, head_dim=4)
     with pytest.raises(ValueError, match="do not fit the PagedKVCache"):

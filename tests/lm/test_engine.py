@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from jaxattn.cli import main
-from jaxattn.lm.engine import Engine, sample_rows
+from jaxattn.lm.sampling import sample_rows
+from jaxattn.serve import Engine
 from jaxattn.lm.generate import Sampling, Stopping, generate, sample_token
 from jaxattn.nn import TransformerConfig, TransformerLM
 
@@ -71,9 +72,9 @@ def test_every_request_gets_what_generate_gives_it_alone(model, requests_and_ref
         assert results[index].finish_reason == ("eos" if reference[-1] in stopping.ids else "length")
     assert engine.pool.in_use == 0 and engine.pool.available == engine.pool.pages - 1  # every page came back
     if speculative:
-        assert engine.stats["accepted"] > 0
-        assert engine.stats["calls"] < 0.8 * 400  # fewer calls than tokens: drafts were accepted
-    held = np.array(engine.stats["memory"])  # (pages x page size, tokens held) after every step
+        assert engine.stats.accepted > 0
+        assert engine.stats.calls < 0.8 * 400  # fewer calls than tokens: drafts were accepted
+    held = np.array(engine.stats.memory)  # (pages x page size, tokens held) after every step
     assert np.all(held[:, 0] <= held[:, 1] + 5 * (4 + 4 + speculative))  # at most ~a page and the lookahead per slot
 
 
@@ -83,7 +84,7 @@ def test_int8_pools_serve_what_generate_gives_with_an_int8_cache(model, requests
     requests, _, stopping = requests_and_references
     requests = requests[:8]
     engine = Engine(model, slots=4, page_size=4, prefill_chunk=8, stopping=stopping, speculative=3, cache_dtype="int8")
-    assert type(engine.cache[0].k).__name__ == "Int8Tokens"
+    assert type(engine.runner.cache[0].k).__name__ == "Int8Tokens"
     results = serve(engine, requests)
     references = plain_generate(model, requests, stopping, cache_dtype="int8")
     assert [results[index].tokens for index in range(len(requests))] == references
@@ -94,10 +95,10 @@ def test_warmed_up_serving_compiles_nothing_more(model, requests_and_references)
     engine = Engine(model, slots=2, page_size=4, prefill_chunk=4, stopping=stopping, speculative=3)
     # rows 1, 2 x (tokens 4: a chunk; 1: a step) and (2, 4: verify 1 + 3, bucketed; 4 again, all positions)
     assert engine.warm_up() == 2 * 4
-    compiled = engine._forward._cache_size()
+    compiled = engine.runner.forward._cache_size()
     results = serve(engine, requests[:4])
     assert [results[index].tokens for index in range(4)] == references[:4]
-    assert engine._forward._cache_size() == compiled
+    assert engine.runner.forward._cache_size() == compiled
 
 
 def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, requests_and_references):
@@ -114,7 +115,7 @@ def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, reques
                         speculative=3, draft_model=draft_model)  # 2 slots, the pool of 5: shapes compiled above
         results = serve(engine, requests[:12])
         assert [results[index].tokens for index in range(12)] == references[:12]
-        drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
+        drafted, accepted = engine.stats.drafted, engine.stats.accepted
         assert drafted > 40 and engine.pool.in_use == 0
         if draft_model is model:
             assert accepted >= 0.9 * drafted  # all but near-ties (a call of other shapes rounds differently)
@@ -135,8 +136,8 @@ def test_a_small_pool_reuses_pages_and_preempts_without_changing_outputs(model, 
     engine.on_step = lambda e: used.update(p for s in e.running if s is not None for p in s.pages)
     results = serve(engine, requests[:16])
     assert [results[i].tokens for i in range(16)] == references[:16]
-    assert engine.stats["peak_pages"] <= 29 and used <= set(range(1, 30))
-    assert engine.stats["preempted"] > 0  # the pool ran out and a sequence was recomputed later
+    assert engine.stats.peak_pages <= 29 and used <= set(range(1, 30))
+    assert engine.stats.preempted > 0  # the pool ran out and a sequence was recomputed later
     assert engine.pool.evicted > 0  # released pages still caching a prefix were reused for new tokens
     assert engine.pool.in_use == 0
 
@@ -153,24 +154,24 @@ def test_prefix_pages_are_shared_and_never_written_by_a_sharer(model):
         for sequence in engine.running:
             if sequence is not None and sequence.shared:
                 shared = sequence.pages[: sequence.shared // 4]
-                pool = np.asarray(engine.cache[0].k)
+                pool = np.asarray(engine.runner.cache[0].k)
                 snapshots.setdefault(tuple(shared), pool[shared].copy())
                 np.testing.assert_array_equal(pool[shared], snapshots[tuple(shared)])  # no sharer wrote into them
                 holders.append(min(engine.pool.references[page] for page in shared))
 
     engine.on_step = watch
     results = serve(engine, requests)
-    assert engine.stats["shared_pages"] == 7 * 10  # 42 prefix tokens: 10 full pages, reused by the 7 others
+    assert engine.stats.shared_pages == 7 * 10  # 42 prefix tokens: 10 full pages, reused by the 7 others
     assert snapshots and all(len(pages) == 10 for pages in snapshots)
     assert max(holders) >= 4  # held by several running sequences at once (5 slots)
     assert [results[index].tokens for index in range(8)] == plain_generate(model, requests, Stopping())
     # Released, the prefix's pages stay cached in the table, and a later request takes them back.
     assert engine.pool.in_use == 0 and set(engine.pool.cached) == set(engine.pool.prefix_page.values())
     later = (np.concatenate([prefix, [5, 6, 7]]).astype(np.int32), 6)
-    shared = engine.stats["shared_pages"]
+    shared = engine.stats.shared_pages
     engine.submit(later[0], max_new_tokens=6)
     assert [result.tokens for result in engine.run()] == plain_generate(model, [later], Stopping())
-    assert engine.stats["shared_pages"] == shared + 10  # not computed again
+    assert engine.stats.shared_pages == shared + 10  # not computed again
 
 
 def test_requests_that_cannot_fit_finish_with_an_error(model):
@@ -184,7 +185,7 @@ def test_requests_that_cannot_fit_finish_with_an_error(model):
     assert "more pages than the pool has (9)" in results["pool"].error
     assert results["empty"].error == "the prompt has no tokens"
     assert results["ok"].finish_reason == "length" and len(results["ok"].tokens) == 2
-    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+    with pytest.raises(ValueError, match="slots must be an integer >= 1, got 0"):
         Engine(model, slots=0)
 
 
@@ -228,7 +229,7 @@ def test_generate_requests_serves_a_jsonl_file(tmp_path, capsys):
                  str(tmp_path / "out.jsonl"), "--slots", "2", "--page-size", "4"]) == 0
     results = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     assert set(results) == {1, "day", 3, 4, 5}
-    assert results[3]["finish_reason"] == "error" and results[3]["error"].startswith("line 3: not JSON")
+    assert results[3]["finish_reason"] == "error" and results[3]["error"].startswith("the line is not JSON") and results[3]["line"] == 3
     assert "unknown field 'colour'" in results[4]["error"]
     assert "exceeds the longest sequence" in results[5]["error"]
     capsys.readouterr()

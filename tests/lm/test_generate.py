@@ -79,7 +79,7 @@ def test_prompt_longer_than_context_is_a_clear_error(small_model):
         generate(small_model, [np.zeros(40, np.int32)], max_new_tokens=10)
     with pytest.raises(ValueError, match="at least one token"):
         generate(small_model, [np.zeros(0, np.int32)], max_new_tokens=1)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a number >= 0, got -1.0"):
         Sampling(temperature=-1.0)
 
 

@@ -1,0 +1,35 @@
+"""The checks every public function makes of its plain arguments, written once.
+
+Each raises a ``ValueError`` whose message names the parameter, the bound and the value
+given, e.g. ``slots must be an integer >= 1, got 0`` or ``temperature must be a number,
+got 'hot'``. A ``bool`` is never taken for a number (``True`` is an int in Python).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` if it is an integer in ``[minimum, maximum]``; else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+            or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, *, above: float | None = None, minimum: float | None = None,
+                 maximum: float | None = None) -> float:
+    """``value`` if it is a finite real number ``> above``, ``>= minimum`` and ``<= maximum``
+    (each bound optional); else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (above is not None and not value > above) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        low = f"> {above}" if above is not None else f">= {minimum}" if minimum is not None else None
+        high = None if maximum is None else f"<= {maximum}"
+        raise ValueError(f"{name} must be a number {' and '.join(b for b in (low, high) if b)}, got {value!r}")
+    return value

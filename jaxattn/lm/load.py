@@ -1,0 +1,42 @@
+"""Opening a model by name: whatever a ``jaxattn`` command is given as ``--model``.
+
+A jaxattn run folder (it holds ``run.json``), a Hugging Face folder (``config.json``) or a
+hub id, each with its tokenizer, and optionally with its weights stored in fewer bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_any(name, *, dtype: str = "float32", quantize: str | None = None):
+    """``(model, tokenizer, description)`` for a jaxattn run folder (it holds ``run.json``),
+    a Hugging Face folder (``config.json``) or a hub id. ``dtype``: a Hugging Face model's
+    parameters and computation; a run folder's model (trained in float32) gets its weights
+    stored in that dtype (``convert_weights``). ``quantize="int8"``: int8 weights, one scale per
+    output channel (``jaxattn.lm.quantize``), whatever ``dtype`` says of the weights."""
+    from jaxattn.lm.checkpoint import RUN_FILE, RunFolder
+    from jaxattn.lm.quantize import convert_weights
+
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    weights = quantize or "float32"  # how the matrices are stored (a Hugging Face dtype is the loader's)
+    path = Path(name).expanduser()
+    if (path / RUN_FILE).is_file():
+        from jaxattn.lm.tokenizer import ByteTokenizer
+
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"a run folder's weights can be stored as float32 or bfloat16, not {dtype!r}")
+        model, tokenizer, description = RunFolder(path).load_model(), ByteTokenizer(), f"jaxattn run {path}"
+        weights = quantize or dtype
+    else:
+        from jaxattn.lm.hf import LoadError, load_hf_model
+
+        model, tokenizer = load_hf_model(name, dtype=dtype)
+        if tokenizer is None:
+            raise LoadError(f"{str(name)!r} has no tokenizer.json: jaxattn cannot turn text into this model's tokens")
+        description = f"Hugging Face {model.config.width}-wide, {model.config.layers}-layer model {name}"
+    if weights != "float32":
+        model = convert_weights(model, weights)
+        description += f", {weights} weights"
+    return model, tokenizer, description

@@ -1,0 +1,427 @@
+"""Serving many requests at once: continuous batching over a paged KV cache.
+
+``generate`` runs one batch from start to end: every row reserves a full cache, all rows run
+until the longest is done, and a new prompt waits for the whole batch. A serving engine
+(vLLM's PagedAttention, Kwon et al. 2023, arXiv 2309.06180; JetStream; transformers'
+continuous batching) works one *step* at a time instead:
+
+- the KV memory is a pool of pages (``PagedKVCache``); a sequence is given a page when its
+  tokens need one and gives its pages back when it ends, so memory follows the tokens held
+  (``PagePool``, pages.py);
+- a fixed number of *slots* (the rows of one compiled step) run together; a waiting request
+  takes a slot as soon as one is free and the pool has pages for its prompt; when the pool
+  runs out mid-way, the latest-admitted other sequence is *preempted*: its pages are freed
+  and it waits again, to be prefilled anew;
+- a long prompt is prefilled in chunks of ``prefill_chunk`` tokens, read through the pages
+  by the same kernel as a decode step, so decoding sequences wait at most one chunk;
+- requests whose prompts begin with the same pages share them (reference counts and a
+  prefix table): the prefix is computed once, and a sharer writes only into pages of its
+  own; released, those pages stay cached until the pool needs them;
+- with ``speculative=k``, every greedy step also proposes up to k draft tokens (drafts.py:
+  prompt lookup or a draft model) and verifies them all in one call of 1 + k tokens; the
+  accepted drafts and the model's own next token are kept, and the cache is rolled back
+  past the rejected ones (their length is simply not counted).
+
+One engine step is a few compiled calls (runner.py), each over the sequences it concerns:
+a prefill chunk for the sequences whose prompt is not in yet, and a decode (or draft, then
+verify) step for the others. Everything else, which page belongs to whom, who is admitted,
+who has finished, is plain Python on the host, between calls. End of sequence is decided by
+``Stopping``, the rule ``generate`` uses; sampling by ``sample_rows``, ``generate``'s rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from jaxattn.functional.checks import check_int
+from jaxattn.lm.generate import Stopping
+from jaxattn.lm.sampling import Sampling
+from jaxattn.serve.drafts import DraftModel, PromptLookup
+from jaxattn.serve.pages import PagePool, prefix_keys
+from jaxattn.serve.runner import ModelRunner, bucket
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished request: ``tokens`` the continuation (its end token included, as
+    ``generate`` keeps it), ``finish_reason`` "eos", "length" or "error" (with ``error``),
+    ``first_token_s`` and ``total_s`` seconds from submission."""
+
+    id: object
+    tokens: list[int]
+    finish_reason: str
+    error: str | None = None
+    first_token_s: float | None = None
+    total_s: float | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What an engine has done so far.
+
+    ``steps`` engine steps; ``calls`` compiled calls (prefill, decode, verify, draft);
+    ``tokens`` tokens generated; ``peak_pages`` the most pages in use after a step;
+    ``memory`` after every step, ``(pages in use x page size, tokens those pages hold)``;
+    ``drafted`` and ``accepted`` speculative tokens; ``shared_pages`` prefix pages taken from
+    the table instead of computed; ``preempted`` sequences sent back to wait when pages ran out.
+    """
+
+    steps: int = 0
+    calls: int = 0
+    tokens: int = 0
+    peak_pages: int = 0
+    memory: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+    shared_pages: int = 0
+    preempted: int = 0
+
+
+@dataclasses.dataclass
+class Sequence:
+    """A request inside the engine: its tokens so far and the pages that hold them."""
+
+    id: object
+    tokens: list[int]  # the prompt, then every accepted token
+    prompt_length: int
+    max_new_tokens: int
+    sampling: Sampling
+    seed: int
+    submitted: float
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0  # tokens whose keys and values are in the pages
+    draft_cached: int = 0  # the same for the draft model's keys and values (same pages)
+    shared: int = 0  # tokens in pages taken from another sequence's prefix
+    first_token_s: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_length:]
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.cached < len(self.tokens) - 1 or not self.generated
+
+
+def _cached_length(sequence: Sequence) -> int:
+    return sequence.cached
+
+
+class Engine:
+    """Continuous batching over a paged KV cache (the module docstring has the design).
+
+    Args:
+      model: a ``TransformerLM``.
+      slots: how many sequences run together (the rows of the compiled step).
+      page_size: tokens per page.
+      pages: pages in the pool (default: enough for every slot's longest sequence, plus the
+        trash page).
+      max_length: the longest sequence (prompt and continuation) a slot can hold (default:
+        the model's context).
+      prefill_chunk: the most prompt tokens one step prefills per sequence.
+      stopping: when a sequence ends (``Stopping.for_tokenizer(tokenizer)``).
+      speculative: k, the draft tokens proposed per greedy step (0: off), by prompt lookup
+        or by ``draft_model``.
+      ngram: the longest n-gram prompt lookup matches.
+      draft_model: a small ``TransformerLM`` with the same vocabulary that drafts the k
+        tokens (greedily) instead of prompt lookup; its keys and values live in pools of its
+        own, read through the same page tables.
+      prefix_sharing: share the pages of common prompt prefixes.
+      cache_dtype: the pools' entries: the model's dtype (default) or ``"int8"`` (a scale per
+        token and head; the draft model's pools too).
+    """
+
+    def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
+                 max_length: int | None = None, prefill_chunk: int = 128, stopping: Stopping = Stopping(),
+                 speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None,
+                 cache_dtype=None):
+        config = model.config
+        max_length = config.max_length if max_length is None else max_length
+        for name, value in (("slots", slots), ("page_size", page_size), ("max_length", max_length),
+                            ("prefill_chunk", prefill_chunk), ("ngram", ngram)):
+            check_int(name, value)
+        check_int("speculative", speculative, minimum=0)
+        if max_length > config.max_length:
+            raise ValueError(f"max_length={max_length} exceeds the model's context of {config.max_length}")
+        if draft_model is not None:
+            draft = draft_model.config
+            if speculative < 1:
+                raise ValueError("a draft model drafts speculative tokens: give speculative >= 1")
+            if draft.vocab_size != config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft.vocab_size}) is not the model's "
+                                 f"({config.vocab_size})")
+            if max_length > draft.max_length:
+                raise ValueError(f"max_length={max_length} exceeds the draft model's context of {draft.max_length}")
+        self.model, self.slots, self.page_size = model, slots, page_size
+        self.pages_per_sequence = -(-max_length // page_size)
+        self.max_length = max_length
+        pages = slots * self.pages_per_sequence + 1 if pages is None else pages
+        check_int("pages", pages, minimum=2)
+        self.pool = PagePool(pages)
+        self.prefill_chunk, self.stopping = prefill_chunk, stopping
+        self.speculative, self.prefix_sharing = speculative, prefix_sharing
+        layout = dict(slots=slots, pages=pages, page_size=page_size, pages_per_sequence=self.pages_per_sequence,
+                      cache_dtype=cache_dtype)
+        self.runner = ModelRunner(model, **layout)
+        self.drafts = PromptLookup(ngram) if draft_model is None else DraftModel(ModelRunner(draft_model, **layout),
+                                                                                 speculative)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence | None] = [None] * slots
+        self.finished: deque[Result] = deque()
+        self.next_id = 0
+        self.stats = EngineStats()
+        self.on_step: Callable | None = None  # called after every step with the engine (figures, tests)
+
+    # ----------------------------------------------------------------- the interface
+
+    def submit(self, prompt, *, max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0, id=None):
+        """Queues a request (a 1-D array of token ids); returns its id. A request that can
+        never fit finishes at once with ``finish_reason="error"``."""
+        request_id = self.next_id if id is None else id
+        self.next_id += 1
+        prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        sequence = Sequence(request_id, prompt, len(prompt), int(max_new_tokens), sampling, int(seed), time.perf_counter())
+        problem = None
+        if not prompt:
+            problem = "the prompt has no tokens"
+        elif max_new_tokens < 1:
+            problem = f"max_new_tokens must be >= 1, got {max_new_tokens}"
+        elif len(prompt) + max_new_tokens + self.speculative > self.max_length:
+            problem = (f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds the longest sequence "
+                       f"a slot holds ({self.max_length} tokens{', with the speculative tokens' if self.speculative else ''})")
+        elif -(-(len(prompt) + max_new_tokens + self.speculative) // self.page_size) > self.pool.pages - 1:
+            problem = f"the request needs more pages than the pool has ({self.pool.pages - 1})"
+        if problem is not None:
+            self.finished.append(Result(request_id, [], "error", problem))
+        else:
+            self.waiting.append(sequence)
+        return request_id
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.running)
+
+    def step(self) -> list[Result]:
+        """Admits what fits, runs one prefill chunk and one decode step; returns the requests
+        that finished (errors included). A step that can do nothing while requests wait (no
+        sequence runs and none can be admitted) is a ``RuntimeError``, not a silent loop."""
+        calls_before = self.runner.calls
+        self._admit()
+        if any(s is not None and s.in_prefill for s in self.running):
+            self._prefill()
+        if any(s is not None and not s.in_prefill for s in self.running):
+            self._decode()
+        if self.runner.calls == calls_before and self.waiting and not self.finished:
+            raise RuntimeError(
+                f"the engine cannot make progress: {len(self.waiting)} request(s) wait, none runs, and the pool has "
+                f"{self.pool.available} of {self.pool.pages - 1} pages available ({self.pool.in_use} held); the next "
+                f"needs {-(-(len(self.waiting[0].tokens) + 1) // self.page_size)}")
+        self.stats.steps += 1
+        self.stats.calls = self.runner.calls + (self.drafts.runner.calls if isinstance(self.drafts, DraftModel) else 0)
+        self.stats.memory.append((self.pool.in_use * self.page_size, self._tokens_held()))
+        self.stats.peak_pages = max(self.stats.peak_pages, self.pool.in_use)
+        if self.on_step is not None:
+            self.on_step(self)
+        return self.finished_now()
+
+    def run(self) -> Iterator[Result]:
+        """Steps until every submitted request has finished, yielding each as it finishes."""
+        yield from self.finished_now()
+        while self.busy:
+            yield from self.step()
+
+    def finished_now(self) -> list[Result]:
+        done = list(self.finished)
+        self.finished.clear()
+        return done
+
+    def warm_up(self) -> int:
+        """Compiles every shape a step may call (each bucket of rows with each bucket of
+        tokens: prefill chunks, decode, verify, draft), as a server does before it takes
+        requests, so that no request waits for a compiler. Every row is padding: nothing is
+        written but the trash page. Returns the number of shapes."""
+        rows = sorted({bucket(n, self.slots) for n in range(1, self.slots + 1)})
+        chunks = sorted({bucket(n, self.prefill_chunk, smallest=16) for n in range(1, self.prefill_chunk + 1)})
+        verify = sorted({bucket(n, 1 + self.speculative, smallest=2) for n in range(2, 2 + self.speculative)})
+        calls = [(T, False) for T in chunks + [1]] + [(T, True) for T in verify]  # (tokens, all positions)
+        for R in rows:
+            for T, all_positions in calls:
+                self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
+        shapes = len(rows) * len(calls)
+        if isinstance(self.drafts, DraftModel):
+            shapes += self.drafts.warm_up(rows, chunks)
+        jax.block_until_ready(self.runner.cache)
+        return shapes
+
+    # ----------------------------------------------------------------- admission
+
+    def _prefix_keys(self, tokens: list[int]) -> list[tuple]:
+        return prefix_keys(tokens, self.page_size) if self.prefix_sharing else []
+
+    def _pending_prefixes(self) -> set:
+        """Prefixes some running sequence is computing now: a request that needs one waits for it."""
+        pending = set()
+        for sequence in self.running:
+            if sequence is not None and sequence.in_prefill:
+                keys = self._prefix_keys(sequence.tokens[: sequence.prompt_length])
+                pending.update(keys[sequence.cached // self.page_size:])
+        return pending
+
+    def _admit(self) -> None:
+        pending = self._pending_prefixes()
+        deferred = deque()
+        while self.waiting and None in self.running:
+            sequence = self.waiting.popleft()
+            keys = self._prefix_keys(sequence.tokens)
+            matched = 0
+            while matched < len(keys) and keys[matched] in self.pool.prefix_page:
+                matched += 1
+            if matched < len(keys) and keys[matched] in pending:  # another sequence is computing it: wait for it
+                deferred.append(sequence)
+                continue
+            needed = -(-(len(sequence.tokens) + 1) // self.page_size) - matched
+            cached = sum(self.pool.references[self.pool.prefix_page[key]] == 0 for key in keys[:matched])
+            if needed + cached > self.pool.available:  # taking back a cached page makes it unavailable
+                deferred.append(sequence)
+                break  # first come, first served: nothing behind it jumps the queue for pages
+            sequence.slot = self.running.index(None)
+            sequence.pages = [self.pool.share(self.pool.prefix_page[key]) for key in keys[:matched]]
+            sequence.cached = sequence.draft_cached = sequence.shared = matched * self.page_size  # both models' pages
+            self.stats.shared_pages += matched
+            self.running[sequence.slot] = sequence
+            pending.update(keys[matched:])
+        self.waiting.extendleft(reversed(deferred))
+
+    def _ensure_pages(self, sequence: Sequence, tokens: int) -> bool:
+        """Gives ``sequence`` pages for ``tokens`` tokens; False when the pool runs out."""
+        while len(sequence.pages) * self.page_size < tokens:
+            if not self.pool.available:
+                return False
+            sequence.pages.append(self.pool.take())
+        return True
+
+    def _preempt(self, keep: Sequence) -> bool:
+        """Frees the pages of the latest-admitted other sequence and queues it again (to be
+        prefilled anew, its continuation so far part of its prompt); False if none."""
+        victims = [s for s in self.running if s is not None and s is not keep]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: s.submitted)
+        self._release(victim)
+        self.running[victim.slot] = None
+        victim.cached, victim.draft_cached, victim.shared, victim.slot = 0, 0, 0, -1
+        self.waiting.appendleft(victim)
+        self.stats.preempted += 1
+        return True
+
+    def _release(self, sequence: Sequence) -> None:
+        for page in reversed(sequence.pages):  # the deepest pages of a prefix are reused first, its start last
+            self.pool.release(page)
+        sequence.pages = []
+
+    # ----------------------------------------------------------------- the calls
+
+    def _prefill(self) -> None:
+        chunks = {}
+        for sequence in list(self.running):
+            if sequence is None or not sequence.in_prefill:
+                continue
+            todo = sequence.tokens[sequence.cached : sequence.cached + self.prefill_chunk]
+            while not self._ensure_pages(sequence, sequence.cached + len(todo)):
+                if not self._preempt(sequence):
+                    raise RuntimeError("the page pool cannot hold one sequence's prompt")
+            chunks[sequence.slot] = (sequence, todo)
+        rows = [(sequence, todo) for sequence, todo in chunks.values() if sequence.slot >= 0]  # not preempted since
+        if not rows:
+            return
+        T = bucket(max(len(todo) for _, todo in rows), self.prefill_chunk, smallest=16)
+        sampled, _ = self.runner.call(rows, T, lengths_of=_cached_length)
+        if isinstance(self.drafts, DraftModel):  # the draft model reads the same prompt into its own pools
+            self.drafts.prefill(rows, T)
+        for row, (sequence, todo) in enumerate(rows):
+            sequence.cached += len(todo)
+            sequence.draft_cached = sequence.cached
+            self._register_prefix(sequence)
+            if sequence.cached == len(sequence.tokens):  # the prompt is in: its last logits give a token
+                self._accept(sequence, [int(sampled[row])])
+
+    def _register_prefix(self, sequence: Sequence) -> None:
+        keys = self._prefix_keys(sequence.tokens[: sequence.prompt_length])
+        for index in range(min(len(keys), sequence.cached // self.page_size)):
+            self.pool.register(keys[index], sequence.pages[index])
+
+    def _room(self, sequence: Sequence) -> int:
+        """How many tokens ``sequence`` may draft this step: k, fewer near its limit, none
+        when it samples (an accepted draft is a greedy token, not a sample)."""
+        if not self.speculative or sequence.sampling.temperature > 0:
+            return 0
+        return max(0, min(self.speculative, sequence.max_new_tokens - len(sequence.generated) - 1))
+
+    def _decode(self) -> None:
+        for sequence in list(self.running):  # pages first: the draft model writes into them too
+            if sequence is None or sequence.in_prefill:
+                continue
+            while not self._ensure_pages(sequence, sequence.cached + 1 + self._room(sequence)):
+                if not self._preempt(sequence):
+                    raise RuntimeError("the page pool cannot hold one sequence")
+        decoding = [sequence for sequence in self.running if sequence is not None and not sequence.in_prefill]
+        if not decoding:
+            return
+        drafts = self.drafts.propose(decoding, self._room)
+        rows = [(sequence, [sequence.tokens[-1]] + drafts.get(sequence.slot, [])) for sequence in decoding]
+        longest = max(len(new) for _, new in rows)
+        if longest == 1:  # nothing drafted this step: a plain decode step
+            sampled, _ = self.runner.call(rows, 1, lengths_of=_cached_length)
+            for row, (sequence, _) in enumerate(rows):
+                sequence.cached += 1
+                self._accept(sequence, [int(sampled[row])])
+            return
+        T = bucket(longest, 1 + self.speculative, smallest=2)
+        sampled, greedy = self.runner.call(rows, T, lengths_of=_cached_length, all_positions=True)  # [R], [R, T]
+        for row, (sequence, new) in enumerate(rows):
+            proposed = new[1:]  # a sampled row proposes nothing: its token is the sampled one
+            accepted = 0
+            while accepted < len(proposed) and proposed[accepted] == greedy[row, accepted]:
+                accepted += 1
+            self.stats.drafted += len(proposed)
+            self.stats.accepted += accepted
+            # The last token and the accepted drafts stay; the rest is rolled back (not counted).
+            sequence.cached += 1 + accepted
+            sequence.draft_cached = min(sequence.draft_cached, sequence.cached)
+            next_token = sampled[row] if sequence.sampling.temperature > 0 else greedy[row, accepted]
+            self._accept(sequence, proposed[:accepted] + [int(next_token)])
+
+    def _accept(self, sequence: Sequence, new_tokens: list[int]) -> None:
+        """Appends tokens until the end token or the limit; finishes the sequence there."""
+        if sequence.first_token_s is None:
+            sequence.first_token_s = time.perf_counter() - sequence.submitted
+        for token in new_tokens:
+            sequence.tokens.append(token)
+            self.stats.tokens += 1
+            if self.stopping.ids and token in self.stopping.ids:
+                return self._finish(sequence, "eos")
+            if len(sequence.generated) >= sequence.max_new_tokens:
+                return self._finish(sequence, "length")
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        self._release(sequence)
+        self.running[sequence.slot] = None
+        self.finished.append(Result(sequence.id, sequence.generated, reason, None, sequence.first_token_s,
+                                    time.perf_counter() - sequence.submitted))
+
+    def _tokens_held(self) -> int:
+        """Tokens the pages in use hold, each shared page counted once."""
+        filled = {}
+        for sequence in self.running:
+            if sequence is None:
+                continue
+            for index, page in enumerate(sequence.pages):
+                filled[page] = max(filled.get(page, 0), min(self.page_size, max(0, sequence.cached - index * self.page_size)))
+        return sum(filled.values())

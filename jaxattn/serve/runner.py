@@ -1,0 +1,161 @@
+"""The compiled calls of the serving engine, and the arrays they take.
+
+One call runs the model over some sequences of the engine at once: each row is a sequence
+and the tokens it adds now, written after the tokens its pages hold, read through its page
+table. Rows are padded to a bucket (a power of two, at most the slots) and tokens to a
+bucket too, so that a few shapes, each compiled once, serve every step; a padding row's
+table is all trash page, so it writes nowhere that matters. The parameters are passed as a
+flat list of arrays: an engine step is a few milliseconds on a CPU, and hashing a graphdef
+and flattening an ``nnx.State`` at every call would add about one more.
+
+Shape letters: R rows of a call (at most the slots), T tokens of a call, V vocabulary, N pages
+a sequence may hold, k draft tokens.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from jaxattn.functional.kv_cache import TRASH_PAGE
+from jaxattn.lm.sampling import sample_rows
+
+
+def _with_tables(cache, page_table, lengths):
+    return tuple(layer._replace(page_table=page_table, lengths=lengths) for layer in cache)
+
+
+def _tables_of(cache, stored):
+    """The tables live on the host: keep the stored ones, so every call sees one cache shape."""
+    return tuple(new._replace(page_table=old.page_table, lengths=old.lengths) for new, old in zip(cache, stored))
+
+
+def model_call(graphdef, params, cache, tokens, num_new, page_table, lengths, seeds, counters, temperature, top_k, top_p,
+               *, all_positions: bool):
+    """One call over R rows: tokens int32 ``[R, T]`` of which ``num_new[r]`` are real, written
+    after ``lengths[r]`` tokens through ``page_table [R, N]``. Returns ``(sampled, greedy,
+    cache)``: the next token of each row sampled after its last real token ``[R]`` (the key of
+    row r is its seed folded with ``counters[r]``, the tokens it has generated); with
+    ``all_positions``, the greedy token after every position ``[R, T]`` (to verify drafts;
+    else ``None``); and the cache with its pools written."""
+    model = nnx.merge(graphdef, params)
+    last_index = jnp.maximum(num_new - 1, 0)[:, None]  # [R, 1]
+    logits, new_cache = model(tokens, cache=_with_tables(cache, page_table, lengths), num_new=num_new,
+                              logits_at=None if all_positions else last_index)
+    last = jnp.take_along_axis(logits, last_index[..., None], axis=1)[:, 0] if all_positions else logits[:, 0]  # [R, V]
+    keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
+    last = last.astype(jnp.float32)
+    sampled = lax.cond(jnp.any(temperature > 0), sample_rows, lambda logits, *_: jnp.argmax(logits, -1).astype(jnp.int32),
+                       last, keys, temperature, top_k, top_p)  # all greedy (the usual case): no sorting
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32) if all_positions else None
+    return sampled, greedy, _tables_of(new_cache, cache)
+
+
+def draft_call(graphdef, params, cache, tokens, num_new, page_table, lengths, *, k: int):
+    """A draft model's k greedy tokens for every row, in one call: tokens int32 ``[R, T]`` (the
+    ``num_new[r]`` tokens its cache lacks, the last one included) are written after
+    ``lengths[r]``, then k - 1 more steps each write the token just drafted. Returns
+    ``(drafts [R, k], cache)``."""
+    model = nnx.merge(graphdef, params)
+    logits, new_cache = model(tokens, cache=_with_tables(cache, page_table, lengths), num_new=num_new,
+                              logits_at=jnp.maximum(num_new - 1, 0)[:, None])
+    drafts = jnp.zeros((tokens.shape[0], k), jnp.int32).at[:, 0].set(jnp.argmax(logits[:, 0], -1).astype(jnp.int32))
+
+    def one_more(i, carry):  # [R, k], cache: write draft i - 1, read draft i
+        drafts, cache = carry
+        logits, cache = model(lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1), cache=cache)  # [R, 1, V]
+        return drafts.at[:, i].set(jnp.argmax(logits[:, 0], -1).astype(jnp.int32)), cache
+
+    drafts, new_cache = lax.fori_loop(1, k, one_more, (drafts, new_cache))
+    return drafts, _tables_of(new_cache, cache)
+
+
+@lru_cache(maxsize=16)
+def compiled_model_call(graphdef, treedef):
+    """``model_call`` compiled for one model structure, taking the parameters as a flat list."""
+
+    def call(leaves, *args, all_positions: bool):
+        return model_call(graphdef, jax.tree.unflatten(treedef, leaves), *args, all_positions=all_positions)
+
+    return jax.jit(call, static_argnames=("all_positions",), donate_argnums=(1,))
+
+
+@lru_cache(maxsize=16)
+def compiled_draft_call(graphdef, treedef):
+    """``draft_call`` compiled for one draft model structure (as ``compiled_model_call``)."""
+
+    def call(leaves, *args, k: int):
+        return draft_call(graphdef, jax.tree.unflatten(treedef, leaves), *args, k=k)
+
+    return jax.jit(call, static_argnames=("k",), donate_argnums=(1,))
+
+
+def bucket(n: int, largest: int, smallest: int = 1) -> int:
+    """The compiled size for ``n`` rows or tokens: the next power of two (at least
+    ``smallest``), at most ``largest``. A few shapes, each compiled once, so a call over
+    two sequences does not pay for every slot, nor a 5-token chunk for a full one."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)
+
+
+class ModelRunner:
+    """One model (and its pools) behind the engine: the arrays of a call, and the call.
+
+    ``rows`` of a call are ``(sequence, new tokens)`` pairs; a sequence gives its ``pages``,
+    its ``seed``, its ``sampling``, how many tokens it has ``generated``, and how many its pages
+    hold for this model (``length_of(sequence)``). ``calls`` counts the calls made.
+    """
+
+    def __init__(self, model, *, slots: int, pages: int, page_size: int, pages_per_sequence: int, cache_dtype=None):
+        graphdef, params = nnx.split(model)
+        leaves, treedef = jax.tree.flatten(params)
+        self.model, self.slots, self.pages_per_sequence = model, slots, pages_per_sequence
+        self.leaves = leaves
+        self.forward = compiled_model_call(graphdef, treedef)
+        self.draft_forward = compiled_draft_call(graphdef, treedef)
+        self.cache = model.init_paged_cache(slots, pages=pages, page_size=page_size,
+                                            pages_per_sequence=pages_per_sequence, dtype=cache_dtype)
+        self.calls = 0
+
+    def arrays(self, rows, T: int, *, lengths_of, R: int | None = None):
+        """The arrays of one call over ``rows``, padded to a bucket of rows (or to ``R``) whose
+        table is all trash page: ``(tokens [R, T], num_new [R], page table [R, N], lengths [R])``
+        and the sampling of each row ``(seeds, counters, temperature, top_k, top_p)``."""
+        R, N = bucket(len(rows), self.slots) if R is None else R, self.pages_per_sequence
+        tokens, num_new = np.zeros((R, T), np.int32), np.zeros(R, np.int32)
+        table, lengths = np.full((R, N), TRASH_PAGE, np.int32), np.zeros(R, np.int32)
+        seeds, counters = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        temperature, top_k, top_p = np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32)
+        for row, (sequence, new) in enumerate(rows):
+            tokens[row, : len(new)], num_new[row] = new, len(new)
+            table[row, : len(sequence.pages)] = sequence.pages
+            lengths[row] = lengths_of(sequence)
+            seeds[row], counters[row] = sequence.seed, len(sequence.generated)
+            sampling = sequence.sampling
+            temperature[row] = sampling.temperature
+            top_k[row] = sampling.top_k or 0
+            top_p[row] = 1.0 if sampling.top_p is None else sampling.top_p
+        return (tokens, num_new, table, lengths), (seeds, counters, temperature, top_k, top_p)
+
+    def call(self, rows, T: int, *, lengths_of, all_positions: bool = False, R: int | None = None):
+        """Runs the model once over ``rows``; the pools are kept. Returns ``(sampled [R],
+        greedy [R, T] or None)`` as NumPy, row i for ``rows[i]``."""
+        written, sampling = self.arrays(rows, T, lengths_of=lengths_of, R=R)
+        sampled, greedy, self.cache = self.forward(self.leaves, self.cache, *written, *sampling,
+                                                   all_positions=all_positions)
+        self.calls += 1
+        return np.asarray(sampled), None if greedy is None else np.asarray(greedy)
+
+    def draft(self, rows, k: int, *, lengths_of, R: int | None = None) -> np.ndarray:
+        """k greedy tokens after each row's new tokens (at most 2 a row): ``[R, k]`` as NumPy."""
+        written, _ = self.arrays(rows, 2, lengths_of=lengths_of, R=R)
+        drafts, self.cache = self.draft_forward(self.leaves, self.cache, *written, k=k)
+        self.calls += 1
+        return np.asarray(drafts)
