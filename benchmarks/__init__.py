@@ -1,1 +1,1 @@
-"""Benchmarks of jaxattn's attention variants (see README, "Benchmarks")."""
+"""Benchmarks of jaxattn's attention variants (see docs/benchmarks.md)."""

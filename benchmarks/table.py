@@ -1,4 +1,4 @@
-"""Turns a benchmark results file into the Markdown tables the README shows.
+"""Turns a benchmark results file into the Markdown tables docs/benchmarks.md shows.
 
     python -m benchmarks.table benchmarks/results/cpu-2026-11-27.json
 """

@@ -1,6 +1,6 @@
 """Pure JAX attention: the call context, positions, kernels, caches and layers. No Flax, no I/O.
 
-``__all__`` is the public surface; the README's API table documents each name.
+``__all__`` is the public surface; docs/api.md documents each name.
 """
 
 from jaxattn.functional.attention import (

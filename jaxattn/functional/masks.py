@@ -32,7 +32,7 @@ its own settings (``for_layer``: window, scale, soft-cap, sinks).
 Adding a kind of mask (a prefix-LM mask, say) is a change to this file: a field of the
 context, its term in ``token_mask`` and its bound in ``block_visibility``.
 
-Shape letters: B batch, T queries, S keys, H query heads (see the README glossary).
+Shape letters: B batch, T queries, S keys, H query heads (see docs/shape-letters.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checks that need 8 devices: run as ``python -m tests.parallel.checks NAME`` in a process of
+"""Checks that need 8 devices: run as ``python -m tests.parallel.checks NAME [NAME ...]`` in a process of
 their own (the device count is fixed when JAX starts), by tests/parallel/test_parallel.py.
 
 Each check asserts; a clean exit is a pass.
@@ -137,6 +137,10 @@ TABLES = {
     "head_dim on model": (_moved("head_dim", "model"), False),
 }
 MESHES = ("data=8", "seq=8", "data=2,model=4", "model=2,seq=4", "data=2,model=2,seq=2")
+# Every table runs on the meshes that split data and model at once (2 x 2 x 2 is where XLA's gather
+# bug showed); the one-axis meshes run today's table both ways round (each moved axis would split
+# nothing there, or what data=2,model=4 splits already).
+EVERY_TABLE_ON = ("data=2,model=4", "data=2,model=2,seq=2")
 LAYOUT_CONFIG = TransformerConfig(width=32, layers=1, heads=8, kv_heads=4, head_dim=4, mlp_hidden=48, max_length=64)
 
 
@@ -179,6 +183,8 @@ def layouts():
         mesh = parallel.mesh_from_spec(spec)
         seen = {}  # a table that lays every parameter out as an earlier one did is the same program
         for name, (rules, flipped) in TABLES.items():
+            if spec not in EVERY_TABLE_ON and name not in ("today", "o_proj flipped"):
+                continue
             same = seen.setdefault(layout(mesh, rules, flipped), name)
             if same != name:
                 print(f"{spec:>22} {name:>29}: the layout of {same!r} (checked)", flush=True)
@@ -209,8 +215,12 @@ def zigzag():
         assert sum(work) == T * (T + 1) // 2
 
 
-def checkpoint(folder):
+def checkpoint():
     """A checkpoint saved from one mesh restores onto another with identical values."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="jaxattn-checkpoint-")
     tc = TrainConfig(batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=0)
     optimizer = make_optimizer(tc)
     mesh = parallel.mesh_from_spec("data=2,model=2,seq=2")
@@ -229,9 +239,10 @@ def checkpoint(folder):
         if other is not None:
             kernel = restored.params["blocks"][0]["mlp"]["up"]["kernel"]
             assert kernel.sharding.mesh.shape == other.shape
+    shutil.rmtree(folder)
 
 
-if __name__ == "__main__":
-    name = sys.argv[1]
-    globals()[name](*sys.argv[2:])
-    print(f"{name}: ok")
+if __name__ == "__main__":  # several checks in one process: JAX starts once
+    for name in sys.argv[1:]:
+        globals()[name]()
+        print(f"{name}: ok", flush=True)

@@ -1,30 +1,45 @@
-"""The README is part of the API: its code runs, its API table is the public surface."""
+"""The docs are part of the API: their code runs (every page, in the site's order), their API
+table is the public surface, their weight table is the loaders', and the README's "where is
+what" names files and functions that exist."""
 
 import re
 from pathlib import Path
 
 import jaxattn.functional
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+
+def pages_in_order() -> list[Path]:
+    """The Markdown pages of the site, in the order of mkdocs.yml's nav."""
+    names = re.findall(r":\s+(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+    return [DOCS / name for name in names]
 
 
 def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [(page.name, block) for page in pages_in_order()
+            for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
+
+
+def test_every_page_is_in_the_nav():
+    assert {page.name for page in pages_in_order()} == {path.name for path in DOCS.glob("*.md")}
 
 
 def test_every_python_block_runs_in_order():
     blocks = python_blocks()
     assert len(blocks) >= 5
     namespace = {}
-    for number, block in enumerate(blocks, start=1):
+    for number, (page, block) in enumerate(blocks, start=1):
         try:
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+            exec(compile(block, f"docs/{page} python block {number}", "exec"), namespace)
         except Exception as error:
-            raise AssertionError(f"README python block {number} fails: {error!r}\n{block}") from error
+            raise AssertionError(f"docs/{page} python block {number} fails: {error!r}\n{block}") from error
 
 
 def test_api_table_is_the_public_surface():
-    text = README.read_text()
+    text = (DOCS / "api.md").read_text()
     table = text[text.index("`jaxattn.functional` (pure JAX, no Flax)") :]
     table = table[: table.index("\n\n", table.index("| name |"))]
     documented = set()
@@ -44,7 +59,7 @@ def _expand_braces(name):
 def test_weight_name_table_is_the_loaders_table():
     from jaxattn.lm import hf
 
-    text = README.read_text()
+    text = (DOCS / "inspect.md").read_text()
     table = text[text.index("| checkpoint tensor | jaxattn parameter |") :]
     table = table[: table.index("\n\n")]
     documented = set()
@@ -57,11 +72,11 @@ def test_weight_name_table_is_the_loaders_table():
     loader = {row.checkpoint for table_ in hf.WEIGHT_TABLES.values() for row in table_}
     undocumented = {name for name in loader if name not in documented and name.replace(".weight", ".bias") != name
                     and name.endswith(".weight")}
-    assert not undocumented, f"in the loader's tables, not in the README: {sorted(undocumented)}"
+    assert not undocumented, f"in the loader's tables, not in docs/inspect.md: {sorted(undocumented)}"
     source = "\n".join(path.read_text() for path in Path(hf.__file__).parent.glob("*.py"))
     unknown = {name for name in documented if "." in name and name not in loader and f'"{name}' not in source
                and f"{name}" not in source}
-    assert not unknown, f"in the README table, not in jaxattn/lm/hf/: {sorted(unknown)}"
+    assert not unknown, f"in the docs' table, not in jaxattn/lm/hf/: {sorted(unknown)}"
 
 
 def test_where_is_what_names_files_and_functions_that_exist():
