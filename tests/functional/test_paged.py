@@ -56,7 +56,8 @@ def test_writes_follow_the_page_table_and_padding_goes_to_the_trash_page():
 
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("window", [None, 6])
-def test_decode_over_pages_equals_attention_over_the_gathered_keys(T, window):
+@pytest.mark.parametrize("block_kv", [None, PAGE])  # PAGE: a block of one page, so the walk from page to page runs
+def test_decode_over_pages_equals_attention_over_the_gathered_keys(T, window, block_kv):
     table = shuffled_tables(1)
     lengths = jnp.array([17, 4, 11])  # tokens held after this call (its T included)
     k_pool, v_pool = normal((P, PAGE, K, D), seed=1), normal((P, PAGE, K, D), seed=2)
@@ -64,7 +65,7 @@ def test_decode_over_pages_equals_attention_over_the_gathered_keys(T, window):
     sinks = normal((H,), seed=4)
     context = AttentionContext.for_tokens(T, lengths=lengths - T).with_keys(
         jnp.broadcast_to(jnp.arange(N * PAGE), (B, N * PAGE)), lengths, table).for_layer(window=window, sinks=sinks)
-    paged = decode_kernel(q, k_pool, v_pool, context)
+    paged = decode_kernel(q, k_pool, v_pool, context, **({} if block_kv is None else {"block_kv": block_kv}))
     k, v = gathered(k_pool, table), gathered(v_pool, table)  # [B, N * page, K, D]
     expected = multi_head_attention(q, k, v, is_causal=True, q_positions=lengths[:, None] - T + jnp.arange(T),
                                     kv_lengths=lengths, window=window, sinks=sinks)

@@ -4,6 +4,7 @@ the pool is so small that sequences are preempted); pages come back and are reus
 never written by a sharer; `generate --requests` serves a JSON-lines file."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -13,6 +14,9 @@ import pytest
 from flax import nnx
 
 from jaxattn.cli import main
+from jaxattn.functional.kv_cache import TRASH_PAGE
+from jaxattn.lm.sampling import filter_logits
+from jaxattn.serve import PagePool
 from jaxattn.lm.sampling import sample_rows
 from jaxattn.serve import Engine
 from jaxattn.lm.generate import Sampling, Stopping, generate, sample_token
@@ -56,7 +60,31 @@ def requests_and_references(model):
     return requests, references, stopping
 
 
+def check_pages(engine):
+    """The pool's accounting after a step: a page a running sequence holds is neither free nor
+    cached (so it cannot be handed out again), its reference count is the number of sequences
+    holding it, only a registered prefix page is held by two sequences, and no sequence holds
+    the trash page or a page twice. A draft model's pools never hold more of a sequence than
+    the model's (rejected drafts are rolled back)."""
+    pool = engine.pool
+    running = [sequence for sequence in engine.running if sequence is not None]
+    held = Counter(page for sequence in running for page in sequence.pages)
+    assert not set(held) & set(pool.cached), "a held page is in the cache of released pages"
+    assert not set(held) & set(pool.free), "a held page is on the free list"
+    assert TRASH_PAGE not in held
+    for page in range(pool.pages):
+        assert pool.references[page] == held.get(page, 0), (page, pool.references[page], held.get(page, 0))
+    for page, holders in held.items():
+        assert holders == 1 or page in pool.page_prefix, f"page {page} in {holders} sequences is not a prefix page"
+    for sequence in running:
+        assert len(set(sequence.pages)) == len(sequence.pages), sequence.pages
+        assert sequence.draft_cached <= sequence.cached, (sequence.draft_cached, sequence.cached)
+
+
 def serve(engine, requests):
+    """Serves the requests, checking the pages after every step (and whatever ``on_step`` checked)."""
+    watch = engine.on_step
+    engine.on_step = lambda e: (check_pages(e), watch and watch(e))
     for prompt, n in requests:
         engine.submit(prompt, max_new_tokens=n)
     return {result.id: result for result in engine.run()}
@@ -246,3 +274,105 @@ def test_generate_requests_serves_a_jsonl_file(tmp_path, capsys):
     assert [drafted[key]["tokens"] for key in (1, "day")] == [results[key]["tokens"] for key in (1, "day")]
     assert main(drafting + [str(gpt2.parent / "llama")]) == 2
     assert "does not tokenize text as the model does" in capsys.readouterr().err
+
+
+def test_every_request_gets_its_full_output_when_nothing_stops_early(model, requests_and_references):
+    """Without an end token every request writes all its tokens: a page handed out twice (or the
+    trash page handed out) would show in some row's later tokens, which an early stop can hide."""
+    requests, _, _ = requests_and_references
+    references = plain_generate(model, requests[:16], Stopping())
+    results = serve(Engine(model, slots=5, page_size=4, prefill_chunk=8), requests[:16])
+    assert [results[index].tokens for index in range(16)] == references
+
+
+def test_a_shared_prefix_beside_a_long_prompt_on_a_pool_that_preempts(model):
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(1, 61, 13)
+    requests = [(np.concatenate([prefix, rng.integers(1, 61, 3)]).astype(np.int32), 10) for _ in range(3)]
+    requests.insert(1, (rng.integers(1, 61, 40).astype(np.int32), 20))  # long and unrelated
+    engine = Engine(model, slots=4, page_size=4, pages=24, prefill_chunk=8)
+    results = serve(engine, requests)
+    assert [results[index].tokens for index in range(4)] == plain_generate(model, requests, Stopping())
+    assert engine.stats.preempted > 0 and engine.stats.shared_pages > 0
+    assert engine.pool.in_use == 0
+
+
+def test_a_sampled_request_draws_the_same_with_speculative_decoding_and_drafts_nothing(model, requests_and_references):
+    """An accepted draft is a greedy token: a sampled request must not take drafts."""
+    requests, _, stopping = requests_and_references
+    sampling = Sampling(temperature=0.9, top_k=8, top_p=0.9)
+    drawn = {}
+    for k in (0, 3):
+        engine = Engine(model, slots=2, page_size=4, pages=5 * 24 + 1, prefill_chunk=8, stopping=stopping,
+                        speculative=k)
+        engine.submit(requests[5][0], max_new_tokens=12, sampling=sampling, seed=3, id="sampled")
+        drawn[k] = next(result.tokens for result in engine.run())
+        assert engine.stats.drafted == 0
+    assert drawn[0] == drawn[3]
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_exactly_at_the_boundary():
+    """Four equal logits: probabilities exactly 1/4 each, so the tokens ranked before the third
+    hold exactly p = 1/2. The kept set is the first two; a `<=` would keep three."""
+    logits = jnp.zeros((3, 4), jnp.float32)
+    temperature, top_k = jnp.ones(3), jnp.zeros(3, jnp.int32)
+    top_p = jnp.array([0.5, 0.75, 0.25])
+    kept = np.isfinite(np.asarray(filter_logits(logits, temperature, top_k, top_p)))
+    np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+    keys = jax.random.split(jax.random.key(0), 64)
+    draws = jax.vmap(lambda key: sample_rows(logits, jnp.stack([key] * 3), temperature, top_k, top_p))(keys)
+    assert set(np.asarray(draws[:, 0]).tolist()) == {0, 1}  # the engine's rows: the same rule
+    assert set(np.asarray(draws[:, 2]).tolist()) == {0}
+
+
+def test_an_engine_that_cannot_make_progress_says_so_instead_of_looping(model, monkeypatch):
+    """A pool whose pages never come back (a reference count never decremented) leaves the
+    waiting requests nowhere to go: the engine raises within a bounded number of steps."""
+    monkeypatch.setattr(PagePool, "release", lambda self, page: None)
+    engine = Engine(model, slots=2, page_size=4, pages=13, prefill_chunk=8)
+    for seed in range(6):
+        engine.submit(np.random.default_rng(seed).integers(1, 61, 9), max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="cannot make progress|cannot hold"):
+        for _ in range(200):
+            engine.step()
+
+
+def test_a_requests_file_loses_no_line_and_names_every_bad_one(tmp_path, capsys):
+    """Valid lines mixed with every kind of bad line (issue 31): each valid line gets the text it
+    gets alone, each bad line one error result with its own id (when it had one) and its line."""
+    gpt2 = Path(__file__).parent.parent / "data" / "hf" / "gpt2"
+    lines = [
+        json.dumps({"prompt": "The sky is", "id": "sky", "max_new_tokens": 5, "temperature": 0}).encode(),
+        b"\xff\xfe" + json.dumps({"prompt": "x", "id": "bytes"}).encode(),  # not UTF-8
+        b"{not json",
+        json.dumps(["The sky is"]).encode(),  # a JSON array
+        json.dumps({"id": "b", "max_new_tokens": 3}).encode(),  # no prompt
+        json.dumps({"prompt": "x", "id": "hot", "temperature": "hot"}).encode(),  # wrong type
+        json.dumps({"prompt": "x", "id": 7, "top_p": 1.5}).encode(),  # out of range
+        json.dumps({"prompt": "x", "id": "typo", "max_tokens": 3}).encode(),  # unknown field
+        b"",  # blank: not a request
+        json.dumps({"prompt": "The next day", "max_new_tokens": 4, "temperature": 0, "top_p": None}).encode(),
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert main(["generate", "--model", str(gpt2), "--requests", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--slots", "2", "--page-size", "4"]) == 0
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_line = {result["line"]: result for result in results}
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6, 7, 8, 10] and len(results) == 9
+    errors = {line: (by_line[line]["id"], by_line[line]["error"]) for line in by_line if "error" in by_line[line]}
+    assert errors == {
+        2: (2, "the line is not UTF-8 text (byte 0xff at column 1)"),
+        3: (3, "the line is not JSON (Expecting property name enclosed in double quotes at column 2)"),
+        4: (4, 'a request is a JSON object with a "prompt", got a JSON list: ["The sky is"]'),
+        5: ("b", 'the request has no "prompt" (the text to continue)'),
+        6: ("hot", "temperature must be a number, got 'hot'"),
+        7: (7, "top_p must be a number > 0 and <= 1, got 1.5"),
+        8: ("typo", "unknown field 'max_tokens' (the fields are prompt, id, max_new_tokens, temperature, top_k, "
+                    "top_p, seed)"),
+    }
+    assert by_line[1]["id"] == "sky" and by_line[10]["id"] == 10
+    capsys.readouterr()
+    for line, prompt, n in ((1, "The sky is", 5), (10, "The next day", 4)):  # what each line gets alone
+        assert main(["generate", "--model", str(gpt2), "--prompt", prompt, "--max-new-tokens", str(n),
+                     "--temperature", "0"]) == 0
+        assert prompt + by_line[line]["text"] == capsys.readouterr().out.strip("\n")
