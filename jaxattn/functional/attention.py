@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxattn.functional.heads import check_multi_head_shapes, check_same_dtype, group_heads, vmap_heads
 from jaxattn.functional.masks import MASK_VALUE, AttentionContext, check_bool_mask, default_scale
-from jaxattn.functional.softmax import soft_cap
+from jaxattn.functional.softmax import block_logits
 
 # ------------------------------------------------------------------- one head, [T, D]
 
@@ -57,8 +57,7 @@ def attention_weights(q, k, *, mask=None, scale=None, logit_softcap=None, sink=N
     if D != Dk:
         raise ValueError(f"q and k need the same width D, got q {q.shape}, k {k.shape}")
     check_same_dtype(q=q, k=k)
-    logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=jnp.float32)  # [T, S]
-    logits = soft_cap(logits * default_scale(D, scale), logit_softcap)
+    logits = block_logits(q, k, scale=default_scale(D, scale), cap=logit_softcap)  # [T, S]: the one rule
     if mask is not None:
         mask = check_bool_mask(mask)
         try:
@@ -98,7 +97,8 @@ def attention(q, k, v, *, mask=None, scale=None, logit_softcap=None, sink=None):
         raise ValueError(f"v must be [S, E] with the S of k; got k {k.shape}, v {v.shape}")
     check_same_dtype(q=q, k=k, v=v)
     weights = attention_weights(q, k, mask=mask, scale=scale, logit_softcap=logit_softcap, sink=sink)  # [T, S]
-    out = jnp.einsum("ts,se->te", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    # The weighted sum in float32 (the weights as they are, the values widened), as the blockwise kernels do it.
+    out = jnp.einsum("ts,se->te", weights, v.astype(jnp.float32))
     return out.astype(q.dtype)
 
 
@@ -155,7 +155,7 @@ def dense_kernel_with_weights(q, k, v, context: AttentionContext):
     B, T, S, H, K, D, E = check_multi_head_shapes(q, k, v)
     weights = dense_weights(q, k, context)  # [B, H, T, S]
     grouped = weights.reshape(B, K, H // K, T, S)
-    out = jnp.einsum("bkgts,bske->btkge", grouped.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bske->btkge", grouped, v.astype(jnp.float32))  # float32, as in attention
     return out.reshape(B, T, H, E).astype(q.dtype), weights
 
 

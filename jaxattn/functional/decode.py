@@ -50,11 +50,9 @@ from jaxattn.functional.kv_cache import Int8Tokens, dequantize_tokens
 from jaxattn.functional.masks import AttentionContext, combine_masks
 from jaxattn.functional.softmax import (
     SoftmaxState,
-    block_scores,
+    block_logits,
     online_softmax_finish,
     online_softmax_step,
-    scaled_queries,
-    soft_cap,
 )
 
 DEFAULT_DECODE_BLOCK = 512  # measured: see benchmarks/decode.py
@@ -174,13 +172,13 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
         bk = m * page_size
     longest = S if context.kv_lengths is None else jnp.minimum(jnp.max(context.kv_lengths), S)
     n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
-    q_parts = tuple(scaled_queries(part, scale).reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
+    q_parts = tuple(part.reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
 
     def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk], sink
         n = len(q_parts)
         qs, (m, l, acc), ks, (v_block, mask, _) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
-        s = sum(block_scores(q_i, k_i) for q_i, k_i in zip(qs, ks))  # [T, bk]: the parts' scores add
-        return online_softmax_step(soft_cap(s, cap), v_block, mask, SoftmaxState(m, l, acc))
+        s = block_logits(tuple(qs), tuple(ks), scale=scale, cap=cap)  # [T, bk]: the parts' products add
+        return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
 
     def key_block(j, carry):
         state, visits = carry

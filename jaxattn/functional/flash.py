@@ -37,7 +37,6 @@ from jaxattn.functional.softmax import (
     block_gradients,
     fold_block,
     online_softmax_finish,
-    scaled_queries,
     sink_gradient,
 )
 
@@ -109,7 +108,7 @@ def _forward(static: _Static, q, k, v, context: AttentionContext, plan):
 
     def query_block(i):
         q_start = i * bq
-        q_block = scaled_queries(lax.dynamic_slice_in_dim(q, q_start, bq, axis=3), static.scale)  # [B, K, G, bq, D]
+        q_block = lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)  # [B, K, G, bq, D]
 
         def key_blocks(blocks, masked, state):
             order, count = _visit_list(blocks)
@@ -119,7 +118,8 @@ def _forward(static: _Static, q, k, v, context: AttentionContext, plan):
                 k_block = lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)  # [B, K, bk, D]
                 v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)  # [B, K, bk, E]
                 mask = context.grouped_block_mask(K, q_start, bq, kv_start, bk) if masked else None
-                return fold_block(q_block, state, k_block, v_block, mask, head_axis=0, cap=static.cap)
+                return fold_block(q_block, state, k_block, v_block, mask, head_axis=0, scale=static.scale,
+                                  cap=static.cap)
 
             return lax.fori_loop(0, count, key_block, state)
 
@@ -144,7 +144,6 @@ def _backward(static: _Static, q, k, v, context: AttentionContext, plan, out, ls
     nk = k.shape[2] // bk
     visible, complete = plan
     delta = jnp.einsum("bkgte,bkgte->bkgt", d_out.astype(jnp.float32), out)  # [B, K, G, Tp]
-    q = scaled_queries(q, static.scale)
 
     def key_block(dq_total, j):
         kv_start = j * bk
@@ -160,7 +159,7 @@ def _backward(static: _Static, q, k, v, context: AttentionContext, plan, out, ls
                 take = lambda x: lax.dynamic_slice_in_dim(x, q_start, bq, axis=3)  # noqa: E731
                 mask = context.grouped_block_mask(K, q_start, bq, kv_start, bk) if masked else None
                 dq, dk_heads, dv_heads = block_gradients(take(q), take(d_out), take(lse), take(delta), k_block, v_block,
-                                                         mask, head_axis=0, cap=static.cap)
+                                                         mask, head_axis=0, scale=static.scale, cap=static.cap)
                 dq_total = lax.dynamic_update_slice_in_dim(dq_total, take(dq_total) + dq, q_start, axis=3)
                 return dq_total, dk + dk_heads.sum(axis=2), dv + dv_heads.sum(axis=2)  # sum the G queries sharing K/V
 
@@ -172,7 +171,6 @@ def _backward(static: _Static, q, k, v, context: AttentionContext, plan, out, ls
         return dq_total, (dk, dv)
 
     dq, (dk, dv) = lax.scan(key_block, jnp.zeros((B, K, G, Tp, D), jnp.float32), jnp.arange(nk))
-    dq = dq * static.scale  # the loop found the gradient w.r.t. the scaled queries
     dk = jnp.moveaxis(dk, 0, 2).reshape(B, K, nk * bk, D)
     dv = jnp.moveaxis(dv, 0, 2).reshape(B, K, nk * bk, E)
     sinks = context.head_sinks(K)

@@ -146,7 +146,8 @@ def _fold_chunk(q, state, chunk: _Chunk, context: AttentionContext, static: _Sta
         rows, keys = i * bq, j * bk
         mask = context.grouped_block_mask(K, rows, bq, keys, bk) if masked else None
         part = softmax.fold_block(_take(q, rows, bq), softmax.SoftmaxState(*(_take(x, rows, bq) for x in state)),
-                          _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask, head_axis=1, cap=static.cap)
+                          _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask, head_axis=1, scale=static.scale,
+                                  cap=static.cap)
         return softmax.SoftmaxState(*(_put(x, y, rows) for x, y in zip(state, part)))
 
     return _visit_pairs(context, bq, bk, body, state)
@@ -163,7 +164,7 @@ def _chunk_gradients(q, do, lse, delta, chunk: _Chunk, context: AttentionContext
         mask = context.grouped_block_mask(K, rows, bq, keys, bk) if masked else None
         rows_of = (_take(x, rows, bq) for x in (q, do, lse, delta))
         dq_ij, dk_ij, dv_ij = softmax.block_gradients(*rows_of, _take(chunk.k, keys, bk), _take(chunk.v, keys, bk), mask,
-                                                      head_axis=1, cap=static.cap)  # dk, dv per query head
+                                                      head_axis=1, scale=static.scale, cap=static.cap)  # per query head
         dq = _put(dq, _take(dq, rows, bq) + dq_ij, rows)
         dk = _put(dk, _take(dk, keys, bk) + dk_ij.sum(3), keys)  # sum the G query heads sharing a K/V head
         dv = _put(dv, _take(dv, keys, bk) + dv_ij.sum(3), keys)
@@ -175,7 +176,7 @@ def _chunk_gradients(q, do, lse, delta, chunk: _Chunk, context: AttentionContext
 def _ring_forward(static: _Static, q, chunk: _Chunk, context: AttentionContext):
     B, T, H, D = q.shape
     K, E = chunk.k.shape[2], chunk.v.shape[3]
-    q_s = softmax.scaled_queries(q, static.scale).reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
+    q_s = q.reshape(B, T, K, H // K, D)  # [B, T, K, G, D]
 
     def step(_, carry):
         state, chunk = carry
@@ -205,7 +206,7 @@ def _ring_bwd(static, residuals, d_out):
     B, T, H, D = q.shape
     K, E = chunk.k.shape[2], chunk.v.shape[3]
     G = H // K
-    q_s = softmax.scaled_queries(q, static.scale).reshape(B, T, K, G, D)
+    q_s = q.reshape(B, T, K, G, D)
     do = d_out.reshape(B, T, K, G, E)
     delta = jnp.einsum("btkge,btkge->btkg", do.astype(jnp.float32), out.reshape(B, T, K, G, E).astype(jnp.float32))
 
@@ -224,7 +225,7 @@ def _ring_bwd(static, residuals, d_out):
     dq_c, dk_c, dv_c = gradients(chunk)
     dk, dv = _rotate((dk + dk_c, dv + dv_c), static)  # the n-th move: only the gradients travel, and arrive home
     dq = dq + dq_c
-    dq = (dq * static.scale).reshape(B, T, H, D)
+    dq = dq.reshape(B, T, H, D)
     d_chunk = _Chunk(dk.astype(chunk.k.dtype), dv.astype(chunk.v.dtype), None, None, None)  # positions etc.: no gradient
     sinks = context.head_sinks(K)
     # This device's rows only: shard_map sums the sinks' cotangent over the devices that share them.

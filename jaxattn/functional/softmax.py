@@ -14,8 +14,11 @@ scores ``s_j``:
 A learned sink logit (gpt-oss) is a term of the denominator with no value: the state
 starts from it (``m = sink``, ``l = 1``, ``acc = 0``) instead of from nothing, so it joins
 each row's softmax exactly once, however many blocks follow and on whichever device they
-are folded. Logit soft-capping (Gemma 2) bends the scaled scores, ``s -> cap tanh(s / cap)``,
-before anything else sees them (``block_scores``).
+are folded. Every kernel forms its logits with one function, ``block_logits``: the products
+``q . k`` accumulated in float32, times the scale (in float32), then soft-capped (Gemma 2:
+``s -> cap tanh(s / cap)``), before any mask or softmax sees them, so the dense kernel and the
+blockwise ones round alike in every dtype. The weighted sum is float32 too (the values widened,
+never the weights narrowed), so the kernels' outputs differ only by float32 summation order.
 
 The backward pass (``block_gradients``) needs only ``lse`` and ``delta = rowsum(do * out)``:
 each block's probabilities are recomputed as ``p = exp(s - lse)``. The sink's gradient is
@@ -55,21 +58,25 @@ class SoftmaxState(NamedTuple):
         return cls(m, l, jnp.zeros((*shape, E), jnp.float32))
 
 
-def scaled_queries(q, scale: float):
-    """``q * scale``, applied once to a block of queries rather than to every block of
-    scores it meets (one elementwise pass over ``[bq, D]`` instead of ``[bq, bk]`` per block)."""
-    return (q.astype(jnp.float32) * scale).astype(q.dtype)
-
-
 def soft_cap(s, cap: float | None):
     """Logit soft-capping (Gemma 2): ``cap * tanh(s / cap)``, smooth, and within (-cap, cap)."""
     return s if cap is None else cap * jnp.tanh(s / cap)
 
 
-def block_scores(q, k, cap: float | None = None):
-    """Logits of one head and block, float32: q ``[bq, D]`` (already scaled), k ``[bk, D]`` ->
-    ``[bq, bk]``, soft-capped when ``cap`` is set."""
-    return soft_cap(jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32), cap)
+def block_logits(q, k, *, scale: float, cap: float | None = None):
+    """The logits of one head and one block of keys: ``soft_cap(scale * q . k, cap)``, float32.
+
+    The one rule every kernel (dense, flash, decode, ring) forms its logits by. q ``[bq, D]``
+    and k ``[bk, D]`` (or tuples of parts ``[bq, D_i]`` and ``[bk, D_i]`` whose products add:
+    MLA's content and RoPE halves) -> ``[bq, bk]``. One dtype policy: the products accumulate
+    in float32 from the inputs' own dtype; the scale multiplies those float32 products (never
+    the queries in their dtype); the cap comes last, before any mask (a capped mask value would
+    be -cap, a real weight).
+    """
+    q_parts, k_parts = (q, k) if isinstance(q, tuple) else ((q,), (k,))
+    products = sum(jnp.einsum("qd,kd->qk", q_i, k_i, preferred_element_type=jnp.float32)
+                   for q_i, k_i in zip(q_parts, k_parts))  # [bq, bk]
+    return soft_cap(products * jnp.float32(scale), cap)
 
 
 def online_softmax_step(s, v, mask, state: SoftmaxState) -> SoftmaxState:
@@ -87,7 +94,7 @@ def online_softmax_step(s, v, mask, state: SoftmaxState) -> SoftmaxState:
         p = jnp.where(mask, p, 0.0)  # a fully masked row stays all zero
     correction = jnp.exp(state.m - m_new)
     l = state.l * correction + p.sum(axis=-1)
-    pv = jnp.einsum("qk,ke->qe", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("qk,ke->qe", p, v.astype(jnp.float32))  # float32: the values widened, the weights as they are
     return SoftmaxState(m_new, l, state.acc * correction[:, None] + pv)
 
 
@@ -107,31 +114,30 @@ def online_softmax_finish(state: SoftmaxState):
     return out, lse
 
 
-def fold_block(q, state: SoftmaxState, k, v, mask, *, head_axis: int, cap: float | None = None) -> SoftmaxState:
+def fold_block(q, state: SoftmaxState, k, v, mask, *, head_axis: int, scale: float,
+               cap: float | None = None) -> SoftmaxState:
     """``online_softmax_step`` for every head at once: one key block into each head's state.
 
-    q ``[B, ..K, G.., bq, D]`` (scaled) and the state's ``m``, ``l`` ``[B, ..K, G.., bq]``,
+    q ``[B, ..K, G.., bq, D]`` and the state's ``m``, ``l`` ``[B, ..K, G.., bq]``,
     ``acc`` ``[.., E]``; k/v ``[B, ..K.., bk, D|E]``; the K (then G) axis at ``head_axis``
     once B is gone (``vmap_heads``: 0 head-major, 1 token-major); mask
     ``[B|1, K|1, G|1, bq, bk]`` or ``None``. Keys and values are read once per K/V head.
     """
 
     def one_head(q, m, l, acc, k, v, mask, _):
-        return online_softmax_step(block_scores(q, k, cap), v, mask, SoftmaxState(m, l, acc))
+        return online_softmax_step(block_logits(q, k, scale=scale, cap=cap), v, mask, SoftmaxState(m, l, acc))
 
     over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=head_axis)
     return SoftmaxState(*over_heads(q, *state, k, v, mask, None))
 
 
-def _block_backward(q, do, lse, delta, k, v, mask, cap):
+def _block_backward(q, do, lse, delta, k, v, mask, scale, cap):
     """Gradients of one head from one (query block, key block) pair, recomputing p.
 
-    q ``[bq, D]`` already scaled (``q_s = q * scale``), do ``[bq, E]`` output cotangent, lse
-    and delta = rowsum(do * out) ``[bq]``, mask ``[bq, bk]`` or ``None``. Returns the
-    gradient w.r.t. the *scaled* queries ``[bq, D]`` (multiply by the scale for q's),
-    dk ``[bk, D]``, dv ``[bk, E]`` (float32).
+    q ``[bq, D]``, do ``[bq, E]`` output cotangent, lse and delta = rowsum(do * out) ``[bq]``,
+    mask ``[bq, bk]`` or ``None``. Returns dq ``[bq, D]``, dk ``[bk, D]``, dv ``[bk, E]`` (float32).
     """
-    s = block_scores(q, k, cap)  # [bq, bk], capped
+    s = block_logits(q, k, scale=scale, cap=cap)  # [bq, bk], capped
     p = jnp.exp(s - lse[:, None])
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
@@ -140,18 +146,18 @@ def _block_backward(q, do, lse, delta, k, v, mask, cap):
     ds = p * (dp - delta[:, None])
     if cap is not None:  # d tanh: through the cap to the scaled scores
         ds = ds * (1.0 - jnp.square(s / cap))
+    ds = ds * jnp.float32(scale)  # through the scale to the products q . k
     dq = jnp.einsum("qk,kd->qd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("qk,qd->kd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dq, dk, dv
 
 
-def block_gradients(q, do, lse, delta, k, v, mask, *, head_axis: int, cap: float | None = None):
+def block_gradients(q, do, lse, delta, k, v, mask, *, head_axis: int, scale: float, cap: float | None = None):
     """``_block_backward`` for every head at once (layout as in ``fold_block``). Returns
-    dq (w.r.t. the scaled queries, per query head), dk and dv per query head (sum over G
-    for the K/V heads)."""
+    dq (per query head), dk and dv per query head (sum over G for the K/V heads)."""
 
     def one_head(q, do, lse, delta, k, v, mask, _):
-        return _block_backward(q, do, lse, delta, k, v, mask, cap)
+        return _block_backward(q, do, lse, delta, k, v, mask, scale, cap)
 
     over_heads, mask = vmap_heads(one_head, mask, n_query=4, n_kv=2, head_axis=head_axis)
     return over_heads(q, do, lse, delta, k, v, mask, None)

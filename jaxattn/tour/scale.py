@@ -66,7 +66,7 @@ def step_ring(say, *, out: Path, T: int = 32, n: int = 4, D: int = 8, seed: int 
     """Ring attention simulated on one device: n chunks, each device folds the chunk it holds
     at every step into its online softmax; the result is dense causal attention."""
     from jaxattn.functional import ring_work_per_device, zigzag_order
-    from jaxattn.functional.softmax import SoftmaxState, online_softmax_finish, online_softmax_step
+    from jaxattn.functional.softmax import SoftmaxState, block_logits, online_softmax_finish, online_softmax_step
 
     heading(say, "Step 13. Attention across devices: ring attention")
     say("A sequence too long for one device is cut into n chunks, one per device (Liu et al. 2023,")
@@ -86,7 +86,7 @@ def step_ring(say, *, out: Path, T: int = 32, n: int = 4, D: int = 8, seed: int 
         state = SoftmaxState.start((chunk,), D)
         for step in range(n):
             held = order[((device - step) % n) * chunk : ((device - step) % n + 1) * chunk]
-            scores = (q[mine] @ k[held].T) / np.sqrt(D)  # [c, c]
+            scores = block_logits(q[mine], k[held], scale=1 / np.sqrt(D))  # [c, c], as every kernel forms them
             state = online_softmax_step(scores, v[held], causal_mask(jnp.asarray(mine), jnp.asarray(held)), state)
         out_rows[mine] = np.asarray(online_softmax_finish(state)[0])
     dense = np.asarray(attention(q, k, v, mask=causal_mask(jnp.arange(T), jnp.arange(T))))
