@@ -447,12 +447,18 @@ def layer_pattern_figure(patterns, cache_curves, path) -> Path:
         bottom.plot(lengths, mib, marker="o", label=name)
     bottom.set_xscale("log", base=2)
     bottom.set_yscale("log")
-    bottom.set_xlabel("tokens in the sequence")
-    bottom.set_ylabel("KV cache, MiB (batch 1)")
-    bottom.set_title("The cache of the whole model, as jaxattn allocates it")
-    bottom.grid(True, which="both", alpha=0.3)
-    bottom.legend(fontsize=8)
+    _labelled(bottom, "tokens in the sequence", "KV cache, MiB (batch 1)",
+              "The cache of the whole model, as jaxattn allocates it")
     return _save(fig, path, dpi=110)
+
+
+def _labelled(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, a title, a light grid on both scales' ticks and a small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def nope_rope_figure(distances, scores_by_encoding, path) -> Path:
@@ -478,11 +484,8 @@ def rope_scaling_figure(wavelengths, context: int, path) -> Path:
     ax.axhline(context, color="grey", linestyle="--", linewidth=1)
     ax.text(0, context * 1.15, f"trained context: {context:,} tokens", fontsize=8, color="grey")
     ax.set_yscale("log")
-    ax.set_xlabel("dimension pair i (fast to slow)")
-    ax.set_ylabel("wavelength 2π / f_i (tokens)")
-    ax.set_title("RoPE's frequencies before and after scaling to 4x the context")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _labelled(ax, "dimension pair i (fast to slow)", "wavelength 2π / f_i (tokens)",
+              "RoPE's frequencies before and after scaling to 4x the context")
     return _save(fig, path, dpi=110)
 
 

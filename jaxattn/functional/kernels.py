@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from jaxattn.functional.attention import dense_kernel, dense_kernel_with_weights
 from jaxattn.functional.checks import check_int
 from jaxattn.functional.decode import DECODE_MAX_TOKENS, decode_kernel
-from jaxattn.functional.kv_cache import Int8Tokens
 from jaxattn.functional.masks import AttentionContext
 
 
@@ -59,13 +58,12 @@ class Kernels:
             return cls(default, decode_kernel if decode_fn is None else decode_fn, decode_max_tokens)
         return cls(attention_fn, decode_fn, decode_max_tokens)
 
-    def for_call(self, T: int, cached: bool, paged: bool = False, int8: bool = False) -> tuple[Callable, bool]:
-        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache (paged or
-        int8 or neither)."""
-        if paged or int8:
+    def for_call(self, T: int, cached: bool, cache_kind: str = "float") -> tuple[Callable, bool]:
+        """``(kernel, is_decode)`` for a call of T new tokens, with or without a cache, whose
+        keys are stored as ``cache_kind`` (``AttentionContext.cache_kind``)."""
+        if cache_kind != "float":
             if self.decode is None:
-                kind = "a paged" if paged else "an int8"
-                raise ValueError(f"{kind} cache is read by a decode kernel, and this layer has none "
+                raise ValueError(f"a {cache_kind} cache is read by a decode kernel, and this layer has none "
                                  "(Kernels.choose(attention_fn) without decode_fn): pass decode_fn as well")
             return self.decode, True
         if cached and self.decode is not None and T <= self.decode_max_tokens:
@@ -89,18 +87,16 @@ def attend(kernels: Kernels, q, k, v, context: AttentionContext, *, cached: bool
     When ``context.record_weights`` is set, the weights are computed once (dense), handed to
     ``record`` (a layer's ``sow``), and the output is made from them.
     """
-    paged = context.kv_pages is not None
-    int8 = any(isinstance(part, Int8Tokens) for part in (*(k if isinstance(k, (tuple, list)) else (k,)), v))
     if context.record_weights:
-        if paged or int8:
-            raise ValueError("recording the weights reads a float cache as it is, not a paged or int8 one: "
+        if context.cache_kind != "float":
+            raise ValueError(f"recording the weights reads a float cache as it is; this cache is {context.cache_kind}: "
                              "use init_cache with the model's dtype")
         out, weights = dense_kernel_with_weights(join_parts(q), join_parts(k), join_parts(v), context)
         if record is not None:
             record(weights)
         return out
     T = (q[0] if isinstance(q, (tuple, list)) else q).shape[1]
-    kernel, is_decode = kernels.for_call(T, cached, paged, int8)
+    kernel, is_decode = kernels.for_call(T, cached, context.cache_kind)
     if is_decode:
         return kernel(q, k, v, context)
     return kernel(join_parts(q), join_parts(k), join_parts(v), context)

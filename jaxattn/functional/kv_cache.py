@@ -240,6 +240,11 @@ class KVView(NamedTuple):
     lengths: jax.Array
     pages: jax.Array | None = None
 
+    @property
+    def int8(self) -> bool:
+        """Are the entries int8 (``Int8Tokens``)?"""
+        return isinstance(self.k, Int8Tokens)
+
 
 class KVCache(NamedTuple):
     """A preallocated key/value cache of capacity ``S_max`` per sequence.
@@ -373,6 +378,11 @@ class LatentView(NamedTuple):
     positions: jax.Array
     lengths: jax.Array
     pages: jax.Array | None = None
+
+    @property
+    def int8(self) -> bool:
+        """Are the entries int8 (``Int8Tokens``)?"""
+        return isinstance(self.c_kv, Int8Tokens)
 
 
 class LatentCache(NamedTuple):

@@ -214,7 +214,7 @@ def _pad(x, size: int, axis: int, value=None):
     jax.tree_util.register_dataclass,
     data_fields=["q_positions", "kv_positions", "kv_valid", "kv_lengths", "kv_pages", "q_segment_ids", "kv_segment_ids",
                  "user_mask", "sinks"],
-    meta_fields=["T", "S", "window", "scale", "logit_softcap", "record_weights"],
+    meta_fields=["T", "S", "window", "scale", "logit_softcap", "record_weights", "kv_int8"],
 )
 @dataclasses.dataclass(frozen=True)
 class AttentionContext:
@@ -241,7 +241,9 @@ class AttentionContext:
         denominator once and is then dropped (its weight goes nowhere); ``None``: off.
     And: T, S (static) the numbers of queries and keys (S is None until keys are attached);
     record_weights (static): the layer should hand the weights to ``nnx.capture``
-    (``jaxattn.lm.inspection``); kernels ignore it.
+    (``jaxattn.lm.inspection``); kernels ignore it; kv_int8 (static): the keys and values are a
+    cache's int8 entries (``Int8Tokens``). With ``kv_pages``, it says how the keys are stored
+    (``cache_kind``), set once by ``with_view`` from the cache's view.
     """
 
     T: int
@@ -259,6 +261,7 @@ class AttentionContext:
     scale: float | None = None
     logit_softcap: float | None = None
     record_weights: bool = False
+    kv_int8: bool = False
 
     # --------------------------------------------------------------- building one
 
@@ -385,6 +388,19 @@ class AttentionContext:
         S = kv_positions.shape[-1]
         return dataclasses.replace(self, S=S, kv_positions=token_array("kv_positions", kv_positions, S, "S"),
                                    kv_lengths=kv_lengths, kv_pages=kv_pages)
+
+    def with_view(self, view) -> "AttentionContext":
+        """Keys that are a cache's view (``KVView`` or ``LatentView``): its positions, its
+        lengths, its pages, and whether its entries are int8. The one step from a cache to the
+        context, for every layer."""
+        return dataclasses.replace(self.with_keys(view.positions, view.lengths, view.pages), kv_int8=view.int8)
+
+    @property
+    def cache_kind(self) -> str:
+        """How the keys are stored: ``"float"``, ``"int8"``, ``"paged"`` or ``"paged int8"``
+        (a float array, or a cache view's buffers). Only the decode kernel reads pages or int8."""
+        kinds = [name for name, is_so in (("paged", self.kv_pages is not None), ("int8", self.kv_int8)) if is_so]
+        return " ".join(kinds) or "float"
 
     def for_layer(self, *, window=None, scale=None, logit_softcap=None, sinks=None, H: int | None = None):
         """The context completed with one layer's settings (each ``None`` leaves the context's)."""

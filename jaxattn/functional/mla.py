@@ -41,7 +41,7 @@ from jaxattn.functional.kernels import Kernels, attend
 from jaxattn.functional.kv_cache import Int8Tokens, LatentCache
 from jaxattn.functional.masks import check_positive, default_scale
 from jaxattn.functional.positions import Rope
-from jaxattn.functional.self_attention import call_context, rms_norm
+from jaxattn.functional.layer import call_context, rms_norm
 
 class MLAParams(NamedTuple):
     """MLA weights, named and shaped as in the paper. Query compression is on when
@@ -216,7 +216,7 @@ def _cached_latents(params, dims, h, cache: LatentCache, num_new, settings, cont
     c_kv, k_r = mla_latents(params, h, context.q_positions, settings)
     with jax.named_scope("cache_write"):
         view, new_cache = cache.update(c_kv, k_r, num_new)
-    context = context.with_keys(view.positions, view.lengths, view.pages).for_layer(scale=mla_scale(dims, settings),
+    context = context.with_view(view).for_layer(scale=mla_scale(dims, settings),
                                                                         logit_softcap=settings.logit_softcap)
     return q_c, q_r, context, view, new_cache
 

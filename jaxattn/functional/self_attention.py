@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.kernels import Kernels, attend
+from jaxattn.functional.layer import call_context, rms_norm
 from jaxattn.functional.packed import packed_matmul
 from jaxattn.functional.masks import AttentionContext, check_positive, check_window
 from jaxattn.functional.positions import Rope
@@ -143,31 +144,11 @@ def _project(x, weight, bias, contracted: int):
     return y if bias is None else y + bias
 
 
-def rms_norm(x, scale, epsilon: float, axes=-1):
-    """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * scale`` over ``axes``, computed in float32."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes, keepdims=True) + epsilon)
-    return (normed * scale).astype(x.dtype)
-
-
 def qk_norm(x, scale, settings: AttentionSettings):
     """QK-norm of queries or keys ``[B, T, H|K, D]``: per head (scale ``[D]``) or over all the
     token's heads (scale ``[H|K, D]``), as ``settings.qk_norm`` says."""
     axes = -1 if settings.qk_norm == "head" else (-2, -1)
     return rms_norm(x, scale, settings.norm_epsilon, axes)
-
-
-def call_context(x, positions=None, *, context: AttentionContext | None = None, cache=None):
-    """The token side of a layer's call: ``context`` when the model built it, else from
-    ``positions`` (default ``arange(T)``) or the cache's lengths."""
-    B, T = x.shape[:2]
-    if context is None:
-        return AttentionContext.for_tokens(T, positions, lengths=None if cache is None else cache.lengths, B=B)
-    if positions is not None:
-        raise ValueError("pass the positions in the context, or positions without a context, not both")
-    if context.T != T:
-        raise ValueError(f"the context describes T={context.T} tokens, x has T={T}: {x.shape}")
-    return context
 
 
 def causal_self_attention(
@@ -219,7 +200,7 @@ def causal_self_attention(
         with jax.named_scope("cache_write"):
             view, new_cache = cache.update(k, v, num_new)
         k, v = view.k, view.v  # [B, S, K, D], [B, S, K, E]
-        context = context.with_keys(view.positions, view.lengths, view.pages)
+        context = context.with_view(view)
     context = context.for_layer(window=settings.window, scale=settings.scale, logit_softcap=settings.logit_softcap,
                                 sinks=params.sinks)
     with jax.named_scope("attention_kernel"):

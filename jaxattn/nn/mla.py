@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.functional import Kernels, LatentCache, MLAParams, MLASettings, mla_absorbed, mla_naive
-from jaxattn.functional.self_attention import call_context
+from jaxattn.functional.layer import call_context
 from jaxattn.nn.layers import param
 
 

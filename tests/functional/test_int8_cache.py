@@ -131,7 +131,7 @@ def test_decode_over_int8_pages_and_mla_latents_equals_their_dequantized_entries
 def test_a_long_call_into_an_int8_cache_is_served_by_the_decode_kernel():
     """A prompt (T above decode_max_tokens) reads an int8 cache through the decode kernel, which
     dequantizes a block at a time: the full kernel would need the whole buffer dequantized."""
-    kernel, is_decode = Kernels().for_call(T=500, cached=True, int8=True)
+    kernel, is_decode = Kernels().for_call(T=500, cached=True, cache_kind="int8")
     assert is_decode and kernel is decode_kernel
-    with pytest.raises(ValueError, match="an int8 cache is read by a decode kernel"):
-        Kernels.choose(lambda *a: None).for_call(T=1, cached=True, int8=True)
+    with pytest.raises(ValueError, match="a paged int8 cache is read by a decode kernel"):
+        Kernels.choose(lambda *a: None).for_call(T=1, cached=True, cache_kind="paged int8")

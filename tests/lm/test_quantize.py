@@ -136,7 +136,7 @@ def test_an_int8_cache_refuses_what_would_dequantize_it_whole(tiny):
     from jaxattn.functional import mla_decompressed
 
     tokens = jnp.ones((1, 3), jnp.int32)
-    with pytest.raises(ValueError, match="not a paged or int8 one"):
+    with pytest.raises(ValueError, match="reads a float cache as it is; this cache is int8"):
         tiny(tokens, cache=tiny.init_cache(1, 8, dtype="int8"), record_weights=True)
     mla = TransformerLM(TransformerConfig(vocab_size=64, width=32, layers=1, heads=2, head_dim=8, mlp_hidden=48,
                                           max_length=16, attention="mla", latent_dim=8, rope_dim=4), rngs=nnx.Rngs(0))
