@@ -129,7 +129,7 @@ class RopeScaling:
 
 
 def rope_frequencies(R: int, theta: float, scaling: RopeScaling | None = None, seq_len=None):
-    """The R / 2 angular frequencies of RoPE, float32 ``[R/2]``: ``theta^(-2i/R)``, rescaled.
+    """The ceil(R / 2) angular frequencies of RoPE, float32 ``[ceil(R/2)]``: ``theta^(-2i/R)``, rescaled.
 
     ``seq_len`` (the current length, may be traced) matters only to ``dynamic`` and
     ``longrope``. Returns ``(inv_freq, cos_sin_factor)``.
@@ -196,8 +196,12 @@ def _token_positions(x, positions):
 
 
 def rotary_width(D: int, rotary_dim: int | None = None, rotary_fraction: float | None = None) -> int:
-    """How many of a head's D dimensions RoPE rotates: all, ``rotary_dim``, or
-    ``int(D * rotary_fraction)`` (GPT-NeoX/Pythia: 0.25; Phi-4-mini: 0.75). Even, at most D."""
+    """R, the rotary width of a head of D dimensions: all, ``rotary_dim``, or
+    ``int(D * rotary_fraction)`` (GPT-NeoX/Pythia: 0.25; Phi-4-mini: 0.75).
+
+    RoPE rotates pairs, so an odd R rotates ``2 * ceil(R / 2)`` dimensions with the
+    frequencies ``theta^(-2i/R)``, i < ceil(R / 2), as transformers does (GPT-NeoX with head
+    width 12 and a quarter rotary: R = 3, 4 dimensions turned); that width must fit in D."""
     if rotary_dim is not None and rotary_fraction is not None:
         raise ValueError("give rotary_dim or rotary_fraction, not both")
     if rotary_fraction is not None:
@@ -205,8 +209,9 @@ def rotary_width(D: int, rotary_dim: int | None = None, rotary_fraction: float |
             raise ValueError(f"rotary_fraction must be in (0, 1], got {rotary_fraction}")
         rotary_dim = int(D * rotary_fraction)
     R = D if rotary_dim is None else rotary_dim
-    if R < 2 or R > D or R % 2:
-        raise ValueError(f"RoPE rotates pairs: the rotated width must be even and in [2, D={D}], got {R}")
+    if R < 1 or 2 * -(-R // 2) > D:
+        raise ValueError(f"RoPE rotates pairs: a rotary width of {R} turns {2 * -(-R // 2)} dimensions, which must be "
+                         f"in [2, D={D}]")
     return R
 
 
@@ -241,15 +246,19 @@ def rope(x, positions, *, theta: float = 10000.0, style: str = "half", rotary_di
     if D % 2 and rotary_dim is None and rotary_fraction is None:
         raise ValueError(f"rope needs an even last axis, got x.shape={x.shape}")
     R = rotary_width(D, rotary_dim, rotary_fraction)
+    if R % 2 and scaling is not None and scaling.kind in ("yarn", "longrope"):
+        raise ValueError(f"{scaling.kind} RoPE scaling sizes its ramp or factors by R // 2 = {R // 2}, one short of the "
+                         f"{-(-R // 2)} frequencies of an odd rotary width R = {R} (transformers cannot run it either)")
     positions = _token_positions(x, positions)
     seq_len = None if scaling is None or scaling.kind not in ("dynamic", "longrope") else jnp.max(positions) + 1
-    inv_freq, factor = rope_frequencies(R, theta, scaling, seq_len)  # [R/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., R/2]
+    inv_freq, factor = rope_frequencies(R, theta, scaling, seq_len)  # [ceil(R/2)]
+    W = 2 * inv_freq.shape[0]  # the dimensions turned: R, or R + 1 for an odd R
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., W/2]
     cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
     xf = x.astype(jnp.float32)
-    rotated, passed = xf[..., :R], xf[..., R:]
+    rotated, passed = xf[..., :W], xf[..., W:]
     if style == "half":
-        x1, x2 = rotated[..., : R // 2], rotated[..., R // 2 :]
+        x1, x2 = rotated[..., : W // 2], rotated[..., W // 2 :]
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     else:
         x1, x2 = rotated[..., 0::2], rotated[..., 1::2]

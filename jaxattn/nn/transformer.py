@@ -236,9 +236,10 @@ class TransformerConfig:
                 not 0 <= layer < self.layers for layer in self.nope_layers):
             raise ValueError(f"nope_layers must be distinct layers in [0, {self.layers}), got {self.nope_layers}")
         rotated = int(self.head_dim * self.rotary_fraction)
-        if not 0 < self.rotary_fraction <= 1 or (self.rotary_fraction != 1 and (rotated % 2 or rotated < 2)):
-            raise ValueError(f"rotary_fraction={self.rotary_fraction} of head_dim={self.head_dim} must rotate an even "
-                             f"number (>= 2) of dimensions")
+        if not 0 < self.rotary_fraction <= 1 or (self.rotary_fraction != 1 and (rotated < 1 or rotated + rotated % 2 >
+                                                                                 self.head_dim)):
+            raise ValueError(f"rotary_fraction={self.rotary_fraction} of head_dim={self.head_dim} must rotate at least "
+                             f"one pair of dimensions within the head (an odd width R turns R + 1, as transformers does)")
         rope_only = dict(nope_layers=self.nope_layers != (), rotary_fraction=self.rotary_fraction != 1,
                          rope_scaling=self.rope_scaling is not None, local_rope_theta=self.local_rope_theta is not None)
         for name, used in rope_only.items():

@@ -150,8 +150,17 @@ class RopeScalingTest(chex.TestCase):
                 expected = reference_rope(x, positions, style, rotary_dim=R)
                 chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-4)
                 np.testing.assert_array_equal(out[:, R:], x[:, R:])
-        with self.assertRaisesRegex(ValueError, "rotated width must be even"):
-            rope(x, jnp.arange(5), rotary_dim=5)
+        # An odd width R turns 2 * ceil(R / 2) dimensions at theta^(-2i/R), as transformers does
+        # (GPT-NeoX with head width 12 and a quarter rotary: R = 3 turns 4).
+        for style in ("half", "interleaved"):
+            out = rope(x, jnp.asarray(positions), style=style, rotary_dim=5)
+            expected = reference_rope(x, positions, style, rotary_dim=6, inv_freq=10000.0 ** (-np.arange(0, 5, 2) / 5))
+            chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(out[:, 6:], x[:, 6:])
+        with self.assertRaisesRegex(ValueError, r"a rotary width of 17 turns 18 dimensions, which must be in \[2, D=16\]"):
+            rope(x, jnp.arange(5), rotary_dim=17)
+        with self.assertRaisesRegex(ValueError, "yarn RoPE scaling sizes its ramp or factors by R // 2 = 2"):
+            rope(x, jnp.arange(5), rotary_dim=5, scaling=RopeScaling("yarn", factor=2.0, original_max_length=16))
 
     def test_linear(self):
         self.check([0, 1, 7, 100, 5000], [f / 4 for f in base_frequencies()], scaling=RopeScaling("linear", factor=4.0))

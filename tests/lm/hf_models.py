@@ -132,6 +132,11 @@ def _configs(vocab_size):
                                                num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
                                                max_position_embeddings=64, initializer_range=0.3,
                                                attn_implementation="eager"),
+        # Head width 12 with a quarter rotary: R = 3, odd; transformers turns 4 dimensions at theta^(-2i/3).
+        "gpt_neox_odd": transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=24,
+                                                   num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                                   max_position_embeddings=64, initializer_range=0.3,
+                                                   attn_implementation="eager"),
         "smollm3": transformers.SmolLM3Config(**dict(common, num_hidden_layers=4), num_key_value_heads=2, pad_token_id=0,
                                               max_position_embeddings=64, no_rope_layer_interval=2),
     }
@@ -148,12 +153,12 @@ CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "llama_tied":
            "llama_yarn": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_yarn": "Qwen2ForCausalLM",
            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
            "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
-           "gpt_neox": "GPTNeoXForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+           "gpt_neox": "GPTNeoXForCausalLM", "gpt_neox_odd": "GPTNeoXForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 # The tokenizer each family's test checkpoint carries.
 FAMILY_TOKENIZER = {"gpt2": "gpt2", "llama": "llama2", "llama_tied": "llama2", "llama3": "llama3", "llama_linear": "llama2",
                     "llama_dynamic": "llama2", "llama_yarn": "llama3", "qwen2": "qwen", "qwen2_yarn": "qwen",
                     "qwen3": "qwen", "mistral": "llama2", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "olmo2": "gpt2",
-                    "phi3": "llama2", "gpt_neox": "neox", "smollm3": "smollm"}
+                    "phi3": "llama2", "gpt_neox": "neox", "gpt_neox_odd": "neox", "smollm3": "smollm"}
 ARCHITECTURES = tuple(CLASSES)
 
 

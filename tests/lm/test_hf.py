@@ -36,7 +36,7 @@ from tests.lm.test_explorer import read_page
 FIXTURES = Path(__file__).parent.parent / "data" / "hf"
 draw_attention_grid = viz.attention_grid
 FAMILIES = ("gpt2", "llama", "llama_tied", "llama3", "llama_linear", "llama_dynamic", "llama_yarn", "qwen2", "qwen2_yarn",
-            "qwen3", "mistral", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "gpt_neox", "smollm3")
+            "qwen3", "mistral", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "gpt_neox", "gpt_neox_odd", "smollm3")
 # A family's golden and live tests run in one test process (pytest-xdist's loadgroup), where
 # the second reuses the programs the first compiled: the two models share one structure.
 FAMILY_PARAMS = [pytest.param(name, marks=pytest.mark.xdist_group(f"hf-{name}")) for name in FAMILIES]

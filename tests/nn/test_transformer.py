@@ -252,7 +252,7 @@ def test_final_softcap_and_embedding_scale():
         (dict(local_rope_theta=10.0), "local_rope_theta=10.0 would be ignored: no layer is local"),
         (dict(nope_layers=(2,)), r"nope_layers must be distinct layers in \[0, 2\)"),
         (dict(positions="learned", nope_layers=(1,)), "nope_layers=.* shapes RoPE; positions='learned' would ignore it"),
-        (dict(rotary_fraction=0.25), "rotary_fraction=0.25 of head_dim=6 must rotate an even number"),
+        (dict(rotary_fraction=0.1), "rotary_fraction=0.1 of head_dim=6 must rotate at least one pair"),
         (dict(qk_norm="layer"), "qk_norm must be 'head', 'projection' or None"),
         (dict(norm_placement="post", parallel_residual=True), "parallel_residual .* takes norm_placement='pre'"),
         (dict(attention="mla", attention_sinks=True), "attention='mla' would ignore attention_sinks=True"),
