@@ -16,7 +16,7 @@ from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, train
 from jaxattn.nn import TransformerConfig
 from jaxattn.tour import run_tour
-from tests.conftest import network_requests, open_page
+from tests.pages import network_requests, open_page
 
 FIGURES = ("embeddings.png", "self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "packed.png",
            "multi_head.png", "rope.png", "kv_cache.png", "decode_cost.png", "next_token.png", "attention_sink.png", "mla.png", "flash.png",

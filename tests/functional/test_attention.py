@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxattn.functional import attention, attention_weights, multi_head_attention, multi_head_attention_weights
-from tests.conftest import normal, packed_segments, reference_attention, value_and_grads
+from tests.reference import normal, packed_segments, reference_attention, value_and_grads
 
 # Odd, distinct sizes so that a transposed axis cannot hide.
 B, T, S, H, D = 2, 5, 7, 6, 11

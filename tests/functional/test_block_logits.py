@@ -10,7 +10,7 @@ import pytest
 
 from jaxattn.functional import flash_attention, multi_head_attention
 from jaxattn.functional.softmax import block_logits
-from tests.conftest import normal, reference_attention
+from tests.reference import normal, reference_attention
 
 
 def bf16_ulp(x):

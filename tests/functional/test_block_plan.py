@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxattn.functional import AttentionContext, flash_attention
-from tests.conftest import normal, reference_attention
+from tests.reference import normal, reference_attention
 
 T = 12
 

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxattn.functional import decode_attention, multi_head_attention
 from jaxattn.lm.generate import make_decode_step
 from jaxattn.nn import TransformerConfig, TransformerLM
-from tests.conftest import normal
+from tests.reference import normal
 
 BLOCK = 4
 CAPACITY = 11  # not a multiple of the block: the last block is slid back

@@ -7,7 +7,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from jaxattn.functional import AttentionContext, flash_attention, flash_block_map, multi_head_attention
-from tests.conftest import normal, packed_segments, reference_attention, value_and_grads
+from tests.reference import normal, packed_segments, reference_attention, value_and_grads
 
 B, H = 2, 6
 

@@ -2,6 +2,7 @@
 kernel reading them a block at a time equals dense attention over the same entries
 dequantized by NumPy (ragged rows, GQA, a window, sinks, pages, MLA's latent parts)."""
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from jaxattn.functional import (
     stored_bytes_per_token,
 )
 from jaxattn.functional.kernels import Kernels
-from tests.conftest import normal
+from tests.reference import normal
 
 B, K, H, D = 3, 2, 4, 8
 
@@ -39,7 +40,7 @@ def test_quantization_is_within_half_a_step_and_zeros_stay_zeros():
     assert q.values.dtype == jnp.int8 and q.values.shape == x.shape and q.scale.shape == x.shape[:-1]
     amax = np.abs(np.asarray(x)).max(-1)
     step = np.asarray(q.scale.astype(jnp.float32))
-    np.testing.assert_allclose(step, amax / 127, rtol=2 ** -8)  # bfloat16's rounding of max|x| / 127
+    chex.assert_trees_all_close(step, amax / 127, rtol=2 ** -8)  # bfloat16's rounding of max|x| / 127
     error = np.abs(np.asarray(numpy_dequantized(q)) - np.asarray(x))
     assert (error <= 0.5 * step[..., None] * (1 + 2 ** -7) + 1e-12).all()  # half a step (the largest may clip)
     assert np.abs(np.asarray(q.values)).max() == 127
@@ -64,17 +65,17 @@ def test_every_cache_kind_stores_what_it_is_given_quantized():
     expected = numpy_dequantized(quantize_tokens(k))
     dense = KVCache.create(batch=B, max_length=8, kv_heads=K, head_dim=D, dtype=jnp.int8)
     view, dense = dense.update(k, v)
-    np.testing.assert_array_equal(numpy_dequantized(view.k)[:, :5], expected)
+    chex.assert_trees_all_equal(numpy_dequantized(view.k)[:, :5], expected)
     sliding = SlidingKVCache.create(batch=B, window=4, chunk=5, kv_heads=K, head_dim=D, dtype=jnp.int8)
     view, _ = sliding.update(k, v)
     slots = np.arange(5) % sliding.capacity  # token p in slot p % capacity
-    np.testing.assert_array_equal(numpy_dequantized(view.k)[:, slots], expected)
+    chex.assert_trees_all_equal(numpy_dequantized(view.k)[:, slots], expected)
     paged = PagedKVCache.create(batch=B, pages=10, page_size=2, pages_per_sequence=3, kv_heads=K, head_dim=D,
                                 dtype=jnp.int8)
     table = jnp.arange(1, 1 + 3 * B, dtype=jnp.int32).reshape(B, 3)
     view, _ = paged._replace(page_table=table).update(k, v)
     pooled = np.asarray(numpy_dequantized(view.k))[np.asarray(table)].reshape(B, 6, K, D)
-    np.testing.assert_array_equal(pooled[:, :5], expected)
+    chex.assert_trees_all_equal(pooled[:, :5], expected)
 
 
 def test_a_float_cache_keeps_its_dtype_rule_and_an_int8_cache_takes_floats_only():
@@ -87,7 +88,7 @@ def test_a_float_cache_keeps_its_dtype_rule_and_an_int8_cache_takes_floats_only(
     with pytest.raises(ValueError, match="do not fit"):
         int8.update(k[..., :4], k)
     view, _ = int8.update(k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))  # any float width is quantized
-    np.testing.assert_allclose(numpy_dequantized(view.k)[:, :2], k, atol=0.02)
+    chex.assert_trees_all_close(numpy_dequantized(view.k)[:, :2], k, atol=0.02)
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -105,7 +106,7 @@ def test_decode_over_an_int8_cache_equals_attention_over_its_dequantized_entries
     expected = multi_head_attention(q, numpy_dequantized(view.k), numpy_dequantized(view.v), is_causal=True,
                                     q_positions=lengths[:, None] - T + jnp.arange(T), kv_lengths=lengths,
                                     window=window, sinks=sinks)
-    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
 def test_decode_over_int8_pages_and_mla_latents_equals_their_dequantized_entries():
@@ -125,7 +126,7 @@ def test_decode_over_int8_pages_and_mla_latents_equals_their_dequantized_entries
     keys = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]  # [B, S, 1, L + R]: one head for all queries
     expected = multi_head_attention(jnp.concatenate(q, -1), keys, c_kv[:, :, None], is_causal=True,
                                     q_positions=num_new[:, None] + jnp.arange(T), kv_lengths=view.lengths)
-    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
 def test_a_long_call_into_an_int8_cache_is_served_by_the_decode_kernel():

@@ -18,7 +18,7 @@ from jaxattn.functional import (
     multi_head_attention,
     next_positions,
 )
-from tests.conftest import normal as _normal
+from tests.reference import normal as _normal
 
 B, H, K, D, E = 2, 6, 3, 5, 7
 

@@ -17,7 +17,7 @@ from jaxattn.functional import (
     multi_head_attention,
     multi_head_attention_weights,
 )
-from tests.conftest import normal, packed_segments, reference_attention
+from tests.reference import normal, packed_segments, reference_attention
 
 B, H = 2, 6
 SINKS = np.array([0.5, -1.0, 2.0, 0.0, 1.5, -0.3])

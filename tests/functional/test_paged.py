@@ -2,6 +2,7 @@
 pages equals dense attention over the same keys gathered (ragged rows, GQA, windows,
 MLA's latents, one token or a chunk)."""
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from jaxattn.functional import (
     multi_head_attention,
 )
 from jaxattn.functional.kv_cache import TRASH_PAGE
-from tests.conftest import normal
+from tests.reference import normal
 
 B, K, H, D, PAGE, N, P = 3, 2, 4, 8, 4, 5, 24
 
@@ -43,12 +44,12 @@ def test_writes_follow_the_page_table_and_padding_goes_to_the_trash_page():
         k, v = normal((B, T, K, D), seed=step), normal((B, T, K, D), seed=10 + step)
         view, paged = paged.update(k, v, num_new if step == 0 else None)
         _, dense = dense.update(k, v, num_new if step == 0 else None)
-        np.testing.assert_array_equal(view.pages, table)
+        chex.assert_trees_all_equal(view.pages, table)
     lengths = np.asarray(paged.lengths)
-    np.testing.assert_array_equal(lengths, dense.lengths)
+    chex.assert_trees_all_equal(lengths, dense.lengths)
     for b in range(B):  # every real token where the table says; the rest of the rows' pages untouched
-        np.testing.assert_array_equal(gathered(paged.k, table)[b, : lengths[b]], dense.k[b, : lengths[b]])
-        np.testing.assert_array_equal(gathered(paged.v, table)[b, : lengths[b]], dense.v[b, : lengths[b]])
+        chex.assert_trees_all_equal(gathered(paged.k, table)[b, : lengths[b]], dense.k[b, : lengths[b]])
+        chex.assert_trees_all_equal(gathered(paged.v, table)[b, : lengths[b]], dense.v[b, : lengths[b]])
     untouched = np.setdiff1d(np.arange(1, P), np.asarray(table))
     assert not np.asarray(paged.k)[untouched].any()  # pages no row owns were never written
     assert paged.capacity == N * PAGE and not paged.overflowed().any()
@@ -69,7 +70,7 @@ def test_decode_over_pages_equals_attention_over_the_gathered_keys(T, window, bl
     k, v = gathered(k_pool, table), gathered(v_pool, table)  # [B, N * page, K, D]
     expected = multi_head_attention(q, k, v, is_causal=True, q_positions=lengths[:, None] - T + jnp.arange(T),
                                     kv_lengths=lengths, window=window, sinks=sinks)
-    np.testing.assert_allclose(paged, expected, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(paged, expected, atol=2e-6, rtol=1e-5)
 
 
 def test_mla_latents_in_pages_equal_their_dense_cache():
@@ -91,7 +92,7 @@ def test_mla_latents_in_pages_equal_their_dense_cache():
         view.positions, view.lengths, pages)
     out = decode_kernel(q, (view.c_kv, view.k_rope), view.c_kv, make(view, view.pages))
     expected = decode_kernel(q, (dense_view.c_kv, dense_view.k_rope), dense_view.c_kv, make(dense_view, None))
-    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
 def test_bad_pools_and_tables_are_refused():

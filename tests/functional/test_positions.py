@@ -6,7 +6,7 @@ from absl.testing import parameterized
 
 from jaxattn.functional import rope, sinusoidal_positions
 from jaxattn.functional.positions import RopeScaling
-from tests.conftest import reference_rope
+from tests.reference import reference_rope
 
 
 def test_sinusoidal_matches_the_formula():

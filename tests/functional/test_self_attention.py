@@ -11,7 +11,7 @@ from absl.testing import parameterized
 
 from jaxattn.functional import AttentionParams, AttentionSettings, KVCache, Rope, SlidingKVCache, causal_self_attention
 from jaxattn.functional.positions import RopeScaling
-from tests.conftest import normal, reference_layer
+from tests.reference import normal, reference_layer
 
 # Odd, distinct sizes: C model width, H query heads, K key/value heads, D/E key/value widths.
 B, T, C, H, K, D, E = 2, 7, 13, 6, 3, 4, 5

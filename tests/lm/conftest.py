@@ -1,17 +1,10 @@
-"""Fixtures of the lm tests: a tiny model configuration and a small corpus."""
+"""Fixtures of the lm tests: a small corpus (the tiny model and recipe are in tests/tiny.py)."""
 
 import pytest
 
 from jaxattn.lm.data import Corpus
 from jaxattn.lm.tokenizer import encode
-from jaxattn.lm.train import TrainConfig
-from jaxattn.nn import TransformerConfig
-
-TINY = TransformerConfig(vocab_size=256, width=16, layers=1, heads=2, kv_heads=1, head_dim=8, mlp_hidden=32, max_length=64)
-TINY_TRAIN = TrainConfig(steps=6, batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=2, eval_every=3,
-                         eval_windows=2, checkpoint_every=2, keep_checkpoints=2)
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-QUIET = dict(progress=False, say=lambda *_: None)
+from tests.tiny import TEXT
 
 
 @pytest.fixture

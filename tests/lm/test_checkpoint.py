@@ -17,7 +17,7 @@ from jaxattn.lm.checkpoint import CheckpointError, RunFolder
 from jaxattn.lm.data import Corpus, batch_at
 from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, train
-from tests.lm.conftest import QUIET, TINY, TINY_TRAIN
+from tests.tiny import QUIET, TINY, TINY_TRAIN
 
 
 def test_checkpoint_round_trip_and_resume_matches_uninterrupted(tmp_path, corpus, monkeypatch):

@@ -17,7 +17,7 @@ from jaxattn.cli import main
 from jaxattn.lm.explorer import QUANTUM, encode_weights, explorer_page
 from jaxattn.lm.inspection import capture_attention, induction_test
 from jaxattn.lm.load import load_any
-from tests.conftest import network_requests, open_page
+from tests.pages import network_requests, open_page
 
 FIXTURES = Path(__file__).parent.parent / "data" / "hf"
 

@@ -10,7 +10,7 @@ import pytest
 
 from jaxattn.lm.checkpoint import RunFolder
 from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, train
-from tests.lm.conftest import QUIET, TINY, TINY_TRAIN
+from tests.tiny import QUIET, TINY, TINY_TRAIN
 
 
 def test_training_reduces_loss(tmp_path, corpus):

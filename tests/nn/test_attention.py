@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxattn.functional import AttentionSettings, Kernels, KVCache, Rope, dense_kernel, flash_kernel
 from jaxattn.nn import MultiHeadAttention
-from tests.conftest import normal, reference_layer
+from tests.reference import normal, reference_layer
 
 C, H, K, D = 24, 4, 2, 6
 ROPE = AttentionSettings(rope=Rope(10000.0))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxattn.functional import Kernels, LatentCache, flash_kernel
 from jaxattn.nn import MultiHeadLatentAttention
-from tests.conftest import normal
+from tests.reference import normal
 
 C = 20
 

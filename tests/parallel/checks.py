@@ -21,7 +21,7 @@ from jaxattn.lm import parallel  # noqa: E402
 from jaxattn.lm.checkpoint import RunFolder  # noqa: E402
 from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, make_steps, place_batch  # noqa: E402
 from jaxattn.nn import TransformerConfig  # noqa: E402
-from tests.conftest import normal, reference_attention, value_and_grads  # noqa: E402
+from tests.reference import normal, reference_attention, value_and_grads  # noqa: E402
 
 CONFIG = TransformerConfig(width=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=48, max_length=64)
 
