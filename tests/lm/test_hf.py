@@ -153,8 +153,9 @@ def test_tokenizer_round_trips_and_fits_the_model():
 
 
 def test_special_tokens_templates_and_their_settings(tmp_path):
-    # Llama 3's tokenizer adds <|begin_of_text|> through its post-processor; an older
-    # tokenizer_config.json's add_bos_token/add_eos_token replace the template, as transformers does.
+    # Llama 3's tokenizer adds <|begin_of_text|> through its post-processor; tokenizer_config.json's
+    # add_bos_token/add_eos_token do not change it: transformers 5 applies neither flag (the live
+    # test below compares the ids with AutoTokenizer's).
     _, tokenizer = load_hf_model(FIXTURES / "llama3")
     bos = tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
     assert tokenizer.encode("The sky")[0] == bos and tokenizer.encode("The sky", add_special_tokens=False)[0] != bos
@@ -166,7 +167,7 @@ def test_special_tokens_templates_and_their_settings(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": True}))
     _, changed = load_hf_model(folder)
     eos = changed.tokenizer.token_to_id("<|eot_id|>")
-    assert changed.encode("The sky")[0] != bos and changed.encode("The sky")[-1] == eos
+    assert changed.encode("The sky")[0] == bos and changed.encode("The sky")[-1] != eos
 
 
 def test_a_checkpoint_without_a_chat_template_says_so(capsys):
@@ -405,3 +406,34 @@ def test_live_deepseek_mla_layer(hf_models, rope_interleave, q_lora_rank):
     assert settings.rope.style == ("interleaved" if rope_interleave else "half")
     chex.assert_trees_all_close(mla_naive(params, jnp.asarray(hidden), settings=settings),
                                 hf_models.deepseek_reference(layer, rotary, hidden), atol=1e-5, rtol=0)
+
+
+def with_bos_and_eos_settings(tmp_path, add_bos: bool, add_eos: bool):
+    """The Llama-2-tokenizer fixture (its tokenizer.json's template adds <s>) with
+    tokenizer_config.json's add_bos_token/add_eos_token set, as transformers 4 saved them (Llama 2,
+    Mistral 7B v0.1, TinyLlama: there true/false, agreeing with the template), and the reverse."""
+    folder = tmp_path / f"bos{int(add_bos)}-eos{int(add_eos)}"
+    shutil.copytree(FIXTURES / "llama", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos, "add_eos_token": add_eos}))
+    return folder
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(True, False), (False, True)])
+def test_the_template_decides_bos_and_eos_whatever_the_flags_say(tmp_path, add_bos, add_eos):
+    """What transformers 5 gives (5.24 and 5.25, measured; the live test below checks it): the
+    first id is BOS and no EOS follows, as tokenizer.json's template says, with either setting."""
+    tokenizer = load_tokenizer(with_bos_and_eos_settings(tmp_path, add_bos, add_eos))
+    bos, eos = tokenizer.tokenizer.token_to_id("<s>"), tokenizer.tokenizer.token_to_id("</s>")
+    ids = list(tokenizer.encode("The sky is blue"))
+    assert ids[0] == bos and ids[-1] != eos and bos not in ids[1:] and eos not in ids, ids
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(True, False), (False, True)])
+def test_add_bos_and_add_eos_give_autotokenizers_ids(hf_models, tmp_path, add_bos, add_eos):
+    import transformers
+
+    folder = with_bos_and_eos_settings(tmp_path, add_bos, add_eos)
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for text in hf_models.TOKENIZER_TEXTS:
+        assert list(ours.encode(text)) == theirs(text).input_ids, text

@@ -30,9 +30,11 @@ class HFTokenizer:
     ``vocab_size``, ``stop_ids``.
 
     The rule is "the same ids as ``AutoTokenizer.from_pretrained(folder)(text)``": the
-    ``tokenizer.json`` pipeline with its post-processor (the BOS/EOS template), which
-    ``tokenizer_config.json``'s ``add_bos_token``/``add_eos_token`` replace when they are set
-    (as transformers does); ``decode`` skips special tokens by default and cleans up spaces
+    ``tokenizer.json`` pipeline with its post-processor (the BOS/EOS template), whatever
+    ``tokenizer_config.json``'s ``add_bos_token``/``add_eos_token`` say: transformers 5 (5.24 and
+    5.25 checked) applies neither flag when it loads a folder (transformers 4's fast Llama
+    tokenizer rebuilt the template from them; the checkpoints it saved carry a template and
+    flags that agree, so their ids are the same either way); ``decode`` skips special tokens by default and cleans up spaces
     only where transformers would (``clean_up_tokenization_spaces``, not for BPE models).
     ``apply_chat_template`` renders the checkpoint's chat template as transformers renders it.
     ``stop_ids``: the tokens that end a sequence (``generation_config.json``'s ``eos_token_id``,
@@ -41,8 +43,6 @@ class HFTokenizer:
 
     def __init__(self, tokenizer, config: dict | None = None, *, chat_template: str | None = None,
                  stop_ids: tuple[int, ...] = (), pad_id: int | None = None):
-        from tokenizers import processors
-
         self.tokenizer = tokenizer
         config = config or {}
         self.special_tokens = {name: _token_text(config[name]) for name in NAMED_SPECIAL_TOKENS
@@ -50,14 +50,6 @@ class HFTokenizer:
         missing = [token for token in self.special_tokens.values() if tokenizer.token_to_id(token) is None]
         if missing:  # transformers adds named special tokens the vocabulary lacks
             tokenizer.add_special_tokens(missing)
-        if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
-            bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-            add_bos = bool(config.get("add_bos_token", False)) and bos is not None
-            add_eos = bool(config.get("add_eos_token", False)) and eos is not None
-            single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-            pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-            specials = [(token, tokenizer.token_to_id(token)) for token, used in ((bos, add_bos), (eos, add_eos)) if used]
-            tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and \
             json.loads(tokenizer.to_str())["model"]["type"] != "BPE"
         self.chat_template = chat_template
