@@ -18,6 +18,7 @@ from jaxattn.functional import (
     sinusoidal_positions,
 )
 
+from jaxattn.functional.softmax import block_logits
 from jaxattn.tour.page import format_matrix, heading, random_matrix, show
 
 
@@ -61,7 +62,7 @@ def step_self_attention(say, words, x, *, head_width: int, seed: int, out: Path)
     say.formula("Attention(Q, K, V) = softmax(Q K^T / sqrt(D)) V",
                 block(i("Attention"), paren(i("Q"), o(","), i("K"), o(","), i("V")), o("="), i("softmax"),
                       paren(frac(row(i("Q"), sup(i("K"), i("T"))), sqrt(i("D")))), i("V")))
-    scores = (q @ k.T) / np.sqrt(head_width)  # [T, S]
+    scores = block_logits(q, k, scale=1 / np.sqrt(head_width))  # [T, S]: the rule every kernel forms logits by
     say("Scores Q K^T / sqrt(D): how well each query (row) matches each key (column):")
     say(format_matrix(scores, words, words))
     weights = attention_weights(q, k)  # [T, S]
