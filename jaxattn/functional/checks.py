@@ -2,17 +2,18 @@
 
 Each raises a ``ValueError`` whose message names the parameter, the bound and the value
 given, e.g. ``slots must be an integer >= 1, got 0`` or ``temperature must be a number,
-got 'hot'``. A ``bool`` is never taken for a number (``True`` is an int in Python).
+got 'hot'``. NumPy's scalars count as numbers; a ``bool`` never does (``True`` is an int in Python).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
     """``value`` if it is an integer in ``[minimum, maximum]``; else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
             or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
@@ -23,7 +24,7 @@ def check_number(name: str, value, *, above: float | None = None, minimum: float
                  maximum: float | None = None) -> float:
     """``value`` if it is a finite real number ``> above``, ``>= minimum`` and ``<= maximum``
     (each bound optional); else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
