@@ -38,7 +38,6 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from jaxattn.functional.kernels import Kernels, attend
 from jaxattn.functional.layer import call_context, rms_norm
