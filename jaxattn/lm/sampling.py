@@ -74,7 +74,10 @@ def sample_token(logits, key, sampling: Sampling):
     (``filter_logits`` says which tokens may be drawn)."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, *sampling_arrays(sampling, logits.shape[0]))
+    if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
+        filtered = logits / sampling.temperature  # nothing to filter: no sort of the vocabulary every step
+    else:
+        filtered = filter_logits(logits, *sampling_arrays(sampling, logits.shape[0]))
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
