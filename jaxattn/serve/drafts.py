@@ -2,7 +2,8 @@
 
 Every greedy decode step proposes up to k tokens per sequence; the model verifies them all
 in one call of 1 + k tokens and keeps the drafts that equal its own greedy tokens. Two
-proposers, one interface (``propose(sequences, room) -> {slot: tokens}``):
+proposers, one interface (``propose(sequences, room) -> {slot: tokens}``; ``prefill`` and
+``warm_up`` for the pools a proposer keeps, ``calls`` for the compiled calls it made):
 
 - ``PromptLookup``: the tokens that followed the latest earlier occurrence of the sequence's
   last n-gram (Saxena 2023): free, and good on text that repeats its prompt.
@@ -37,10 +38,18 @@ def lookup_drafts(tokens: list[int], room: int, ngram: int) -> list[int]:
 
 
 class PromptLookup:
-    """Drafts by prompt lookup; needs no model and no pools."""
+    """Drafts by prompt lookup; needs no model and no pools, so it prefills and compiles nothing."""
+
+    calls = 0
 
     def __init__(self, ngram: int = 3):
         self.ngram = ngram
+
+    def prefill(self, rows, T: int) -> None:
+        pass
+
+    def warm_up(self, rows: list[int], chunks: list[int]) -> int:
+        return 0
 
     def propose(self, sequences, room: Callable) -> dict[int, list[int]]:
         return {sequence.slot: lookup_drafts(sequence.tokens, room(sequence), self.ngram) for sequence in sequences}
@@ -52,6 +61,10 @@ class DraftModel:
 
     def __init__(self, runner: ModelRunner, k: int):
         self.runner, self.k = runner, k
+
+    @property
+    def calls(self) -> int:
+        return self.runner.calls
 
     @staticmethod
     def length_of(sequence) -> int:

@@ -224,7 +224,7 @@ class Engine:
                 f"{self.pool.available} of {self.pool.pages - 1} pages available ({self.pool.in_use} held); the next "
                 f"needs {-(-(len(self.waiting[0].tokens) + 1) // self.page_size)}")
         self.stats.steps += 1
-        self.stats.calls = self.runner.calls + (self.drafts.runner.calls if isinstance(self.drafts, DraftModel) else 0)
+        self.stats.calls = self.runner.calls + self.drafts.calls
         self.stats.memory.append((self.pool.in_use * self.page_size, self._tokens_held()))
         self.stats.peak_pages = max(self.stats.peak_pages, self.pool.in_use)
         if self.on_step is not None:
@@ -254,9 +254,7 @@ class Engine:
         for R in rows:
             for T, all_positions in calls:
                 self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
-        shapes = len(rows) * len(calls)
-        if isinstance(self.drafts, DraftModel):
-            shapes += self.drafts.warm_up(rows, chunks)
+        shapes = len(rows) * len(calls) + self.drafts.warm_up(rows, chunks)
         jax.block_until_ready(self.runner.cache)
         return shapes
 
@@ -343,8 +341,7 @@ class Engine:
             return
         T = bucket(max(len(todo) for _, todo in rows), self.prefill_chunk, smallest=16)
         sampled, _ = self.runner.call(rows, T, lengths_of=_cached_length)
-        if isinstance(self.drafts, DraftModel):  # the draft model reads the same prompt into its own pools
-            self.drafts.prefill(rows, T)
+        self.drafts.prefill(rows, T)  # a draft model reads the same prompt into its own pools
         for row, (sequence, todo) in enumerate(rows):
             sequence.cached += len(todo)
             sequence.draft_cached = sequence.cached
