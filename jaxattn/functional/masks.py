@@ -97,6 +97,34 @@ def next_positions(lengths, T: int):
 # ------------------------------------------------------------------- the rule, by parts
 
 
+def visible_keys(q_positions=None, kv_positions=None, *, window=None, kv_valid=None, q_segment_ids=None,
+                 kv_segment_ids=None, user_mask=None):
+    """The whole rule on per-token arrays already laid out to broadcast into a block: bool, or
+    ``None`` when no term applies.
+
+    A query-side array is a column (``[..., T, 1]``) and a key-side one a row (``[..., 1, S]``),
+    or the other way round for a kernel that works on the transposed block ``[S, T]``; the
+    result has the broadcast shape. ``AttentionContext.token_mask`` lays out a call's arrays
+    and calls this; a Pallas kernel calls it on the rows and columns of one block it loaded.
+    Positions set means causal (and ``window`` applies); kv_valid may be int (nonzero = valid).
+    """
+    terms = []
+    if q_positions is not None:
+        terms.append(kv_positions <= q_positions)
+        if window is not None:
+            terms.append(q_positions - kv_positions < window)
+    if kv_valid is not None:
+        terms.append(kv_valid if kv_valid.dtype == jnp.bool_ else kv_valid != 0)
+    if q_segment_ids is not None:
+        terms.append(q_segment_ids == kv_segment_ids)
+    if user_mask is not None:
+        terms.append(user_mask if user_mask.dtype == jnp.bool_ else user_mask != 0)
+    mask = None
+    for term in terms:
+        mask = term if mask is None else mask & term
+    return mask
+
+
 def causal_mask(q_positions, kv_positions, window: int | None = None):
     """Causal (optionally sliding-window) mask from absolute positions.
 
@@ -115,10 +143,7 @@ def causal_mask(q_positions, kv_positions, window: int | None = None):
     check_window(window)
     q_pos = jnp.asarray(q_positions)[..., :, None]  # [..., T, 1]
     kv_pos = jnp.asarray(kv_positions)[..., None, :]  # [..., 1, S]
-    mask = kv_pos <= q_pos  # [..., T, S]
-    if window is not None:
-        mask = mask & (q_pos - kv_pos < window)
-    return mask
+    return visible_keys(q_pos, kv_pos, window=window)  # [..., T, S]
 
 
 def padding_mask(kv_lengths, S: int, *, start: int | jax.Array = 0):
@@ -455,12 +480,11 @@ class AttentionContext:
 
     def token_mask(self):
         """The rule over the token axes: bool ``[B|1, T, S]``, or ``None`` when nothing is masked."""
-        causal = None if self.q_positions is None else causal_mask(self.q_positions, self.kv_positions, self.window)
-        valid = None if self.kv_valid is None else self.kv_valid[:, None, :]  # [B|1, 1, S]
-        segments = None
-        if self.q_segment_ids is not None:
-            segments = segment_mask(self.q_segment_ids, self.kv_segment_ids)
-        return combine_masks(causal, valid, segments)
+        column = lambda x: None if x is None else x[:, :, None]  # [B|1, T, 1]  # noqa: E731
+        row = lambda x: None if x is None else x[:, None, :]  # [B|1, 1, S]  # noqa: E731
+        return visible_keys(column(self.q_positions), row(self.kv_positions), window=self.window,
+                            kv_valid=row(self.kv_valid), q_segment_ids=column(self.q_segment_ids),
+                            kv_segment_ids=row(self.kv_segment_ids))
 
     def full_mask(self):
         """Everything together: bool ``[B|1, H|1, T, S]``, or ``None`` when nothing is masked."""

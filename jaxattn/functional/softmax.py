@@ -79,27 +79,41 @@ def block_logits(q, k, *, scale: float, cap: float | None = None):
     return soft_cap(products * jnp.float32(scale), cap)
 
 
+def _row_stat(x, like):
+    """A per-row statistic reduced over the keys of ``x [rows, bk]``, shaped like the state's
+    ``like``: ``[rows]`` (the XLA kernels, vmapped) or ``[rows, 1]`` (a Pallas kernel, whose
+    values stay 2-D on the chip)."""
+    return x if like.ndim == x.ndim else x[..., 0]
+
+
+def _as_column(stat, s):
+    """A per-row statistic ``[rows]`` or ``[rows, 1]`` as a column against ``s [rows, bk]``."""
+    return stat if stat.ndim == s.ndim else stat[..., None]
+
+
 def online_softmax_step(s, v, mask, state: SoftmaxState) -> SoftmaxState:
     """Folds one block of keys into the running softmax of one head.
 
     s ``[bq, bk]`` the block's logits (float32), v ``[bk, E]``, mask bool ``[bq, bk]`` or
-    ``None``. A masked logit never counts: its ``p`` is set to exactly 0, so a row that has
-    seen only masked keys keeps ``l = 0`` (or the sink's 1).
+    ``None``; the state's m, l are ``[bq]`` or ``[bq, 1]`` (kept as given). A masked logit
+    never counts: its ``p`` is set to exactly 0, so a row that has seen only masked keys
+    keeps ``l = 0`` (or the sink's 1).
     """
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
-    m_new = jnp.maximum(state.m, s.max(axis=-1))
-    p = jnp.exp(s - m_new[:, None])  # [bq, bk]
+    m_new = jnp.maximum(state.m, _row_stat(s.max(axis=-1, keepdims=True), state.m))
+    p = jnp.exp(s - _as_column(m_new, s))  # [bq, bk]
     if mask is not None:
         p = jnp.where(mask, p, 0.0)  # a fully masked row stays all zero
     correction = jnp.exp(state.m - m_new)
-    l = state.l * correction + p.sum(axis=-1)
-    pv = jnp.einsum("qk,ke->qe", p, v.astype(jnp.float32))  # float32: the values widened, the weights as they are
-    return SoftmaxState(m_new, l, state.acc * correction[:, None] + pv)
+    l = state.l * correction + _row_stat(p.sum(axis=-1, keepdims=True), state.l)
+    pv = jnp.einsum("qk,ke->qe", p, v.astype(jnp.float32),
+                    preferred_element_type=jnp.float32)  # float32: the values widened, the weights as they are
+    return SoftmaxState(m_new, l, state.acc * _as_column(correction, pv) + pv)
 
 
 def online_softmax_finish(state: SoftmaxState):
-    """``(out [..., E], lse [...])`` from the running statistics, float32.
+    """``(out [..., E], lse)`` from the running statistics, float32 (lse shaped like ``m``).
 
     How a row that saw no visible key becomes zeros: without a sink its ``l`` stayed exactly
     0 (every ``p`` was masked to 0), so ``out`` and ``lse`` are set to 0 instead of ``0 / 0``;
@@ -109,9 +123,21 @@ def online_softmax_finish(state: SoftmaxState):
     """
     seen = state.l > 0
     safe_l = jnp.where(seen, state.l, 1.0)
-    out = jnp.where(seen[..., None], state.acc / safe_l[..., None], 0.0)
+    out = jnp.where(_as_column(seen, state.acc), state.acc / _as_column(safe_l, state.acc), 0.0)
     lse = jnp.where(seen, state.m + jnp.log(safe_l), 0.0)
     return out, lse
+
+
+def with_sinks(out, lse, sinks):
+    """A finished softmax ``(out [..., E], lse [...])`` joined by one sink logit per row
+    (``sinks`` broadcastable to ``lse``), as if the state had started from it.
+
+    Two softmaxes over disjoint sets merge by their log-sum-exps: the keys keep the share
+    ``e^lse / (e^lse + e^sink) = sigmoid(lse - sink)`` of the weight, and the sink (no value)
+    the rest. A row that saw no key (``out = 0``) stays 0. Returns the joined ``(out, lse)``.
+    """
+    share = jax.nn.sigmoid(lse - sinks)
+    return out * share[..., None], jnp.logaddexp(lse, sinks)
 
 
 def fold_block(q, state: SoftmaxState, k, v, mask, *, head_axis: int, scale: float,
@@ -131,6 +157,24 @@ def fold_block(q, state: SoftmaxState, k, v, mask, *, head_axis: int, scale: flo
     return SoftmaxState(*over_heads(q, *state, k, v, mask, None))
 
 
+def block_probabilities(s, lse, mask):
+    """A block's softmax weights recomputed from its logits: ``p = exp(s - lse)``, 0 where masked.
+    s ``[rows, cols]``; lse broadcastable to it (a column ``[bq, 1]``, or a row ``[1, bq]`` when a
+    kernel works on the transposed block ``[bk, bq]``); mask like s or ``None``."""
+    p = jnp.exp(s - lse)
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def logits_gradient(s, p, dp, delta, *, scale: float, cap: float | None):
+    """d loss / d (q . k) of one block from its capped logits s, weights p and ``dp = do . v``:
+    ``ds = p (dp - delta)`` through the cap's ``tanh`` and the scale. Any orientation: s, p, dp
+    alike, delta (``rowsum(do * out)`` of each query) broadcastable to them."""
+    ds = p * (dp - delta)
+    if cap is not None:  # d tanh: through the cap to the scaled scores
+        ds = ds * (1.0 - jnp.square(s / cap))
+    return ds * jnp.float32(scale)  # through the scale to the products q . k
+
+
 def _block_backward(q, do, lse, delta, k, v, mask, scale, cap):
     """Gradients of one head from one (query block, key block) pair, recomputing p.
 
@@ -138,15 +182,10 @@ def _block_backward(q, do, lse, delta, k, v, mask, scale, cap):
     mask ``[bq, bk]`` or ``None``. Returns dq ``[bq, D]``, dk ``[bk, D]``, dv ``[bk, E]`` (float32).
     """
     s = block_logits(q, k, scale=scale, cap=cap)  # [bq, bk], capped
-    p = jnp.exp(s - lse[:, None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
+    p = block_probabilities(s, lse[:, None], mask)
     dv = jnp.einsum("qk,qe->ke", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("qe,ke->qk", do, v, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None])
-    if cap is not None:  # d tanh: through the cap to the scaled scores
-        ds = ds * (1.0 - jnp.square(s / cap))
-    ds = ds * jnp.float32(scale)  # through the scale to the products q . k
+    ds = logits_gradient(s, p, dp, delta[:, None], scale=scale, cap=cap)
     dq = jnp.einsum("qk,kd->qd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("qk,qd->kd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dq, dk, dv
