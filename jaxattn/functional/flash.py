@@ -87,7 +87,7 @@ def _keys_from_blocks(x, S: int):  # [B, K, Sp, F] -> [B, S, K, F]
     return x[:, :, :S].transpose(0, 2, 1, 3)
 
 
-def _visit_list(visible_row):
+def visit_list(visible_row):
     """The indices of the True entries of a bool ``[n]``, first, and how many there are."""
     n = visible_row.shape[0]
     (order,) = jnp.nonzero(visible_row, size=n, fill_value=0)
@@ -111,7 +111,7 @@ def _forward(static: _Static, q, k, v, context: AttentionContext, plan):
         q_block = lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)  # [B, K, G, bq, D]
 
         def key_blocks(blocks, masked, state):
-            order, count = _visit_list(blocks)
+            order, count = visit_list(blocks)
 
             def key_block(t, state):
                 kv_start = order[t] * bk
@@ -151,7 +151,7 @@ def _backward(static: _Static, q, k, v, context: AttentionContext, plan, out, ls
         v_block = lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
 
         def query_blocks(blocks, masked, carry):
-            order, count = _visit_list(blocks)
+            order, count = visit_list(blocks)
 
             def query_block(t, carry):
                 dq_total, dk, dv = carry
