@@ -38,6 +38,12 @@ from jaxattn.functional.masks import (
     padding_mask,
     segment_mask,
 )
+from jaxattn.functional.pallas import (
+    pallas_attention,
+    pallas_decode_attention,
+    pallas_decode_kernel,
+    pallas_kernel,
+)
 from jaxattn.functional.mla import MLAParams, MLASettings, mla_absorbed, mla_decompressed, mla_naive
 from jaxattn.functional.positions import Rope, RopeScaling, rope, sinusoidal_positions
 from jaxattn.functional.ring import (
@@ -90,6 +96,10 @@ __all__ = [
     "multi_head_attention_weights",
     "next_positions",
     "padding_mask",
+    "pallas_attention",
+    "pallas_decode_attention",
+    "pallas_decode_kernel",
+    "pallas_kernel",
     "quantize_tokens",
     "ring_attention",
     "ring_attention_shard",

@@ -35,14 +35,13 @@ from jaxattn.functional import (
     PagedLatentCache,
     Rope,
     SlidingKVCache,
-    dense_kernel,
-    flash_kernel,
     kv_cache_elements_per_token,
     latent_cache_elements_per_token,
     sinusoidal_positions,
 )
 from jaxattn.functional.checks import check_int, check_number
 from jaxattn.functional.decode import DECODE_MAX_TOKENS
+from jaxattn.functional.kernels import KERNEL_NAMES
 from jaxattn.functional.packed import PackedWeight, packed_matmul
 from jaxattn.functional.softmax import soft_cap
 from jaxattn.nn.attention import MultiHeadAttention
@@ -58,8 +57,6 @@ LAYER_KINDS = ("global", "local")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("standard", "mla")
-# The kernels a Config can name; any other kernel can be passed as attention_fn=.
-ATTENTION_KERNELS = {"dense": dense_kernel, "flash": flash_kernel}
 MLA_DEFAULTS = {"latent_dim": 64, "rope_dim": 16}
 
 
@@ -73,8 +70,10 @@ class TransformerConfig:
     default cache). ``attention="mla"`` uses multi-head latent attention (``latent_dim``
     L, default 64, ``rope_dim`` R, default 16, ``query_latent_dim`` P) instead of
     MHA/GQA/MQA, with its own decoupled RoPE (``rope_theta``, ``rope_style``) and latent norms
-    (``norm_epsilon``). ``attention_kernel``: ``"dense"`` (``dense_kernel``) or ``"flash"``
-    (``flash_kernel``, memory linear in the sequence), for either attention.
+    (``norm_epsilon``). ``attention_kernel``, for either attention: ``"auto"`` (the platform's
+    table in ``jaxattn.functional.kernels``: the XLA kernels on a CPU, cuDNN or Pallas on a GPU,
+    Pallas on a TPU), ``"dense"`` (``dense_kernel``), ``"flash"`` (``flash_kernel``, memory linear
+    in the sequence), ``"pallas"`` (the Pallas kernels; interpret mode on a CPU) or ``"cudnn"``.
 
     ``decode_max_tokens``: a call with a cache and at most this many new tokens (a decode
     step) uses ``decode_attention``, whose cost follows the tokens in the cache, not its
@@ -128,7 +127,7 @@ class TransformerConfig:
     latent_dim: int | None = None
     rope_dim: int | None = None
     query_latent_dim: int | None = None
-    attention_kernel: str = "dense"
+    attention_kernel: str = "auto"
     decode_max_tokens: int = DECODE_MAX_TOKENS
     qkv_bias: bool = False
     out_bias: bool = False
@@ -160,8 +159,8 @@ class TransformerConfig:
             for name, value in MLA_DEFAULTS.items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernel must be one of {tuple(ATTENTION_KERNELS)}, got {self.attention_kernel!r}")
+        if self.attention_kernel not in KERNEL_NAMES:
+            raise ValueError(f"attention_kernel must be one of {KERNEL_NAMES}, got {self.attention_kernel!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.heads < 1 or self.kv_heads < 1 or self.heads % self.kv_heads:
@@ -412,8 +411,11 @@ class TransformerLM(nnx.Module):
         the kernels ``config`` names, cached ones included, unless ``decode_fn`` is given too."""
         self.config = config
         dtype = config.compute_dtype
-        kernels = Kernels.choose(attention_fn, decode_fn, default=ATTENTION_KERNELS[config.attention_kernel],
-                                 decode_max_tokens=config.decode_max_tokens)
+        if attention_fn is None and decode_fn is None:
+            kernels = Kernels.named(config.attention_kernel, decode_max_tokens=config.decode_max_tokens)
+        else:
+            kernels = Kernels.choose(attention_fn, decode_fn, default=Kernels.named(config.attention_kernel).full,
+                                     decode_max_tokens=config.decode_max_tokens)
         self.embed = Embedding(config.vocab_size, config.width, dtype=dtype,
                                embedding_init=logical(default_kernel_init, "vocab", "embed"), rngs=rngs)
         if config.positions == "learned":

@@ -197,7 +197,7 @@ def test_flash_kernel_model_equals_dense_model():
     tokens = tokens_for(2, 19)
     chex.assert_trees_all_close(jax.jit(flash)(tokens), jax.jit(dense)(tokens), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_kernel must be one of"):
-        Config(attention_kernel="pallas")
+        Config(attention_kernel="triton")
 
 
 def test_blocks_wire_their_norms_as_their_models_do():

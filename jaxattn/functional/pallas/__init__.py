@@ -3,6 +3,7 @@ backward) and decode attention over a contiguous or paged cache. They read the s
 context and form their logits with the same function as the XLA kernels; on a CPU they run
 in interpret mode. ``platforms.py`` holds what differs by chip."""
 
+from jaxattn.functional.pallas.decode import pallas_decode_attention, pallas_decode_kernel
 from jaxattn.functional.pallas.flash import pallas_attention, pallas_kernel
 
-__all__ = ["pallas_attention", "pallas_kernel"]
+__all__ = ["pallas_attention", "pallas_decode_attention", "pallas_decode_kernel", "pallas_kernel"]

@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxattn.functional.decode import decode_kernel
 from jaxattn.functional.heads import check_multi_head_shapes
 from jaxattn.functional.kv_cache import Int8Tokens
 from jaxattn.functional.masks import MASK_VALUE, PAD_QUERY_POSITION, AttentionContext, visible_keys
@@ -66,6 +67,12 @@ class DecodeCall(NamedTuple):
     bk: int  # keys per block (a multiple of page)
     rows: int  # G T rounded up to what the chip tiles
     interpret: str | bool
+    target: str
+
+    def footprint(self, itemsize: int):
+        """The program's on-chip bytes (``Target.footprint``, kernel "decode")."""
+        return TARGETS[self.target].footprint("decode", bq=self.rows, bk=self.bk, Dp=self.D, Ep=self.E, T=self.T,
+                                              S=self.bk, itemsize=itemsize)
 
 
 def _block_mask(settings: DecodeCall, q_pos, kv_pos, first, start, length):
@@ -168,8 +175,7 @@ def run(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
         kv_pos_spec = pl.BlockSpec(memory_space=pl.ANY)
         scratch = [pltpu.VMEM((call.bk, call.D), k.dtype), pltpu.VMEM((call.bk, call.E), v.dtype),
                    pltpu.VMEM((1, call.bk), jnp.int32)]
-    footprint = target.footprint("decode", bq=rows, bk=call.bk, Dp=call.D, Ep=call.E, T=call.T, S=call.bk,
-                                 itemsize=q.dtype.itemsize)
+    footprint = call.footprint(q.dtype.itemsize)
     if not call.interpret:
         footprint.check(f"the Pallas decode kernel at rows={rows}, block {call.bk}, D={call.D}")
     params = None if call.interpret else target.compiler_params(footprint, call.D, 2)
@@ -190,8 +196,9 @@ def run(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
     return _unstack(out, call), _unstack(lse, call)[..., 0]
 
 
-def _refuse(q, k, v, context: AttentionContext):
-    """What this kernel does not serve, named (``decode_kernel`` serves all of it)."""
+def serves(q, k, v, context: AttentionContext) -> str | None:
+    """``None`` when this kernel serves the call, else what it does not serve (``decode_kernel``
+    serves all of it). Static: read from the call's types and the context's structure."""
     parts = isinstance(q, (tuple, list)) or isinstance(k, (tuple, list))
     reasons = [reason for reason, applies in (
         ("MLA's key parts (q, k as tuples)", parts),
@@ -201,12 +208,14 @@ def _refuse(q, k, v, context: AttentionContext):
         ("a caller's mask", context.user_mask is not None),
         ("padding given as kv_valid without kv_lengths", context.kv_valid is not None and context.kv_lengths is None),
     ) if applies]
-    if reasons:
-        raise ValueError(f"the Pallas decode kernel does not serve {', '.join(reasons)}: use decode_kernel")
+    if not reasons:
+        widths = (q.shape[-1], v.shape[-1])
+        if any(width < 16 or width & (width - 1) for width in widths):
+            reasons.append(f"head widths {widths} (the cache is read as it is: powers of two from 16)")
+    return ", ".join(reasons) or None
 
 
 def make_decode_call(q, k, v, context: AttentionContext, *, block_kv, interpret, target: Target) -> DecodeCall:
-    _refuse(q, k, v, context)
     pages = context.kv_pages
     if pages is not None:
         page = k.shape[1]
@@ -220,10 +229,6 @@ def make_decode_call(q, k, v, context: AttentionContext, *, block_kv, interpret,
         page, shapes = None, check_multi_head_shapes(q, k, v)
     B, T, S, H, K, D, E = shapes
     context.check(B, T, S, H)
-    for name, width in (("D", D), ("E", E)):
-        if width < 16 or width & (width - 1):
-            raise ValueError(f"the Pallas decode kernel reads the cache as it is: its head width {name}={width} must be "
-                             "a power of two from 16; use decode_kernel")
     if block_kv is not None and (isinstance(block_kv, bool) or not isinstance(block_kv, int) or block_kv < 1):
         raise ValueError(f"block_kv must be an int >= 1 or None, got {block_kv!r}")
     wanted = block_kv or (DEFAULT_BLOCK // 2 if target.name == "gpu" and max(D, E) > 128 else DEFAULT_BLOCK)
@@ -236,7 +241,31 @@ def make_decode_call(q, k, v, context: AttentionContext, *, block_kv, interpret,
     G = H // K
     rows = max(16, next_power_of_two(G * T)) if target.name == "gpu" else round_up(G * T, 8)
     return DecodeCall(B, T, S, H, K, D, E, context.logit_scale(D), context.logit_softcap, context.window, page, bk,
-                      rows, interpret)
+                      rows, interpret, target.name)
+
+
+def decode_fits(q, k, v, context: AttentionContext, target: str, *, block_kv=None) -> bool:
+    """Whether this kernel serves the call on ``target`` (``serves``) and its program fits the chip."""
+    if serves(q, k, v, context) is not None:
+        return False
+    call = make_decode_call(q, k, v, context, block_kv=block_kv, interpret=False, target=TARGETS[target])
+    return call.footprint(q.dtype.itemsize).fits
+
+
+def _decode(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
+    out, lse = run(call, target, q, k, v, context)  # [B, T, H, E], [B, T, H]
+    if context.sinks is not None:
+        out, lse = with_sinks(out, lse, context.sinks.astype(jnp.float32)[None, None, :])  # sinks [1, 1, H]
+    return out.astype(q.dtype)
+
+
+def on_target(q, k, v, context: AttentionContext, target: str, *, block_kv=None):
+    """The kernel compiled for ``target`` ("gpu" or "tpu"), or ``decode_kernel`` where it does not
+    serve the call or its program would not fit the chip."""
+    if not decode_fits(q, k, v, context, target, block_kv=block_kv):
+        return decode_kernel(q, k, v, context)
+    call = make_decode_call(q, k, v, context, block_kv=block_kv, interpret=False, target=TARGETS[target])
+    return _decode(call, TARGETS[target], q, k, v, context)
 
 
 def pallas_decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = None,
@@ -249,26 +278,29 @@ def pallas_decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | 
         ``[P, page, K, D|E]`` read through the page table (S = N x page).
       context: a causal call; ``kv_lengths [B]`` bounds each row (default S), ``kv_positions``
         say where each slot's token is (empty slots at a position no query reaches).
-      block_kv: keys per block (default 128; a paged block is whole pages; a Triton program
-        reads one page per block).
-      interpret: run the body on the CPU: True (the GPU's reads) or "tpu" (the TPU's copies).
+      block_kv: keys per block (default 128, 64 on a GPU at width 256; a paged block is whole
+        pages, and a Triton program reads one page per block).
+      interpret: run the body on the CPU: True (the GPU's loads) or "tpu" (the TPU's copies).
 
     Returns:
-      ``[B, T, H, E]`` in q's dtype. Lowered for ``cuda`` a Triton kernel, for ``tpu`` a Mosaic one.
+      ``[B, T, H, E]`` in q's dtype. Lowered for ``cuda`` a Triton kernel, for ``tpu`` a Mosaic
+      one, on any other platform the GPU's body in interpret mode; where the program would not
+      fit a chip (``Target.footprint``), ``decode_kernel`` serves the call there.
     """
-    def build(target: Target, interpret):
-        call = make_decode_call(q, k, v, context, block_kv=block_kv, interpret=interpret, target=target)
-        out, lse = run(call, target, q, k, v, context)
-        if context.sinks is not None:
-            out, lse = with_sinks(out, lse, context.sinks.astype(jnp.float32)[None, None, :])  # sinks [1, 1, H]
-        return out.astype(q.dtype)
-
+    reason = serves(q, k, v, context)
+    if reason is not None:
+        raise ValueError(f"the Pallas decode kernel does not serve {reason}: use decode_kernel")
     if interpret not in (False, True, "gpu", "tpu"):
         raise ValueError(f"interpret must be False, True, 'gpu' or 'tpu', got {interpret!r}")
+
     if interpret:
-        return build(TARGETS["tpu" if interpret == "tpu" else "gpu"], interpret)
-    return lax.platform_dependent(cuda=lambda: build(TARGETS["gpu"], False), tpu=lambda: build(TARGETS["tpu"], False),
-                                  default=lambda: build(TARGETS["gpu"], "gpu"))
+        target = TARGETS["tpu" if interpret == "tpu" else "gpu"]
+        return _decode(make_decode_call(q, k, v, context, block_kv=block_kv, interpret=interpret, target=target),
+                       target, q, k, v, context)
+    on_cpu = make_decode_call(q, k, v, context, block_kv=block_kv, interpret="gpu", target=TARGETS["gpu"])
+    return lax.platform_dependent(q, k, v, context, cuda=lambda *args: on_target(*args, "gpu", block_kv=block_kv),
+                                  tpu=lambda *args: on_target(*args, "tpu", block_kv=block_kv),
+                                  default=lambda *args: _decode(on_cpu, TARGETS["gpu"], *args))
 
 
 def pallas_decode_attention(q, k, v, *, block_kv: int | None = None, interpret: bool | str = False, **keywords):

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.functional.flash import visit_list
+from jaxattn.functional.flash import flash_kernel, visit_list
 from jaxattn.functional.heads import check_multi_head_shapes
 from jaxattn.functional.masks import MASK_VALUE, AttentionContext, visible_keys
 from jaxattn.functional.pallas.platforms import TARGETS, Target, divide, pad_last, padded_width
@@ -205,8 +205,8 @@ def dkv_body(layout: TokenLayout, settings: Settings, order_ref, count_ref, k_re
 
 class Call(NamedTuple):
     """Everything static about one call (hashable): sizes, the logit settings, the blocks the
-    user asked for (``None``: the target's), and how it runs (``interpret``: False, or the
-    target whose specs run in interpret mode)."""
+    user asked for (``None``: the target's), the target ("gpu": Triton, "tpu": Mosaic) and
+    whether its body runs in interpret mode (on the CPU)."""
 
     T: int
     S: int
@@ -217,7 +217,24 @@ class Call(NamedTuple):
     window: int | None
     block_q: int | None
     block_kv: int | None
-    interpret: str | bool
+    target: str
+    interpret: bool
+    itemsize: int
+
+    def blocks(self, *, backward: bool = False) -> tuple[int, int]:
+        """``(bq, bk)``: the user's, else the target's for these sizes."""
+        bq, bk = TARGETS[self.target].blocks(self.T, self.S, padded_width(max(self.D, self.E)), backward=backward)
+        return self.block_q or bq, self.block_kv or bk
+
+    def footprints(self):
+        """The on-chip bytes of the three kernels at this call's blocks (``Target.footprint``)."""
+        target, Dp, Ep = TARGETS[self.target], padded_width(self.D), padded_width(self.E)
+        result = []
+        for kernel, backward in (("forward", False), ("dq", True), ("dkv", True)):
+            bq, bk = self.blocks(backward=backward)
+            result.append(target.footprint(kernel, bq=bq, bk=bk, Dp=Dp, Ep=Ep, T=-(-self.T // bq) * bq,
+                                           S=-(-self.S // bk) * bk, itemsize=self.itemsize))
+        return result
 
 
 class Operands(NamedTuple):
@@ -240,8 +257,7 @@ def _pad_tokens(x, size: int):  # [B, L, heads, F] -> [B, heads, size, F]
 def lay_out(call: Call, target: Target, q, k, v, context: AttentionContext, *, backward: bool = False) -> Operands:
     """q, k, v and the context as ``target``'s kernels read them, with the block plan."""
     Dp, Ep = padded_width(call.D), padded_width(call.E)
-    bq, bk = target.blocks(call.T, call.S, Dp, backward=backward)
-    bq, bk = call.block_q or bq, call.block_kv or bk
+    bq, bk = call.blocks(backward=backward)
     if not call.interpret:
         target.check_blocks(bq, bk)
     Tp, Sp = -(-call.T // bq) * bq, -(-call.S // bk) * bk
@@ -339,7 +355,7 @@ def _attention(call: Call, q, k, v, context: AttentionContext):
 
 
 def _attention_forward(call: Call, q, k, v, context):
-    out, lse = _on_target(call, lambda target, call: forward(call, target, q, k, v, context))  # [B, H, T, E], [B, H, T]
+    out, lse = forward(call, TARGETS[call.target], q, k, v, context)  # [B, H, T, E], [B, H, T]
     if context.sinks is not None:
         sinks = context.sinks.astype(jnp.float32)[None, :, None]  # [1, H, 1]
         out, lse = with_sinks(out.astype(jnp.float32), lse, sinks)
@@ -351,7 +367,7 @@ def _attention_backward(call: Call, residuals, d_out):
     q, k, v, context, out, lse = residuals
     delta = jnp.einsum("bthe,bthe->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, H, T]
     do = d_out.transpose(0, 2, 1, 3)  # [B, H, T, E]
-    dq, dk, dv = _on_target(call, lambda target, call: backward(call, target, q, k, v, context, do, lse, delta))
+    dq, dk, dv = backward(call, TARGETS[call.target], q, k, v, context, do, lse, delta)
     d_sinks = None
     if context.sinks is not None:
         d_sinks = sink_gradient(context.sinks.astype(jnp.float32)[None, :, None], lse, delta, rows_axes=(0, 2))  # [H]
@@ -362,30 +378,42 @@ def _attention_backward(call: Call, residuals, d_out):
 _attention.defvjp(_attention_forward, _attention_backward)
 
 
-def _on_target(call: Call, build):
-    """``build(target, call)`` for the chip the call is lowered for: Triton's on ``cuda``,
-    Mosaic's on ``tpu``, and the Triton-shaped body in interpret mode on any other platform
-    (a CPU); ``call.interpret`` set (True: "gpu", or "tpu") runs that target's in interpret mode."""
-    if call.interpret:
-        return build(TARGETS["gpu" if call.interpret is True else call.interpret], call)
-    return lax.platform_dependent(cuda=lambda: build(TARGETS["gpu"], call),
-                                  tpu=lambda: build(TARGETS["tpu"], call),
-                                  default=lambda: build(TARGETS["gpu"], call._replace(interpret="gpu")))
-
-
 # ----------------------------------------------------------------------- the edge
 
 
-def make_call(q, k, v, context: AttentionContext, *, block_q, block_kv, interpret) -> Call:
-    """The static description of a call, after the checks every kernel makes."""
-    B, T, S, H, K, D, E = check_multi_head_shapes(q, k, v)
-    context.check(B, T, S, H)
+def check_call(q, k, v, context: AttentionContext, *, block_q, block_kv, interpret):
+    """The checks every kernel makes, and those of this one's arguments; returns the sizes."""
+    shapes = check_multi_head_shapes(q, k, v)
+    context.check(shapes.B, shapes.T, shapes.S, shapes.H)
     for name, size in (("block_q", block_q), ("block_kv", block_kv)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
     if interpret not in (False, True, "gpu", "tpu"):
         raise ValueError(f"interpret must be False, True, 'gpu' or 'tpu', got {interpret!r}")
-    return Call(T, S, D, E, context.logit_scale(D), context.logit_softcap, context.window, block_q, block_kv, interpret)
+    return shapes
+
+
+def make_call(q, k, v, context: AttentionContext, *, target: str, interpret: bool, block_q=None,
+              block_kv=None) -> Call:
+    """The static description of a call on ``target`` (after ``check_call``)."""
+    B, T, S, H, K, D, E = check_multi_head_shapes(q, k, v)
+    return Call(T, S, D, E, context.logit_scale(D), context.logit_softcap, context.window, block_q, block_kv,
+                target, interpret, q.dtype.itemsize)
+
+
+def fits(q, k, v, context: AttentionContext, target: str, *, block_q=None, block_kv=None) -> bool:
+    """Whether the three kernels' programs fit ``target``'s on-chip memory for this call."""
+    call = make_call(q, k, v, context, target=target, interpret=False, block_q=block_q, block_kv=block_kv)
+    return all(footprint.fits for footprint in call.footprints())
+
+
+def on_target(q, k, v, context: AttentionContext, target: str, *, block_q=None, block_kv=None):
+    """The Pallas kernel compiled for ``target`` ("gpu" or "tpu"), or ``flash_kernel`` where its
+    programs would not fit the chip (``Target.footprint``)."""
+    if not fits(q, k, v, context, target, block_q=block_q, block_kv=block_kv):
+        return flash_kernel(q, k, v, context)
+    call = make_call(q, k, v, context, target=target, interpret=False, block_q=block_q, block_kv=block_kv)
+    return _attention(call, q, k, v, context)
 
 
 def pallas_kernel(q, k, v, context: AttentionContext, *, block_q: int | None = None, block_kv: int | None = None,
@@ -393,14 +421,26 @@ def pallas_kernel(q, k, v, context: AttentionContext, *, block_q: int | None = N
     """Flash attention as a Pallas kernel, with the shapes and numerics of ``flash_kernel``.
 
     q ``[B, T, H, D]``, k ``[B, S, K, D]``, v ``[B, S, K, E]`` -> ``[B, T, H, E]`` in q's dtype;
-    differentiable in q, k, v and the context's sinks. Lowered for ``cuda`` it is a Triton
-    kernel, for ``tpu`` a Mosaic one (the chip is picked at lowering); ``interpret=True`` (or
-    "tpu": the TPU's block layout) runs the same body on the CPU. Blocks default to the chip's
-    (``Target.blocks``); T, S need not be multiples of them, and D, E are padded to a width the
-    chip tiles (``padded_width``).
+    differentiable in q, k, v and the context's sinks. The chip is picked when the call is
+    lowered: for ``cuda`` the Triton kernel, for ``tpu`` the Mosaic one (each with its chip's
+    default blocks, ``Target.blocks``), and on any other platform (a CPU) the Triton-shaped
+    body in interpret mode. A call whose programs would not fit a chip's on-chip memory
+    (``Target.footprint``) is served there by ``flash_kernel``. ``interpret=True`` (or "tpu":
+    the TPU's blocks and tables) runs the body on the CPU. T, S need not be multiples of the
+    blocks; D, E are padded to a width the chip tiles (``padded_width``).
     """
-    return _attention(make_call(q, k, v, context, block_q=block_q, block_kv=block_kv, interpret=interpret),
-                      q, k, v, context)
+    check_call(q, k, v, context, block_q=block_q, block_kv=block_kv, interpret=interpret)
+    blocks = dict(block_q=block_q, block_kv=block_kv)
+    if interpret:
+        call = make_call(q, k, v, context, target="tpu" if interpret == "tpu" else "gpu", interpret=True, **blocks)
+        return _attention(call, q, k, v, context)
+    on_cpu = make_call(q, k, v, context, target="gpu", interpret=True, **blocks)
+    return lax.platform_dependent(
+        q, k, v, context,
+        cuda=lambda *args: on_target(*args, "gpu", **blocks),
+        tpu=lambda *args: on_target(*args, "tpu", **blocks),
+        default=lambda *args: _attention(on_cpu, *args),
+    )
 
 
 def pallas_attention(q, k, v, *, block_q: int | None = None, block_kv: int | None = None,
