@@ -76,7 +76,7 @@ def _train(args) -> int:
         overrides = _model_config_file(args.model_config) if args.model_config else {}
         overrides.update({name: getattr(args, name) for name in ("layers", "width") if getattr(args, name) is not None})
         if args.kernel is not None or "attention_kernel" not in overrides:
-            overrides["attention_kernel"] = args.kernel or "dense"
+            overrides["attention_kernel"] = args.kernel or "auto"
         config = dataclasses.replace(config, **overrides)
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         train_config = TrainConfig(
@@ -151,7 +151,7 @@ def _generate(args) -> int:
     if args.kv_cache is not None and args.no_cache:
         raise ValueError(f"--kv-cache {args.kv_cache} says how to store the cache, and --no-cache decodes without one: "
                          "give one of them")
-    model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype, quantize=args.quantize, kernel=args.kernel)
     if args.requests is not None:
         if args.output is None:
             raise ValueError("--requests needs --output, the file the results are written to")
@@ -252,6 +252,7 @@ def _inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxattn import __version__
+    from jaxattn.functional.kernels import KERNEL_NAMES
 
     parser = argparse.ArgumentParser(prog="jaxattn", description="Transformer attention from first principles, in JAX.")
     parser.add_argument("--version", action="version", version=f"jaxattn {__version__}")
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     train.add_argument("--attention", default="gqa", choices=["mha", "gqa", "mqa", "mla"], help="attention family")
-    train.add_argument("--kernel", default=None, choices=["dense", "flash"], help="attention kernel (default: dense)")
+    train.add_argument("--kernel", default=None, choices=list(KERNEL_NAMES),
+                       help="attention kernels (default: auto, the platform's: XLA on a CPU, cuDNN/Pallas on a GPU, Pallas on a TPU)")
     train.add_argument("--model-config", dest="model_config", default=None,
                        help="JSON file of TransformerConfig fields over the default model (e.g. today's attention)")
     train.add_argument("--layers", type=int, default=None)
@@ -304,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="parameters and computation of a Hugging Face model; a run folder's weights (bfloat16)")
     generate.add_argument("--quantize", default=None, choices=["int8"],
                           help="int8 weights, one scale per output channel (fewer bytes to read per token)")
+    generate.add_argument("--kernel", default=None, choices=list(KERNEL_NAMES),
+                          help="attention kernels (default: the model's, auto: XLA on a CPU, cuDNN/Pallas on a GPU, "
+                               "Pallas on a TPU; pallas on a CPU runs in interpret mode)")
     generate.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"],
                           help="int8 keys and values, one scale per token and head (fewer bytes to read at long contexts)")
     generate.add_argument("--prompt", default="The next day is bright")

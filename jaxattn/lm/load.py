@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_any(name, *, dtype: str = "float32", quantize: str | None = None):
+def load_any(name, *, dtype: str = "float32", quantize: str | None = None, kernel: str | None = None):
     """``(model, tokenizer, description)`` for a jaxattn run folder (it holds ``run.json``),
     a Hugging Face folder (``config.json``) or a hub id. ``dtype``: a Hugging Face model's
     parameters and computation; a run folder's model (trained in float32) gets its weights
     stored in that dtype (``convert_weights``). ``quantize="int8"``: int8 weights, one scale per
-    output channel (``jaxattn.lm.quantize``), whatever ``dtype`` says of the weights."""
+    output channel (``jaxattn.lm.quantize``), whatever ``dtype`` says of the weights. ``kernel``: the
+    attention kernels to serve it with (``Kernels.named``; ``None`` keeps the config's, "auto")."""
     from jaxattn.lm.checkpoint import RUN_FILE, RunFolder
     from jaxattn.lm.quantize import convert_weights
 
@@ -39,4 +40,7 @@ def load_any(name, *, dtype: str = "float32", quantize: str | None = None):
     if weights != "float32":
         model = convert_weights(model, weights)
         description += f", {weights} weights"
+    if kernel is not None:
+        model.use_kernels(kernel)
+        description += f", {kernel} kernels"
     return model, tokenizer, description

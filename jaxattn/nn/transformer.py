@@ -427,6 +427,15 @@ class TransformerLM(nnx.Module):
             self.unembed = Dense(config.width, config.vocab_size, use_bias=False, dtype=dtype,
                                  kernel_init=logical(default_kernel_init, "embed", "vocab"), rngs=rngs)
 
+
+    def use_kernels(self, name: str) -> None:
+        """Serve attention with the kernels ``name`` stands for (``Kernels.named``: "auto", "dense",
+        "flash", "pallas", "cudnn") from now on: every layer's kernels and the config's
+        ``attention_kernel``. The parameters are untouched."""
+        kernels = Kernels.named(name, decode_max_tokens=self.config.decode_max_tokens)
+        self.config = dataclasses.replace(self.config, attention_kernel=name)
+        for block in self.blocks:
+            block.attn.kernels = kernels
     def init_cache(self, batch: int, max_length: int | None = None, *, chunk: int | None = None, dtype=None):
         """Empty per-layer caches: a ``KVCache`` of ``max_length`` slots (default the context)
         for a global layer, a ``SlidingKVCache`` for a local (sliding-window) layer
