@@ -8,7 +8,9 @@ Parts (``--only``): ``ceiling`` (a matmul's FLOP/s and a large copy's bytes/s),
 decode-step time and cache size vs context), ``parallel`` (ring attention over 1-8 devices on
 the sequence axis: memory per device, step time per layout), ``decoding`` (one decode step vs the cache's
 capacity for the dense path, the flash kernel and ``decode_attention``, and tokens/s of the default
-TransformerLM with and without its cache). Writes
+TransformerLM with and without its cache), ``accelerator`` (``benchmarks/accelerator.py``: jaxattn's
+Pallas kernels beside jax.nn, cuDNN and JAX's own Pallas kernels; on a CPU its rows say "needs a
+GPU/TPU"). Writes
 ``benchmarks/results/<device-kind>-<date>.json`` and PNG plots into ``img/``;
 ``python -m benchmarks.table FILE`` turns a results file into Markdown.
 Method: ``benchmarks/timing.py`` (compile, warm up, min and median of several runs).
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from benchmarks import accelerator
 from benchmarks.decode import capacity_part, model_configs, time_generation
 from benchmarks.flash import KERNELS, jax_nn_cudnn, logit_cost, matmul_flops_per_second, prefill_rows
 from benchmarks.mla import time_step, with_lengths
@@ -54,7 +57,7 @@ from jaxattn.functional import (
 )
 from jaxattn.lm.train import default_model_config, init_model
 
-PARTS = ("ceiling", "prefill", "logits", "families", "decoding", "parallel")
+PARTS = ("ceiling", "prefill", "logits", "families", "decoding", "parallel", "accelerator")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -281,10 +284,14 @@ def main(argv=None) -> dict:
     if "parallel" in parts:
         print("\n[parallel]")
         results["parallel"] = parallel(mode, print)
-    results["seconds"] = round(time.perf_counter() - start, 1)
     results_dir = Path(mode.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", results["device_kind"].lower()).strip("-")
+    if "accelerator" in parts:
+        print("\n[accelerator: the Pallas kernels beside JAX's own]")
+        results["accelerator"] = accelerator.main([*(["--quick"] if mode.quick else []), "--out",
+                                                   str(results_dir / f"accelerator-{slug}-{results['date']}.json")])
+    results["seconds"] = round(time.perf_counter() - start, 1)
     path = results_dir / f"{slug}-{results['date']}.json"
     ring = results.get("parallel") or {}
     results["plots"] = plots(results, Path(mode.img)) + [ring[key] for key in ("plot", "diagram") if key in ring]

@@ -25,11 +25,13 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
         "--prompt", "4", "--new-tokens", "3", "--results", str(tmp_path), "--img", str(tmp_path),
         "--parallel-devices", "1", "2",  # 4 and 8 devices: tests/parallel
     ])
-    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    saved = json.loads(next(path for path in tmp_path.glob("*.json") if not path.name.startswith("accelerator-")).read_text())
     assert saved["device_kind"] == results["device_kind"]
     for field in ("platform", "versions", "dtype", "shapes", "mode", "date", "ceiling", "prefill", "logits", "families",
-                  "decoding", "parallel", "seconds", "plots", "left_out"):
+                  "decoding", "parallel", "accelerator", "seconds", "plots", "left_out"):
         assert field in saved, field
+    assert [row["error"] for row in saved["accelerator"]] == ["needs a GPU/TPU (this is a cpu)"] * 2  # rows written as they come:
+    assert json.loads(next(tmp_path.glob("accelerator-*.json")).read_text())["rows"] == saved["accelerator"]
     kernels = {row["kernel"] for row in saved["prefill"]}
     assert {"flash_attention", "multi_head_attention", "jax.nn (xla)"} <= kernels
     families = {row["family"] for row in saved["families"]}
