@@ -108,21 +108,14 @@ def visible_keys(q_positions=None, kv_positions=None, *, window=None, kv_valid=N
     and calls this; a Pallas kernel calls it on the rows and columns of one block it loaded.
     Positions set means causal (and ``window`` applies); kv_valid may be int (nonzero = valid).
     """
-    terms = []
+    terms = [None if kv_valid is None else kv_valid != 0, None if user_mask is None else user_mask != 0]
     if q_positions is not None:
         terms.append(kv_positions <= q_positions)
         if window is not None:
             terms.append(q_positions - kv_positions < window)
-    if kv_valid is not None:
-        terms.append(kv_valid if kv_valid.dtype == jnp.bool_ else kv_valid != 0)
     if q_segment_ids is not None:
         terms.append(q_segment_ids == kv_segment_ids)
-    if user_mask is not None:
-        terms.append(user_mask if user_mask.dtype == jnp.bool_ else user_mask != 0)
-    mask = None
-    for term in terms:
-        mask = term if mask is None else mask & term
-    return mask
+    return combine_masks(*terms)
 
 
 def causal_mask(q_positions, kv_positions, window: int | None = None):

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxattn.functional.decode import decode_kernel
-from jaxattn.functional.heads import check_multi_head_shapes
+from jaxattn.functional.heads import AttentionShapes, check_multi_head_shapes
 from jaxattn.functional.kv_cache import Int8Tokens
 from jaxattn.functional.masks import MASK_VALUE, PAD_QUERY_POSITION, AttentionContext, visible_keys
 from jaxattn.functional.pallas.platforms import TARGETS, Target, divide, next_power_of_two, round_up
@@ -53,13 +53,7 @@ DEFAULT_BLOCK = 128  # keys per block (whole pages of a paged cache, at least on
 class DecodeCall(NamedTuple):
     """Everything static about one decode call (hashable)."""
 
-    B: int
-    T: int
-    S: int
-    H: int
-    K: int
-    D: int
-    E: int
+    shapes: AttentionShapes  # B, T, S, H, K, D, E
     scale: float
     cap: float | None
     window: int | None
@@ -71,7 +65,7 @@ class DecodeCall(NamedTuple):
 
     def footprint(self, itemsize: int):
         """The program's on-chip bytes (``Target.footprint``, kernel "decode")."""
-        return TARGETS[self.target].footprint("decode", bq=self.rows, bk=self.bk, Dp=self.D, Ep=self.E, T=self.T,
+        return TARGETS[self.target].footprint("decode", bq=self.rows, bk=self.bk, Dp=self.shapes.D, Ep=self.shapes.E, T=self.shapes.T,
                                               S=self.bk, itemsize=itemsize)
 
 
@@ -91,7 +85,7 @@ def decode_body(settings: DecodeCall, read, lengths_ref, pages_ref, q_ref, q_pos
 
     def key_block(j, state):
         start = j * bk
-        first = jnp.minimum(start, settings.S - bk)  # the last block slid back to fit
+        first = jnp.minimum(start, settings.shapes.S - bk)  # the last block slid back to fit
         k, v, kv_pos = read(b, kh, first, pages_ref, k_ref, v_ref, kv_pos_ref, scratch)  # [bk, D], [bk, E], [1, bk]
         s = block_logits(q, k, scale=settings.scale, cap=settings.cap)  # [rows, bk]
         return online_softmax_step(s, v, _block_mask(settings, q_pos, kv_pos, first, start, length), state)
@@ -145,40 +139,40 @@ def _stack_queries(q, K: int, rows: int):  # [B, T, H, D] -> [B, K, rows, D]: ro
 
 
 def _unstack(x, call: DecodeCall):  # [B, K, rows, F] -> [B, T, H, F]
-    G = call.H // call.K
-    x = x[:, :, : G * call.T].reshape(call.B, call.K, G, call.T, x.shape[-1])
-    return x.transpose(0, 3, 1, 2, 4).reshape(call.B, call.T, call.H, x.shape[-1])
+    G = call.shapes.H // call.shapes.K
+    x = x[:, :, : G * call.shapes.T].reshape(call.shapes.B, call.shapes.K, G, call.shapes.T, x.shape[-1])
+    return x.transpose(0, 3, 1, 2, 4).reshape(call.shapes.B, call.shapes.T, call.shapes.H, x.shape[-1])
 
 
 def run(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
     """The decode kernel on ``target``: out ``[B, T, H, E]`` (float32) and lse ``[B, T, H]``."""
-    B, K, rows, G = call.B, call.K, call.rows, call.H // call.K
+    B, K, rows, G = call.shapes.B, call.shapes.K, call.rows, call.shapes.H // call.shapes.K
     q_rows = _stack_queries(q, K, rows)  # [B, K, rows, D]
     q_pos = context.q_positions  # [B|1, T]
-    q_pos = jnp.pad(jnp.tile(jnp.broadcast_to(q_pos, (B, call.T)), (1, G)), [(0, 0), (0, rows - G * call.T)],
+    q_pos = jnp.pad(jnp.tile(jnp.broadcast_to(q_pos, (B, call.shapes.T)), (1, G)), [(0, 0), (0, rows - G * call.shapes.T)],
                     constant_values=PAD_QUERY_POSITION)[:, :, None]  # [B, rows, 1]: row g T + t at position t's
-    kv_pos = jnp.broadcast_to(context.kv_positions, (B, call.S)).astype(jnp.int32)[:, None, :]  # [B, 1, S]
-    lengths = jnp.full((B,), call.S, jnp.int32) if context.kv_lengths is None else context.kv_lengths.astype(jnp.int32)
+    kv_pos = jnp.broadcast_to(context.kv_positions, (B, call.shapes.S)).astype(jnp.int32)[:, None, :]  # [B, 1, S]
+    lengths = jnp.full((B,), call.shapes.S, jnp.int32) if context.kv_lengths is None else context.kv_lengths.astype(jnp.int32)
     pages = jnp.zeros((B, 1), jnp.int32) if context.kv_pages is None else context.kv_pages.astype(jnp.int32)
     own = lambda width: pl.BlockSpec((None, None, rows, width), lambda b, h: (b, h, 0, 0))  # noqa: E731
     if target.name == "gpu":
         read = read_loaded
         if call.page is None:
-            cache = lambda width: pl.BlockSpec((None, call.S, None, width), lambda b, h: (b, 0, h, 0))  # noqa: E731
+            cache = lambda width: pl.BlockSpec((None, call.shapes.S, None, width), lambda b, h: (b, 0, h, 0))  # noqa: E731
         else:
             cache = lambda width: pl.BlockSpec()  # noqa: E731: the whole pool, read a page at a time
-        kv_pos_spec = pl.BlockSpec((None, 1, call.S), lambda b, h: (b, 0, 0))
+        kv_pos_spec = pl.BlockSpec((None, 1, call.shapes.S), lambda b, h: (b, 0, 0))
         scratch = []
     else:
         read = read_copied
         cache = lambda width: pl.BlockSpec(memory_space=pl.ANY)  # noqa: E731: stays in HBM
         kv_pos_spec = pl.BlockSpec(memory_space=pl.ANY)
-        scratch = [pltpu.VMEM((call.bk, call.D), k.dtype), pltpu.VMEM((call.bk, call.E), v.dtype),
+        scratch = [pltpu.VMEM((call.bk, call.shapes.D), k.dtype), pltpu.VMEM((call.bk, call.shapes.E), v.dtype),
                    pltpu.VMEM((1, call.bk), jnp.int32)]
     footprint = call.footprint(q.dtype.itemsize)
     if not call.interpret:
-        footprint.check(f"the Pallas decode kernel at rows={rows}, block {call.bk}, D={call.D}")
-    params = None if call.interpret else target.compiler_params(footprint, call.D, 2)
+        footprint.check(f"the Pallas decode kernel at rows={rows}, block {call.bk}, D={call.shapes.D}")
+    params = None if call.interpret else target.compiler_params(footprint, call.shapes.D, 2)
     if call.interpret == "tpu":
         interpret = pltpu.InterpretParams()
     else:
@@ -186,10 +180,10 @@ def run(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
     out, lse = pl.pallas_call(
         partial(decode_body, call, partial(read, call)),
         grid=(B, K),
-        in_specs=[target.scalars(), target.scalars(), own(call.D), pl.BlockSpec((None, rows, 1), lambda b, h: (b, 0, 0)),
-                  cache(call.D), cache(call.E), kv_pos_spec],
-        out_specs=[own(call.E), own(1)],
-        out_shape=[jax.ShapeDtypeStruct((B, K, rows, call.E), jnp.float32),
+        in_specs=[target.scalars(), target.scalars(), own(call.shapes.D), pl.BlockSpec((None, rows, 1), lambda b, h: (b, 0, 0)),
+                  cache(call.shapes.D), cache(call.shapes.E), kv_pos_spec],
+        out_specs=[own(call.shapes.E), own(1)],
+        out_shape=[jax.ShapeDtypeStruct((B, K, rows, call.shapes.E), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32)],
         scratch_shapes=scratch, compiler_params=params, interpret=interpret, name="jaxattn_decode",
     )(lengths, pages, q_rows, q_pos, k, v, kv_pos)
@@ -240,7 +234,7 @@ def make_decode_call(q, k, v, context: AttentionContext, *, block_kv, interpret,
         bk = page if target.name == "gpu" else page * max(1, min(wanted // page, S // page))
     G = H // K
     rows = max(16, next_power_of_two(G * T)) if target.name == "gpu" else round_up(G * T, 8)
-    return DecodeCall(B, T, S, H, K, D, E, context.logit_scale(D), context.logit_softcap, context.window, page, bk,
+    return DecodeCall(AttentionShapes(B, T, S, H, K, D, E), context.logit_scale(D), context.logit_softcap, context.window, page, bk,
                       rows, interpret, target.name)
 
 
