@@ -178,6 +178,38 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """``jaxattn serve MODEL``: the OpenAI-compatible HTTP server (jaxattn.serve.http)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ValueError('jaxattn serve needs FastAPI and uvicorn: pip install "jaxattn[serve]"') from None
+    from jaxattn.lm.generate import Stopping
+    from jaxattn.lm.load import generation_defaults, load_any
+    from jaxattn.lm.sampling import Sampling
+    from jaxattn.serve import Engine, Request
+    from jaxattn.serve.http import Server, serve
+
+    for name in ("port", "slots", "page_size", "max_waiting"):
+        if getattr(args, name) < (0 if name in ("port", "max_waiting") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name in ('port', 'max_waiting') else 1}, "
+                             f"got {getattr(args, name)}")
+    model, tokenizer, description = load_any(args.model, dtype=args.dtype, kernel=args.kernel)
+    generation = generation_defaults(args.model)
+    defaults = Request("", 16, Sampling(generation.get("temperature", 1.0), generation.get("top_k"),
+                                        generation.get("top_p")))
+    engine = Engine(model, slots=args.slots, page_size=args.page_size, stopping=Stopping.for_tokenizer(tokenizer),
+                    speculative=args.speculative, cache_dtype=args.kv_cache)
+    server = Server(engine, tokenizer, model_name=args.served_model_name or args.model, defaults=defaults,
+                    api_key=args.api_key, max_waiting=args.max_waiting)
+    print(f"Serving {description} as {server.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"({args.slots} slots, pages of {args.page_size}); Ctrl-C stops it", flush=True)
+    serve(server, host=args.host, port=args.port)
+    print(f"Stopped after {engine.stats.tokens:,} tokens in {engine.stats.steps:,} steps")
+    return 0
+
+
 def _inspect_induction(model, tokenizer, summary: str, seed: int):
     """Prints the induction test's strongest heads; returns ``(weights [L, H, T, T], labels,
     scores [L, H])`` of its first row."""
@@ -334,6 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --requests and --speculative: a small model with the same tokenizer that drafts "
                                "instead of prompt lookup")
     generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    serve.add_argument("model", help="a Hugging Face folder or hub id, or a jaxattn run folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--page-size", dest="page_size", type=int, default=16, help="tokens per page of the KV pool")
+    serve.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"], help="int8 keys and values")
+    serve.add_argument("--speculative", type=int, default=0, help="draft tokens per greedy step (prompt lookup)")
+    serve.add_argument("--api-key", dest="api_key", default=None, help="require Authorization: Bearer KEY")
+    serve.add_argument("--max-waiting", dest="max_waiting", type=int, default=64,
+                       help="requests that may wait for a slot before new ones get 503")
+    serve.add_argument("--served-model-name", dest="served_model_name", default=None,
+                       help="the model's name in the API (default: MODEL as given)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--kernel", default=None, choices=list(KERNEL_NAMES), help="attention kernels (default: auto)")
+    serve.set_defaults(run=_serve)
 
     inspect = commands.add_parser("inspect", help="what the heads of a model attend to on a text")
     inspect.add_argument("model", help="a Hugging Face folder or hub id, or a jaxattn run folder")

@@ -44,3 +44,23 @@ def load_any(name, *, dtype: str = "float32", quantize: str | None = None, kerne
         model.use_kernels(kernel)
         description += f", {kernel} kernels"
     return model, tokenizer, description
+
+
+def generation_defaults(name) -> dict:
+    """The sampling a checkpoint's ``generation_config.json`` asks for, as transformers reads it,
+    in jaxattn's names: with ``do_sample`` true its ``temperature``, ``top_k``, ``top_p``; without
+    (transformers' default) greedy, ``temperature`` 0; and its ``max_new_tokens`` if set. ``{}``
+    for a jaxattn run folder or a folder without the file."""
+    import json
+
+    path = Path(name).expanduser() / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    sampling = ("temperature", "top_k", "top_p") if config.get("do_sample") is True else ()
+    defaults = {key: config[key] for key in (*sampling, "max_new_tokens") if config.get(key) is not None}
+    if config.get("do_sample") is not True:
+        defaults["temperature"] = 0.0
+    if defaults.get("top_k") == 0:  # transformers' "no top-k"
+        del defaults["top_k"]
+    return defaults

@@ -8,11 +8,11 @@
 """
 
 from jaxattn.serve.drafts import DraftModel, PromptLookup, lookup_drafts
-from jaxattn.serve.engine import Engine, EngineStats, Result, Sequence
+from jaxattn.serve.engine import Delta, Engine, EngineStats, Result, Sequence
 from jaxattn.serve.pages import PagePool, prefix_keys
 from jaxattn.serve.requests import Request, RequestError, parse_request, read_requests, serve_requests
 from jaxattn.serve.runner import ModelRunner, bucket
 
-__all__ = ["DraftModel", "Engine", "EngineStats", "ModelRunner", "PagePool", "PromptLookup", "Request", "RequestError",
+__all__ = ["Delta", "DraftModel", "Engine", "EngineStats", "ModelRunner", "PagePool", "PromptLookup", "Request", "RequestError",
            "Result", "Sequence", "bucket", "lookup_drafts", "parse_request", "prefix_keys", "read_requests",
            "serve_requests"]

@@ -62,6 +62,17 @@ class Result:
 
 
 @dataclasses.dataclass
+class Delta:
+    """What one step did to one request: the tokens it added (``tokens``), and
+    ``finish_reason`` when the request ended in that step ("eos", "length", "error" or
+    "abort"; ``None`` while it runs). A streaming server sends these as they come."""
+
+    id: object
+    tokens: list[int]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
 class EngineStats:
     """What an engine has done so far.
 
@@ -175,6 +186,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence | None] = [None] * slots
         self.finished: deque[Result] = deque()
+        self.deltas: dict[object, Delta] = {}  # this step's, by request id (take_deltas)
         self.next_id = 0
         self.stats = EngineStats()
         self.on_step: Callable | None = None  # called after every step with the engine (figures, tests)
@@ -200,6 +212,7 @@ class Engine:
             problem = f"the request needs more pages than the pool has ({self.pool.pages - 1})"
         if problem is not None:
             self.finished.append(Result(request_id, [], "error", problem))
+            self._delta(request_id).finish_reason = "error"
         else:
             self.waiting.append(sequence)
         return request_id
@@ -213,6 +226,7 @@ class Engine:
         that finished (errors included). A step that can do nothing while requests wait (no
         sequence runs and none can be admitted) is a ``RuntimeError``, not a silent loop."""
         calls_before = self.runner.calls
+        self.deltas = {}  # this step's only: a server takes them after every step
         self._admit()
         if any(s is not None and s.in_prefill for s in self.running):
             self._prefill()
@@ -236,6 +250,31 @@ class Engine:
         yield from self.finished_now()
         while self.busy:
             yield from self.step()
+
+    def abort(self, request_id) -> bool:
+        """Ends a request now (a client went away), wherever it is: waiting, or running (its
+        pages go back to the pool). It finishes with ``finish_reason="abort"``. False if the
+        engine does not hold it (it has finished already)."""
+        for sequence in self.waiting:
+            if sequence.id == request_id:
+                self.waiting.remove(sequence)
+                self._finish(sequence, "abort", release=False)
+                return True
+        for sequence in self.running:
+            if sequence is not None and sequence.id == request_id:
+                self._finish(sequence, "abort")
+                return True
+        return False
+
+    def take_deltas(self) -> list[Delta]:
+        """What the last step added to each request and who finished in it (and, taken before
+        the next step, the requests ``submit`` or ``abort`` ended). Each step starts afresh."""
+        deltas = list(self.deltas.values())
+        self.deltas = {}
+        return deltas
+
+    def _delta(self, request_id) -> Delta:
+        return self.deltas.setdefault(request_id, Delta(request_id, []))
 
     def finished_now(self) -> list[Result]:
         done = list(self.finished)
@@ -401,15 +440,18 @@ class Engine:
             sequence.first_token_s = time.perf_counter() - sequence.submitted
         for token in new_tokens:
             sequence.tokens.append(token)
+            self._delta(sequence.id).tokens.append(token)
             self.stats.tokens += 1
             if self.stopping.ids and token in self.stopping.ids:
                 return self._finish(sequence, "eos")
             if len(sequence.generated) >= sequence.max_new_tokens:
                 return self._finish(sequence, "length")
 
-    def _finish(self, sequence: Sequence, reason: str) -> None:
-        self._release(sequence)
-        self.running[sequence.slot] = None
+    def _finish(self, sequence: Sequence, reason: str, *, release: bool = True) -> None:
+        if release:
+            self._release(sequence)
+            self.running[sequence.slot] = None
+        self._delta(sequence.id).finish_reason = reason
         self.finished.append(Result(sequence.id, sequence.generated, reason, None, sequence.first_token_s,
                                     time.perf_counter() - sequence.submitted))
 
