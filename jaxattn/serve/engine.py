@@ -368,7 +368,7 @@ class Engine:
     def _prefill(self) -> None:
         chunks = {}
         for sequence in list(self.running):
-            if sequence is None or not sequence.in_prefill:
+            if sequence is None or sequence.slot < 0 or not sequence.in_prefill:  # slot -1: preempted by an earlier row
                 continue
             todo = sequence.tokens[sequence.cached : sequence.cached + self.prefill_chunk]
             while not self._ensure_pages(sequence, sequence.cached + len(todo)):
@@ -402,7 +402,7 @@ class Engine:
 
     def _decode(self) -> None:
         for sequence in list(self.running):  # pages first: the draft model writes into them too
-            if sequence is None or sequence.in_prefill:
+            if sequence is None or sequence.slot < 0 or sequence.in_prefill:  # slot -1: preempted by an earlier row
                 continue
             while not self._ensure_pages(sequence, sequence.cached + 1 + self._room(sequence)):
                 if not self._preempt(sequence):

@@ -64,7 +64,7 @@ def check_pages(engine):
     """The pool's accounting after a step: a page a running sequence holds is neither free nor
     cached (so it cannot be handed out again), its reference count is the number of sequences
     holding it, only a registered prefix page is held by two sequences, and no sequence holds
-    the trash page or a page twice. A draft model's pools never hold more of a sequence than
+    the trash page or a page twice, and a waiting sequence holds none. A draft model's pools never hold more of a sequence than
     the model's (rejected drafts are rolled back)."""
     pool = engine.pool
     running = [sequence for sequence in engine.running if sequence is not None]
@@ -76,6 +76,7 @@ def check_pages(engine):
         assert pool.references[page] == held.get(page, 0), (page, pool.references[page], held.get(page, 0))
     for page, holders in held.items():
         assert holders == 1 or page in pool.page_prefix, f"page {page} in {holders} sequences is not a prefix page"
+    assert not any(sequence.pages for sequence in engine.waiting), "a waiting (preempted) sequence holds pages"
     for sequence in running:
         assert len(set(sequence.pages)) == len(sequence.pages), sequence.pages
         assert sequence.draft_cached <= sequence.cached, (sequence.draft_cached, sequence.cached)
@@ -376,3 +377,34 @@ def test_a_requests_file_loses_no_line_and_names_every_bad_one(tmp_path, capsys)
         assert main(["generate", "--model", str(gpt2), "--prompt", prompt, "--max-new-tokens", str(n),
                      "--temperature", "0"]) == 0
         assert prompt + by_line[line]["text"] == capsys.readouterr().out.strip("\n")
+
+
+def test_each_steps_deltas_add_up_to_each_result_and_an_abort_frees_its_pages(model, requests_and_references):
+    # the delta API a streaming server reads: preemption and speculative rollback included
+    requests, references, stopping = requests_and_references
+    engine = Engine(model, slots=4, page_size=4, pages=30, prefill_chunk=8, stopping=stopping, speculative=3)
+    for prompt, n in requests[:16]:
+        engine.submit(prompt, max_new_tokens=n)
+    streamed, finished = {i: [] for i in range(16)}, {}
+    while engine.busy:
+        engine.step()
+        check_pages(engine)
+        for delta in engine.take_deltas():
+            assert delta.id not in finished  # nothing after the end
+            streamed[delta.id] += delta.tokens
+            if delta.finish_reason is not None:
+                finished[delta.id] = delta.finish_reason
+    assert [streamed[i] for i in range(16)] == references[:16]
+    assert set(finished.values()) <= {"eos", "length"} and len(finished) == 16 and engine.stats.preempted > 0
+
+    for prompt, n in requests[16:22]:  # 4 run, 2 wait
+        engine.submit(prompt, max_new_tokens=24)
+    engine.step()
+    engine.take_deltas()
+    running, waiting = engine.running[0].id, engine.waiting[-1].id
+    assert engine.abort(running) and engine.abort(waiting) and not engine.abort("no such request")
+    assert {delta.id: delta.finish_reason for delta in engine.take_deltas()} == {running: "abort", waiting: "abort"}
+    check_pages(engine)
+    results = {result.id: result for result in engine.run()}
+    assert results[running].finish_reason == results[waiting].finish_reason == "abort"
+    assert len(results) == 6 and engine.pool.in_use == 0
