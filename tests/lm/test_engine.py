@@ -408,3 +408,14 @@ def test_each_steps_deltas_add_up_to_each_result_and_an_abort_frees_its_pages(mo
     results = {result.id: result for result in engine.run()}
     assert results[running].finish_reason == results[waiting].finish_reason == "abort"
     assert len(results) == 6 and engine.pool.in_use == 0
+
+
+def test_a_row_preempted_by_an_earlier_row_of_its_step_takes_no_page(model, requests_and_references):
+    # A step gives each row, in turn, pages for its prompt chunk (or its 1 + k tokens) and
+    # preempts the latest-admitted other sequence when the pool runs out; a row preempted by an
+    # earlier row of the same step must not then be given a page (it would keep it while waiting,
+    # and lose it when admitted again). This end token makes that happen in a prefill.
+    requests, _, _ = requests_and_references
+    engine = Engine(model, slots=4, page_size=4, pages=30, prefill_chunk=8, stopping=Stopping((1,), 0), speculative=3)
+    results = serve(engine, requests[:16])  # check_pages after every step: a waiting sequence holds no page
+    assert len(results) == 16 and engine.stats.preempted > 0 and engine.pool.in_use == 0
