@@ -144,37 +144,113 @@ def _serve_requests(args, model, tokenizer) -> int:
     return 0
 
 
+def _generation_settings(args):
+    """``(Sampling, max_new_tokens)`` from the flags, else the checkpoint's generation config, else
+    jaxattn's defaults; checked before any model is loaded."""
+    from jaxattn.lm.load import generation_defaults
+    from jaxattn.lm.sampling import Sampling
+
+    checkpoint = generation_defaults(args.model) if args.model is not None else {}
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "max_new_tokens")
+             if getattr(args, name) is not None}
+    if given.get("temperature") == 0:  # greedy: the checkpoint's top-k/top-p do not apply
+        checkpoint = {key: value for key, value in checkpoint.items() if key == "max_new_tokens"}
+    settings = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 200, **checkpoint, **given}
+    if settings["max_new_tokens"] < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {settings['max_new_tokens']}")
+    if any(not stop for stop in args.stop or ()):
+        raise ValueError("--stop needs a text to stop at, got an empty one")
+    sampling = Sampling(temperature=settings["temperature"], top_k=settings.get("top_k"), top_p=settings.get("top_p"))
+    return sampling, int(settings["max_new_tokens"])
+
+
+class _Streamer:
+    """Prints a reply as ``generate`` writes its tokens (``on_tokens``): text without broken
+    characters, cut at a stop string, silent after the end token. One object for a whole
+    conversation, so that the compiled loop (which holds it) is reused turn after turn."""
+
+    def __init__(self, tokenizer, stopping, stops):
+        self.tokenizer, self.stopping, self.stops = tokenizer, stopping, stops or ()
+
+    def start(self):
+        from jaxattn.serve.text import TextStream
+
+        self.text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), self.stops)
+        self.ended = False
+
+    def __call__(self, tokens):
+        if self.ended:
+            return
+        token = int(tokens[0])
+        print(self.text.add([token]), end="", flush=True)
+        self.ended = self.text.stopped or (bool(self.stopping.ids) and token in self.stopping.ids)
+
+    def finish(self) -> str:
+        print(self.text.finish(), end="", flush=True)
+        return self.text.text
+
+
+def _reply(args, model, prompt, streamer: _Streamer, sampling, max_new_tokens: int) -> str:
+    """Generates a continuation of ``prompt`` (token ids), printing it as it comes; returns its text."""
+    from jaxattn.lm.generate import generate
+
+    streamer.start()
+    generate(model, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, seed=args.seed,
+             use_cache=not args.no_cache, cache_dtype=args.kv_cache, stopping=streamer.stopping, on_tokens=streamer)
+    return streamer.finish()
+
+
+def _converse(args, model, tokenizer, streamer: _Streamer, sampling, max_new_tokens: int) -> int:
+    """``generate --chat`` without a message: turns typed in the terminal, the whole history
+    rendered by the chat template each turn; an empty line is skipped, Ctrl-D ends."""
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    print("Chat with the model: type a message, Enter to send, Ctrl-D to end.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode_chat(messages)
+        if len(prompt) + max_new_tokens > model.config.max_length:
+            print(f"The conversation ({len(prompt)} tokens) plus {max_new_tokens} new ones no longer fits the model's "
+                  f"context of {model.config.max_length}; start a new one.", file=sys.stderr)
+            return 0
+        messages.append({"role": "assistant", "content": _reply(args, model, prompt, streamer, sampling, max_new_tokens)})
+        print()
+
+
 def _generate(args) -> int:
-    from jaxattn.lm.generate import Sampling, Stopping, generate
+    from jaxattn.lm.generate import Stopping
     from jaxattn.lm.load import load_any
 
     if args.kv_cache is not None and args.no_cache:
         raise ValueError(f"--kv-cache {args.kv_cache} says how to store the cache, and --no-cache decodes without one: "
                          "give one of them")
+    if args.requests is not None and args.output is None:
+        raise ValueError("--requests needs --output, the file the results are written to")
+    if args.system is not None and args.chat is None:
+        raise ValueError("--system is the system prompt of a --chat conversation: give --chat too")
+    sampling, max_new_tokens = _generation_settings(args)
     model, tokenizer, _ = load_any(args.model or args.checkpoint, dtype=args.dtype, quantize=args.quantize, kernel=args.kernel)
     if args.requests is not None:
-        if args.output is None:
-            raise ValueError("--requests needs --output, the file the results are written to")
+        args.temperature, args.top_k, args.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+        args.max_new_tokens = max_new_tokens
         return _serve_requests(args, model, tokenizer)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.chat is not None:  # an instruct model's conversation, rendered by its chat template
-        prompt = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    streamer = _Streamer(tokenizer, Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos), args.stop)
+    if args.chat == CONVERSATION:
+        return _converse(args, model, tokenizer, streamer, sampling, max_new_tokens)
+    if args.chat is not None:  # one turn of an instruct model's conversation, rendered by its chat template
+        messages = ([] if args.system is None else [{"role": "system", "content": args.system}])
+        prompt = tokenizer.encode_chat(messages + [{"role": "user", "content": args.chat}])
     else:  # the text as the checkpoint's tokenizer encodes it: its BOS included
         prompt = tokenizer.encode(args.prompt)
-    stopping = Stopping.for_tokenizer(tokenizer, ignore_eos=args.ignore_eos)
-    tokens = generate(
-        model,
-        [prompt],
-        max_new_tokens=args.max_new_tokens,
-        sampling=sampling,
-        seed=args.seed,
-        use_cache=not args.no_cache,
-        cache_dtype=args.kv_cache,
-        stopping=stopping,
-    )
-    new = tokens[0, : stopping.lengths(tokens)[0]]  # up to the end-of-sequence token, if one came
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    print(text if args.chat is not None else args.prompt + text)
+        print(args.prompt, end="", flush=True)
+    _reply(args, model, prompt, streamer, sampling, max_new_tokens)
+    print()
     return 0
 
 
@@ -282,6 +358,9 @@ def _inspect(args) -> int:
     return 0
 
 
+CONVERSATION = "\0conversation"  # --chat without a message: talk in the terminal
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxattn import __version__
     from jaxattn.functional.kernels import KERNEL_NAMES
@@ -334,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--checkpoint", default=DEFAULT_RUN, help=f"run folder (default: {DEFAULT_RUN})")
     generate.add_argument("--model", default=None,
                           help="instead of --checkpoint: a Hugging Face folder or hub id (or a run folder)")
-    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                          help="parameters and computation of a Hugging Face model; a run folder's weights (bfloat16)")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                          help="parameters and computation of a Hugging Face model (auto: the checkpoint's own); "
+                               "a run folder's weights (bfloat16)")
     generate.add_argument("--quantize", default=None, choices=["int8"],
                           help="int8 weights, one scale per output channel (fewer bytes to read per token)")
     generate.add_argument("--kernel", default=None, choices=list(KERNEL_NAMES),
@@ -344,14 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"],
                           help="int8 keys and values, one scale per token and head (fewer bytes to read at long contexts)")
     generate.add_argument("--prompt", default="The next day is bright")
-    generate.add_argument("--chat", default=None,
+    generate.add_argument("--chat", default=None, nargs="?", const=CONVERSATION,
                           help="instead of --prompt: a user message, in the checkpoint's chat template (instruct models)")
     generate.add_argument("--ignore-eos", dest="ignore_eos", action="store_true",
                           help="write --max-new-tokens tokens even past the end-of-sequence token")
-    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--system", default=None, help="with --chat: a system prompt")
+    generate.add_argument("--stop", action="append", default=None,
+                          help="end the reply where this text appears, without it (repeatable)")
+    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+                          help="default: the checkpoint's generation config, else 200")
+    generate.add_argument("--temperature", type=float, default=None,
+                          help="0 = greedy; default: the checkpoint's generation config, else 0.8")
     generate.add_argument("--top-k", dest="top_k", type=int, default=None)
-    generate.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    generate.add_argument("--top-p", dest="top_p", type=float, default=None,
+                          help="default: the checkpoint's generation config, else 0.95")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", dest="no_cache", action="store_true", help="recompute the full pass per token")
     generate.add_argument("--requests", default=None,
@@ -401,12 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ~/.cache/jaxattn/jax (unless JAX_COMPILATION_CACHE_DIR
+    names another): a command's second run loads its compiled programs instead of compiling them
+    (docs/serving.md has the time to the first token, cold and warm)."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "jaxattn" / "jax"))
+
+
 def main(argv=None) -> int:
     """Runs one command. What a user can fix (a bad value, a missing or unreadable file or
     checkpoint: ``ValueError`` and its ``LoadError``/``CheckpointError``, ``FileNotFoundError``,
     a diverging run) is one line on stderr and exit code 2; anything else is a bug, and its
     traceback is shown."""
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "serve", "inspect"):
+        _use_compilation_cache()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:

@@ -123,3 +123,70 @@ def test_train_a_model_with_todays_attention_from_a_config_file(tmp_path, text_f
     path.write_text(json.dumps({"qk_norms": "head"}))
     assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "bad"), "--model-config", str(path)]) == 2
     assert "unknown: ['qk_norms']" in capsys.readouterr().err
+
+
+QWEN3 = "tests/data/hf/qwen3"  # a checkpoint with a chat template and a generation config
+
+
+def test_generate_streams_and_cuts_at_a_stop_string(capsys):
+    assert main(["generate", "--model", QWEN3, "--prompt", "The next day is", "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    whole = capsys.readouterr().out
+    reply = whole[len("The next day is"):-1]
+    stop = reply[4:6]
+    assert main(["generate", "--model", QWEN3, "--prompt", "The next day is", "--temperature", "0",
+                 "--max-new-tokens", "12", "--stop", stop, "--stop", "never there"]) == 0
+    assert capsys.readouterr().out == "The next day is" + reply[: reply.find(stop)] + "\n"
+
+
+def test_chat_without_a_message_is_a_conversation_in_the_terminal(monkeypatch, capsys):
+    from jaxattn.lm.generate import Sampling, Stopping, generate
+    from jaxattn.lm.load import load_any
+
+    turns = iter(["Hi", "", "Yo"])
+
+    def typed(prompt=""):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["generate", "--model", QWEN3, "--chat", "--system", "Be", "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 0  # the fixture's context is 64 tokens
+    printed = capsys.readouterr().out.split("\n")
+    model, tokenizer, _ = load_any(QWEN3)
+    stopping, messages = Stopping.for_tokenizer(tokenizer), [{"role": "system", "content": "Be"}]
+    for number, line in enumerate(["Hi", "Yo"]):  # each turn sees the whole history
+        messages.append({"role": "user", "content": line})
+        tokens = generate(model, [tokenizer.encode_chat(messages)], max_new_tokens=4, sampling=Sampling(0.0),
+                          stopping=stopping)
+        reply = tokenizer.decode(tokens[0, : stopping.lengths(tokens)[0]], skip_special_tokens=True)
+        assert printed[number] == reply
+        messages.append({"role": "assistant", "content": reply})
+
+
+def test_generate_checks_its_flags_before_loading_and_reads_the_generation_config(tmp_path, capsys):
+    import json
+    import shutil
+
+    from jaxattn.cli import _generation_settings, build_parser
+    from jaxattn.lm.load import checkpoint_dtype
+
+    assert main(["generate", "--model", "/no/such/model", "--top-p", "2"]) == 2
+    assert "top_p must be" in capsys.readouterr().err  # not a complaint about the model
+    assert main(["generate", "--model", "/no/such/model", "--stop", ""]) == 2
+    folder = tmp_path / "model"
+    shutil.copytree(QWEN3, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20,
+                                                                "top_p": 0.9, "max_new_tokens": 7}))
+    settings = lambda *flags: _generation_settings(build_parser().parse_args(["generate", "--model", str(folder), *flags]))  # noqa: E731
+    sampling, limit = settings()
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, limit) == (0.6, 20, 0.9, 7)
+    sampling, limit = settings("--temperature", "0", "--max-new-tokens", "3")
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, limit) == (0.0, None, 0.95, 3)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))  # no do_sample: greedy
+    assert settings()[0].temperature == 0.0
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    assert checkpoint_dtype(folder) == "bfloat16" and checkpoint_dtype(tmp_path) == "float32"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.experimental import io_callback
 
 from jaxattn.lm.sampling import Sampling, sample_token
 from jaxattn.nn.transformer import cache_dtype as cache_dtype_of
@@ -84,7 +85,7 @@ def make_decode_step(graphdef):
     return decode_step
 
 
-def _decode_loop(next_token, carry, *, until: int, keys, stopping: Stopping):
+def _decode_loop(next_token, carry, *, until: int, keys, stopping: Stopping, on_tokens=None):
     """The loop both paths share: ``next_token(state, token, key) -> (token, state)`` writes token
     i of every running row, until every row has stopped or ``until`` tokens are written.
     ``carry``: ``(i, token, done [B], out [B, N], state)``; returns the same."""
@@ -96,22 +97,25 @@ def _decode_loop(next_token, carry, *, until: int, keys, stopping: Stopping):
     def step(carry):
         i, token, done, out, state = carry
         token, state = next_token(state, token, keys[i])
-        return _write(i, token, done, out, stopping) + (state,)
+        return _write(i, token, done, out, stopping, on_tokens) + (state,)
 
     return lax.while_loop(running, step, carry)
 
 
-def _write(i, token, done, out, stopping: Stopping):
-    """Token i of each row into ``out`` (a finished row only pads); returns ``(i + 1, token, done, out)``."""
+def _write(i, token, done, out, stopping: Stopping, on_tokens=None):
+    """Token i of each row into ``out`` (a finished row only pads); returns ``(i + 1, token, done, out)``.
+    ``on_tokens(tokens [B])``, when given, is called on the host with them as they are written."""
     token = jnp.where(done, stopping.pad_id, token)
+    if on_tokens is not None:
+        io_callback(lambda tokens: on_tokens(np.asarray(tokens)), None, token, ordered=True)
     out = lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
     return i + 1, token, done | stopping.ends(token), out
 
 
-def _start(first, max_new_tokens: int, stopping: Stopping):
+def _start(first, max_new_tokens: int, stopping: Stopping, on_tokens=None):
     """``(i, token, done, out)`` once the prefill has sampled token 0."""
     out = jnp.full((first.shape[0], max_new_tokens), stopping.pad_id, jnp.int32)
-    return _write(jnp.zeros((), jnp.int32), first, jnp.zeros(first.shape, bool), out, stopping)
+    return _write(jnp.zeros((), jnp.int32), first, jnp.zeros(first.shape, bool), out, stopping, on_tokens)
 
 
 def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
@@ -136,10 +140,10 @@ def longrope_switch(config, P: int, max_new_tokens: int) -> int | None:
 DECODE_LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length", "cache_dtype"),
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_length", "cache_dtype", "on_tokens"),
          compiler_options=DECODE_LOOP_COMPILER_OPTIONS)
 def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, cache_length,
-                     cache_dtype):
+                     cache_dtype, on_tokens=None):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
     # Created inside the program and carried through the loop: every step writes into the
@@ -155,22 +159,24 @@ def _generate_cached(graphdef, params, prompt, lengths, key, stopping, *, max_ne
         with jax.named_scope("sampling"):
             return sample_token(logits, key, sampling), cache
 
-    carry = _start(sample_token(logits[:, 0], keys[0], sampling), max_new_tokens, stopping) + (cache,)
+    carry = _start(sample_token(logits[:, 0], keys[0], sampling), max_new_tokens, stopping, on_tokens) + (cache,)
     switch = longrope_switch(model.config, P, max_new_tokens)
     if switch is not None:  # run to the switch, then prefill everything so far again, with the long factors
-        i, token, done, out, _ = _decode_loop(next_token, carry, until=switch, keys=keys, stopping=stopping)
+        i, token, done, out, _ = _decode_loop(next_token, carry, until=switch, keys=keys, stopping=stopping,
+                                              on_tokens=on_tokens)
         sequence = jnp.zeros((B, P + switch), jnp.int32).at[:, :P].set(prompt)
         sequence = jax.vmap(lambda row, new, start: lax.dynamic_update_slice(row, new, (start,)))(
             sequence, out[:, :switch], lengths)  # [B, P + switch]: each row's prompt, then its new tokens
         cache = model.init_cache(B, max_length=cache_length, chunk=P + switch, dtype=cache_dtype)
         logits, cache = model(sequence, cache=cache, num_new=lengths + switch, logits_at=(lengths + switch - 1)[:, None])
         token = sample_token(logits[:, 0], keys[switch], sampling)
-        carry = _write(i, token, done, out, stopping) + (cache,)
-    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping)[3]  # [B, N]
+        carry = _write(i, token, done, out, stopping, on_tokens) + (cache,)
+    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping,
+                        on_tokens=on_tokens)[3]  # [B, N]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate_uncached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "on_tokens"))
+def _generate_uncached(graphdef, params, prompt, lengths, key, stopping, *, max_new_tokens, sampling, on_tokens=None):
     model = nnx.merge(graphdef, params)
     B, P = prompt.shape
     buffer = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt)  # [B, P + N]
@@ -195,8 +201,9 @@ def _generate_uncached(graphdef, params, prompt, lengths, key, stopping, *, max_
         return sample_token(logits_of(buffer, lengths), key, sampling), (buffer, lengths)
 
     first = sample_token(logits_of(buffer, lengths), keys[0], sampling)
-    carry = _start(first, max_new_tokens, stopping) + ((buffer, lengths),)
-    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping)[3]  # [B, N]
+    carry = _start(first, max_new_tokens, stopping, on_tokens) + ((buffer, lengths),)
+    return _decode_loop(next_token, carry, until=max_new_tokens, keys=keys, stopping=stopping,
+                        on_tokens=on_tokens)[3]  # [B, N]
 
 
 def generate(
@@ -210,6 +217,7 @@ def generate(
     cache_length: int | None = None,
     cache_dtype: str | None = None,
     stopping: Stopping = Stopping(),
+    on_tokens=None,
 ):
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
@@ -227,6 +235,9 @@ def generate(
         attended through the int8 cache).
       stopping: when a row ends (``Stopping.for_tokenizer(tokenizer)``: at the checkpoint's
         end-of-sequence tokens); the default never stops before N.
+      on_tokens: a function called on the host with each step's tokens, int32 ``[B]`` (a finished
+        row's are ``stopping.pad_id``), as the compiled loop writes them: to stream text. It is
+        part of the compiled program (pass the same function to reuse it).
 
     Returns:
       int32 ``[B, N]`` new tokens; after a row's end token, ``stopping.pad_id``
@@ -250,7 +261,7 @@ def generate(
     if use_cache:
         cache_dtype = None if cache_dtype is None else str(cache_dtype_of(model.config, cache_dtype))
         return _generate_cached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, cache_length=cache_length,
-                                cache_dtype=cache_dtype)
+                                cache_dtype=cache_dtype, on_tokens=on_tokens)
     if cache_dtype is not None:
         raise ValueError(f"cache_dtype={cache_dtype!r} needs use_cache=True")
-    return _generate_uncached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling)
+    return _generate_uncached(*arguments, max_new_tokens=max_new_tokens, sampling=sampling, on_tokens=on_tokens)

@@ -12,7 +12,7 @@ from pathlib import Path
 def load_any(name, *, dtype: str = "float32", quantize: str | None = None, kernel: str | None = None):
     """``(model, tokenizer, description)`` for a jaxattn run folder (it holds ``run.json``),
     a Hugging Face folder (``config.json``) or a hub id. ``dtype``: a Hugging Face model's
-    parameters and computation; a run folder's model (trained in float32) gets its weights
+    parameters and computation ("auto": the checkpoint's own, ``checkpoint_dtype``); a run folder's model (trained in float32) gets its weights
     stored in that dtype (``convert_weights``). ``quantize="int8"``: int8 weights, one scale per
     output channel (``jaxattn.lm.quantize``), whatever ``dtype`` says of the weights. ``kernel``: the
     attention kernels to serve it with (``Kernels.named``; ``None`` keeps the config's, "auto")."""
@@ -21,6 +21,8 @@ def load_any(name, *, dtype: str = "float32", quantize: str | None = None, kerne
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    if dtype == "auto":
+        dtype = checkpoint_dtype(name)
     weights = quantize or "float32"  # how the matrices are stored (a Hugging Face dtype is the loader's)
     path = Path(name).expanduser()
     if (path / RUN_FILE).is_file():
@@ -64,3 +66,17 @@ def generation_defaults(name) -> dict:
     if defaults.get("top_k") == 0:  # transformers' "no top-k"
         del defaults["top_k"]
     return defaults
+
+
+def checkpoint_dtype(name) -> str:
+    """The dtype a checkpoint was saved in (``config.json``'s ``torch_dtype``, or ``dtype`` as
+    transformers 5 writes it): "float32", "bfloat16" or "float16"; "float32" for a jaxattn run
+    folder, a folder that does not say, or a dtype jaxattn does not compute in."""
+    import json
+
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        return "float32"
+    config = json.loads(path.read_text())
+    saved = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+    return saved if saved in ("float32", "bfloat16", "float16") else "float32"
