@@ -244,3 +244,36 @@ def test_metrics_parse_with_prometheus_clients_parser(served):
     served_total = sum(s.value for s in families["jaxattn_requests"].samples if s.name == "jaxattn_requests_total")
     assert served_total >= 1
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_jaxattn_serve_answers_then_ctrl_c_lets_the_running_request_end_and_exits_0():
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "jaxattn", "serve", str(MODEL), "--port", str(port), "--slots", "1",
+                                "--prefill-chunk", "16", "--served-model-name", NAME],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), seconds=90), process.stdout.read() if process.poll() is not None else ""
+        with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Go", "max_tokens": 30, "temperature": 0,
+                                                                   "stream": True}, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGINT)  # while the request runs: it is let to finish
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert process.wait(timeout=30) == 0
+        assert "Stopped after" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _healthy(url) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.HTTPError:
+        return False
