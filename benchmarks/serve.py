@@ -36,6 +36,13 @@ jaxattn with ``load_hf_model``, so every side holds the same weights; float32, g
 Prints a table; writes benchmarks/results/serve-<device>-<date>.json and img/serve.png (the
 pages of the pool over time for a few requests; KV memory in use against tokens held over
 the trace; tokens/s against slots).
+
+``--http`` measures the HTTP server instead (``jaxattn.serve.http``, a real uvicorn on
+127.0.0.1): the trace sent by concurrent streaming clients (one asyncio process, prompts as
+token ids) against the same trace through the in-process engine, in one run: tokens/s, time to
+first token and inter-token latency (p50, p99); and the engine at one slot against ``generate``
+(batch 1, greedy, the same requests one after another: tokens/s, median of 3 runs, same tokens).
+Writes benchmarks/results/serve-http-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -246,6 +253,166 @@ def draw(figure_path: Path, occupancy, memory, slot_rows, static_reserved, page_
     plt.close(fig)
 
 
+class TokenIds:
+    """A stand-in tokenizer for a model without one: a token's text is its id and a space."""
+
+    @staticmethod
+    def decode(tokens, *, skip_special_tokens: bool = True) -> str:
+        return "".join(f"{int(token)} " for token in tokens)
+
+
+def percentiles(values) -> dict:
+    values = np.asarray(values, np.float64)
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def over_http(model, trace, *, slots, page_size, stopping, max_length, say) -> dict:
+    """The trace through a real server, one streaming client per request, all at once."""
+    import asyncio
+    import json
+    import socket
+    import threading
+
+    import httpx2 as httpx
+    import uvicorn
+
+    from jaxattn.lm.sampling import Sampling
+    from jaxattn.serve import Request
+    from jaxattn.serve.http import Server, create_app
+
+    engine = Engine(model, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)
+    server = Server(engine, TokenIds(), model_name="bench", defaults=Request("", 16, Sampling(0.0)),
+                    max_waiting=len(trace))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=uv.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    while True:  # warm-up compiles every shape before /health says ok
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+    async def one(client, prompt, limit):
+        start, arrivals, tokens = time.perf_counter(), [], 0
+        body = {"prompt": [int(t) for t in prompt], "max_tokens": limit, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    arrivals.append(time.perf_counter() - start)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return arrivals, tokens, time.perf_counter() - start
+
+    async def everyone():
+        limits = httpx.Limits(max_connections=len(trace) + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in trace))
+
+    asyncio.run(everyone())  # once untimed: the server's first requests, the clients' connections
+    start = time.perf_counter()
+    replies = asyncio.run(everyone())
+    seconds = time.perf_counter() - start
+    uv.should_exit = True
+    tokens = sum(made for _, made, _ in replies)
+    first = [arrivals[0] for arrivals, _, _ in replies if arrivals]
+    gaps = [b - a for arrivals, _, _ in replies for a, b in zip(arrivals, arrivals[1:])]
+    totals = [total for _, _, total in replies]
+    say(f"  over HTTP: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s; time to first token "
+        f"p50 {np.percentile(first, 50):.3f} s, inter-token p50 {np.percentile(gaps, 50) * 1e3:.1f} ms", flush=True)
+    return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, ttft_s=percentiles(first),
+                inter_token_s=percentiles(gaps), total_s=percentiles(totals))
+
+
+def in_process(model, trace, *, slots, page_size, stopping, max_length, say) -> dict:
+    serve(model, trace, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)  # untimed
+    results, seconds, _ = serve(model, trace, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)
+    rows = [results[i] for i in range(len(trace))]
+    tokens = sum(len(r.tokens) for r in rows)
+    gaps = [(r.total_s - r.first_token_s) / (len(r.tokens) - 1) for r in rows if len(r.tokens) > 1]
+    say(f"  in process: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s; time to first token "
+        f"p50 {np.percentile([r.first_token_s for r in rows], 50):.3f} s", flush=True)
+    return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                ttft_s=percentiles([r.first_token_s for r in rows]), inter_token_s=percentiles(gaps),
+                total_s=percentiles([r.total_s for r in rows]), outputs=[r.tokens for r in rows])
+
+
+def one_slot(model, requests, *, page_size, stopping, max_length, say) -> dict:
+    """The engine at one slot against generate, batch 1, the requests one after another; the
+    median of 3 timed runs of each (after one untimed), and whether their tokens agree."""
+    def by_engine():
+        return [r.tokens for r in sorted(serve(model, requests, slots=1, page_size=page_size, stopping=stopping,
+                                               max_length=max_length)[0].values(), key=lambda r: r.id)]
+
+    def by_generate():
+        outputs = []
+        for prompt, limit in requests:
+            tokens = np.asarray(generate(model, [prompt], max_new_tokens=limit, stopping=stopping))
+            outputs.append(cut(tokens[0], limit, stopping.ids[0] if stopping.ids else None))
+        return outputs
+
+    timings = {}
+    for name, run in (("engine", by_engine), ("generate", by_generate)):
+        outputs = run()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        tokens = sum(len(t) for t in outputs)
+        timings[name] = dict(tokens=tokens, tokens_per_s=[tokens / t for t in times],
+                             median_tokens_per_s=tokens / float(np.median(times)), outputs=outputs)
+    same = timings["engine"].pop("outputs") == timings["generate"].pop("outputs")
+    ratio = timings["engine"]["median_tokens_per_s"] / timings["generate"]["median_tokens_per_s"]
+    say(f"  one slot: engine {timings['engine']['median_tokens_per_s']:.1f} tokens/s, generate "
+        f"{timings['generate']['median_tokens_per_s']:.1f} ({ratio:.2f}x); same tokens: {same}", flush=True)
+    return dict(timings, ratio=ratio, same_tokens=same, requests=len(requests))
+
+
+def main_http(args) -> dict:
+    from benchmarks.timing import cpu_model
+
+    began = time.perf_counter()
+    vocab = 8192
+    _, model = make_models(vocab)
+    count = 12 if args.quick else args.requests
+    trace = make_trace(count, vocab, prompt=(16, 128) if args.quick else (16, 512),
+                       new=(16, 48) if args.quick else (16, 256))
+    max_length = 512 + 256
+    say = print
+    say(f"device: {device_kind()} ({cpu_model()}); {count} requests, {args.slots} slots", flush=True)
+    free, _, _ = serve(model, trace, slots=args.slots, page_size=args.page_size, stopping=Stopping(),
+                       max_length=max_length)
+    eos = choose_end_token([free[i].tokens for i in range(count)], [n for _, n in trace])
+    stopping = Stopping((eos,), PAD)
+    layout = dict(slots=args.slots, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
+    local = in_process(model, trace, **layout)
+    local_outputs = local.pop("outputs")
+    http = over_http(model, trace, **layout)
+    requests = trace[:4] if args.quick else trace[:8]
+    single = one_slot(model, requests, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
+    results = dict(device_kind=device_kind(), cpu=cpu_model(), date=datetime.date.today().isoformat(), requests=count,
+                   slots=args.slots, end_token=eos, in_process=local, http=http,
+                   http_over_in_process=http["tokens_per_s"] / local["tokens_per_s"],
+                   http_ttft_p50_over_median_total=http["ttft_s"]["p50"] / http["total_s"]["p50"],
+                   same_tokens_count=sum(len(t) for t in local_outputs) == http["tokens"], one_slot=single,
+                   model="Llama-shaped, 4 layers x 256, 4/2 heads of 64, vocabulary 8192, float32")
+    say(f"HTTP / in process: {results['http_over_in_process']:.2f}x tokens/s; HTTP time to first token p50 is "
+        f"{results['http_ttft_p50_over_median_total']:.2f} of the median request's time", flush=True)
+    results["seconds"] = time.perf_counter() - began
+    if not args.quick:
+        print(f"wrote {write_results(results, 'serve-http', args.results)}")
+    return results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
@@ -255,7 +422,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small trace and no slot sweep (a smoke test)")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--figure", default=str(FIGURE))
+    parser.add_argument("--http", action="store_true", help="the HTTP server against the in-process engine")
     args = parser.parse_args(argv)
+    if args.http:
+        return main_http(args)
     import torch
     import transformers
 

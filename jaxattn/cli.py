@@ -500,6 +500,7 @@ def _use_compilation_cache() -> None:
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "jaxattn" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # a decode loop takes 0.2-2 s to compile
 
 
 def main(argv=None) -> int:

@@ -246,11 +246,15 @@ class Server:
                 prompt = ""
             else:
                 prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
+                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                     prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise RequestError("prompt must be a string (or a list of one string)", param="prompt")
-                prompt_tokens = self.tokenizer.encode(prompt)
+                if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
+                    prompt_tokens, prompt = self._token_ids(prompt), ""  # token ids, as OpenAI's API takes them
+                elif isinstance(prompt, str):
+                    prompt_tokens = self.tokenizer.encode(prompt)
+                else:
+                    raise RequestError("prompt must be a string, a list of one string, or a list of token ids",
+                                       param="prompt")
             limit = body.get("max_completion_tokens") if chat else None
             limit = body.get("max_tokens") if limit is None else limit
             room = self.engine.max_length - len(prompt_tokens) - self.engine.speculative
@@ -271,6 +275,12 @@ class Server:
                                    f"exceed the {self.engine.max_length} tokens a sequence may hold",
                               param="max_tokens", code="context_length_exceeded")
         return Reply(prompt_tokens, request, stops, bool(body.get("stream")), bool(options.get("include_usage")))
+
+    def _token_ids(self, tokens: list[int]):
+        vocab = self.engine.model.config.vocab_size
+        if not all(0 <= token < vocab for token in tokens):
+            raise RequestError(f"token ids must be in [0, {vocab}), the model's vocabulary", param="prompt")
+        return tokens
 
     # --------------------------------------------------------------- serving one
 
