@@ -147,16 +147,21 @@ class Engine:
       prefix_sharing: share the pages of common prompt prefixes.
       cache_dtype: the pools' entries: the model's dtype (default) or ``"int8"`` (a scale per
         token and head; the draft model's pools too).
+      decode_steps: n, the decode steps one call may run while no request waits, none is in its
+        prefill, and none can reach its limit within them (its pages reserved ahead; without
+        speculative decoding): a step returns to Python once per n tokens instead of every token.
+        The tokens are those of n single steps; a request that writes its end token mid-way ends
+        there (the rest is dropped). 1: one step per call.
     """
 
     def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
                  max_length: int | None = None, prefill_chunk: int = 128, stopping: Stopping = Stopping(),
                  speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None,
-                 cache_dtype=None):
+                 cache_dtype=None, decode_steps: int = 8):
         config = model.config
         max_length = config.max_length if max_length is None else max_length
         for name, value in (("slots", slots), ("page_size", page_size), ("max_length", max_length),
-                            ("prefill_chunk", prefill_chunk), ("ngram", ngram)):
+                            ("prefill_chunk", prefill_chunk), ("ngram", ngram), ("decode_steps", decode_steps)):
             check_int(name, value)
         check_int("speculative", speculative, minimum=0)
         if max_length > config.max_length:
@@ -177,7 +182,7 @@ class Engine:
         check_int("pages", pages, minimum=2)
         self.pool = PagePool(pages)
         self.prefill_chunk, self.stopping = prefill_chunk, stopping
-        self.speculative, self.prefix_sharing = speculative, prefix_sharing
+        self.speculative, self.prefix_sharing, self.decode_steps = speculative, prefix_sharing, decode_steps
         layout = dict(slots=slots, pages=pages, page_size=page_size, pages_per_sequence=self.pages_per_sequence,
                       cache_dtype=cache_dtype)
         self.runner = ModelRunner(model, **layout)
@@ -293,7 +298,11 @@ class Engine:
         for R in rows:
             for T, all_positions in calls:
                 self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
-        shapes = len(rows) * len(calls) + self.drafts.warm_up(rows, chunks)
+        if self.decode_steps > 1 and not self.speculative:
+            for R in rows:
+                self.runner.steps([], self.decode_steps, lengths_of=_cached_length, R=R)
+        shapes = len(rows) * (len(calls) + (self.decode_steps > 1 and not self.speculative)) + \
+            self.drafts.warm_up(rows, chunks)
         jax.block_until_ready(self.runner.cache)
         return shapes
 
@@ -410,6 +419,8 @@ class Engine:
         decoding = [sequence for sequence in self.running if sequence is not None and not sequence.in_prefill]
         if not decoding:
             return
+        if self._several_steps(decoding):
+            return
         drafts = self.drafts.propose(decoding, self._room)
         rows = [(sequence, [sequence.tokens[-1]] + drafts.get(sequence.slot, [])) for sequence in decoding]
         longest = max(len(new) for _, new in rows)
@@ -433,6 +444,24 @@ class Engine:
             sequence.draft_cached = min(sequence.draft_cached, sequence.cached)
             next_token = sampled[row] if sequence.sampling.temperature > 0 else greedy[row, accepted]
             self._accept(sequence, proposed[:accepted] + [int(next_token)])
+
+    def _several_steps(self, decoding: list[Sequence]) -> bool:
+        """``decode_steps`` steps in one call, when nothing else could happen in them: no request
+        waits, none is in its prefill, none reaches its limit, no drafts, and the pool has the
+        pages for all of them (taken now). False, and nothing done, otherwise."""
+        n = self.decode_steps
+        if n < 2 or self.speculative or self.waiting or len(decoding) != sum(s is not None for s in self.running):
+            return False
+        if any(sequence.max_new_tokens - len(sequence.generated) < n for sequence in decoding):
+            return False
+        if not all(self._ensure_pages(sequence, sequence.cached + n) for sequence in decoding):
+            return False  # pages taken stay with their sequence: its next tokens use them
+        sampled = self.runner.steps([(sequence, [sequence.tokens[-1]]) for sequence in decoding], n,
+                                    lengths_of=_cached_length)  # [R, n]
+        for row, sequence in enumerate(decoding):
+            sequence.cached += n  # the last token and the first n - 1 sampled ones are written
+            self._accept(sequence, [int(token) for token in sampled[row]])
+        return True
 
     def _accept(self, sequence: Sequence, new_tokens: list[int]) -> None:
         """Appends tokens until the end token or the limit; finishes the sequence there."""

@@ -75,6 +75,24 @@ def draft_call(graphdef, params, cache, tokens, num_new, page_table, lengths, *,
     return drafts, _tables_of(new_cache, cache)
 
 
+def decode_steps(graphdef, params, cache, tokens, num_new, page_table, lengths, seeds, counters, temperature, top_k,
+                 top_p, *, n: int):
+    """n decode steps in one call: ``model_call`` n times, each writing the token the last one
+    sampled (row r's key folded with ``counters[r] + i`` at step i, as n separate calls would).
+    tokens ``[R, 1]``; the page table must already hold ``lengths + n`` tokens. Returns
+    ``(sampled [R, n], cache)``."""
+
+    def step(i, carry):
+        token, cache, out = carry
+        sampled, _, cache = model_call(graphdef, params, cache, token, num_new, page_table, lengths + i, seeds,
+                                       counters + i, temperature, top_k, top_p, all_positions=False)
+        return sampled[:, None], cache, out.at[:, i].set(sampled)
+
+    out = jnp.zeros((tokens.shape[0], n), jnp.int32)
+    _, cache, out = lax.fori_loop(0, n, step, (tokens, cache, out))
+    return out, cache
+
+
 @lru_cache(maxsize=16)
 def compiled_model_call(graphdef, treedef):
     """``model_call`` compiled for one model structure, taking the parameters as a flat list."""
@@ -83,6 +101,16 @@ def compiled_model_call(graphdef, treedef):
         return model_call(graphdef, jax.tree.unflatten(treedef, leaves), *args, all_positions=all_positions)
 
     return jax.jit(call, static_argnames=("all_positions",), donate_argnums=(1,))
+
+
+@lru_cache(maxsize=16)
+def compiled_decode_steps(graphdef, treedef):
+    """``decode_steps`` compiled for one model structure (as ``compiled_model_call``)."""
+
+    def call(leaves, *args, n: int):
+        return decode_steps(graphdef, jax.tree.unflatten(treedef, leaves), *args, n=n)
+
+    return jax.jit(call, static_argnames=("n",), donate_argnums=(1,))
 
 
 @lru_cache(maxsize=16)
@@ -119,6 +147,7 @@ class ModelRunner:
         self.model, self.slots, self.pages_per_sequence = model, slots, pages_per_sequence
         self.leaves = leaves
         self.forward = compiled_model_call(graphdef, treedef)
+        self.forward_steps = compiled_decode_steps(graphdef, treedef)
         self.draft_forward = compiled_draft_call(graphdef, treedef)
         self.cache = model.init_paged_cache(slots, pages=pages, page_size=page_size,
                                             pages_per_sequence=pages_per_sequence, dtype=cache_dtype)
@@ -152,6 +181,14 @@ class ModelRunner:
                                                    all_positions=all_positions)
         self.calls += 1
         return np.asarray(sampled), None if greedy is None else np.asarray(greedy)
+
+    def steps(self, rows, n: int, *, lengths_of, R: int | None = None) -> np.ndarray:
+        """n decode steps over ``rows`` (one new token each) in one call: ``[R, n]`` sampled
+        tokens as NumPy, row i for ``rows[i]``."""
+        written, sampling = self.arrays(rows, 1, lengths_of=lengths_of, R=R)
+        sampled, self.cache = self.forward_steps(self.leaves, self.cache, *written, *sampling, n=n)
+        self.calls += 1
+        return np.asarray(sampled)
 
     def draft(self, rows, k: int, *, lengths_of, R: int | None = None) -> np.ndarray:
         """k greedy tokens after each row's new tokens (at most 2 a row): ``[R, k]`` as NumPy."""

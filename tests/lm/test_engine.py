@@ -419,3 +419,23 @@ def test_a_row_preempted_by_an_earlier_row_of_its_step_takes_no_page(model, requ
     engine = Engine(model, slots=4, page_size=4, pages=30, prefill_chunk=8, stopping=Stopping((1,), 0), speculative=3)
     results = serve(engine, requests[:16])  # check_pages after every step: a waiting sequence holds no page
     assert len(results) == 16 and engine.stats.preempted > 0 and engine.pool.in_use == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_several_decode_steps_per_call_change_no_token(model, requests_and_references, temperature):
+    # one slot, nothing waiting: calls of 8 steps; the tokens are those of single steps
+    requests, _, stopping = requests_and_references
+    sampling = Sampling(temperature=temperature, top_k=20 if temperature else None)
+
+    def run(decode_steps):
+        engine = Engine(model, slots=1, page_size=4, prefill_chunk=16, stopping=stopping, decode_steps=decode_steps)
+        results = []
+        for index, (prompt, _) in enumerate(requests[:4]):
+            engine.submit(prompt, max_new_tokens=21, sampling=sampling, seed=index)
+            results += list(engine.run())
+        return [(result.tokens, result.finish_reason) for result in results], engine
+
+    single, one_by_one = run(1)
+    several, eight_by_eight = run(8)
+    assert several == single
+    assert eight_by_eight.stats.calls < one_by_one.stats.calls and eight_by_eight.pool.in_use == 0  # (end tokens come early)
