@@ -66,8 +66,9 @@ FIGURE = Path(__file__).parent.parent / "img" / "serve.png"
 PAD = 0
 
 
-def make_models(vocab: int):
-    """The transformers model and the same weights in jaxattn."""
+def make_models(vocab: int, folder=None):
+    """The transformers model and the same weights in jaxattn (saved in ``folder`` if given,
+    with a word-level tokenizer whose token i is the text "ti", so a server can load it)."""
     import torch
     import transformers
 
@@ -76,9 +77,16 @@ def make_models(vocab: int):
                                       num_key_value_heads=2, intermediate_size=768, vocab_size=vocab,
                                       max_position_embeddings=1024)
     reference = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(folder or scratch)
         reference.save_pretrained(folder)
         model, _ = load_hf_model(folder)
+        if folder != Path(scratch):
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+            words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+            words.pre_tokenizer, words.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(cleanup=False)
+            words.save(str(folder / "tokenizer.json"))
     return reference, model
 
 
@@ -253,75 +261,70 @@ def draw(figure_path: Path, occupancy, memory, slot_rows, static_reserved, page_
     plt.close(fig)
 
 
-class TokenIds:
-    """A stand-in tokenizer for a model without one: a token's text is its id and a space."""
-
-    @staticmethod
-    def decode(tokens, *, skip_special_tokens: bool = True) -> str:
-        return "".join(f"{int(token)} " for token in tokens)
-
-
 def percentiles(values) -> dict:
     values = np.asarray(values, np.float64)
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
-def over_http(model, trace, *, slots, page_size, stopping, max_length, say) -> dict:
-    """The trace through a real server, one streaming client per request, all at once."""
+def over_http(folder: Path, trace, *, slots, page_size, eos, say) -> dict:
+    """The trace through ``jaxattn serve`` in a process of its own (as a server runs), one
+    streaming client per request, all at once, from this process's asyncio loop."""
     import asyncio
     import json
+    import os
+    import signal
     import socket
-    import threading
+    import subprocess
+    import sys
 
     import httpx2 as httpx
-    import uvicorn
 
-    from jaxattn.lm.sampling import Sampling
-    from jaxattn.serve import Request
-    from jaxattn.serve.http import Server, create_app
-
-    engine = Engine(model, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)
-    server = Server(engine, TokenIds(), model_name="bench", defaults=Request("", 16, Sampling(0.0)),
-                    max_waiting=len(trace))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": int(eos)}))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=uv.run, daemon=True).start()
+    server = subprocess.Popen([sys.executable, "-m", "jaxattn", "serve", str(folder), "--port", str(port), "--slots",
+                               str(slots), "--page-size", str(page_size), "--max-waiting", str(len(trace)),
+                               "--served-model-name", "bench"], env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    while True:  # warm-up compiles every shape before /health says ok
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        while True:  # warm-up compiles every shape before /health says ok
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError("jaxattn serve exited")
+            time.sleep(0.2)
 
-    async def one(client, prompt, limit):
-        start, arrivals, tokens = time.perf_counter(), [], 0
-        body = {"prompt": [int(t) for t in prompt], "max_tokens": limit, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    arrivals.append(time.perf_counter() - start)
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return arrivals, tokens, time.perf_counter() - start
+        async def one(client, prompt, limit):
+            start, arrivals, tokens = time.perf_counter(), [], 0
+            body = {"prompt": [int(t) for t in prompt], "max_tokens": limit, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
+                        arrivals.append(time.perf_counter() - start)
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return arrivals, tokens, time.perf_counter() - start
 
-    async def everyone():
-        limits = httpx.Limits(max_connections=len(trace) + 4)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-            return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in trace))
+        async def everyone():
+            limits = httpx.Limits(max_connections=len(trace) + 4)
+            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+                return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in trace))
 
-    asyncio.run(everyone())  # once untimed: the server's first requests, the clients' connections
-    start = time.perf_counter()
-    replies = asyncio.run(everyone())
-    seconds = time.perf_counter() - start
-    uv.should_exit = True
+        asyncio.run(everyone())  # once untimed: the server's first requests, the clients' connections
+        start = time.perf_counter()
+        replies = asyncio.run(everyone())
+        seconds = time.perf_counter() - start
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
     tokens = sum(made for _, made, _ in replies)
     first = [arrivals[0] for arrivals, _, _ in replies if arrivals]
     gaps = [b - a for arrivals, _, _ in replies for a, b in zip(arrivals, arrivals[1:])]
@@ -348,9 +351,15 @@ def in_process(model, trace, *, slots, page_size, stopping, max_length, say) -> 
 def one_slot(model, requests, *, page_size, stopping, max_length, say) -> dict:
     """The engine at one slot against generate, batch 1, the requests one after another; the
     median of 3 timed runs of each (after one untimed), and whether their tokens agree."""
-    def by_engine():
-        return [r.tokens for r in sorted(serve(model, requests, slots=1, page_size=page_size, stopping=stopping,
-                                               max_length=max_length)[0].values(), key=lambda r: r.id)]
+    engine = Engine(model, slots=1, page_size=page_size, stopping=stopping, max_length=max_length)
+    engine.warm_up()  # once, as a server does before it takes requests: not timed
+
+    def by_engine():  # one after another, as the generate calls run
+        outputs = []
+        for index, (prompt, limit) in enumerate(requests):
+            engine.submit(prompt, max_new_tokens=limit, id=index)
+            outputs += [result.tokens for result in engine.run()]
+        return outputs
 
     def by_generate():
         outputs = []
@@ -382,11 +391,12 @@ def main_http(args) -> dict:
 
     began = time.perf_counter()
     vocab = 8192
-    _, model = make_models(vocab)
+    folder = Path(tempfile.mkdtemp(prefix="jaxattn-serve-"))
+    _, model = make_models(vocab, folder)
     count = 12 if args.quick else args.requests
     trace = make_trace(count, vocab, prompt=(16, 128) if args.quick else (16, 512),
                        new=(16, 48) if args.quick else (16, 256))
-    max_length = 512 + 256
+    max_length = model.config.max_length  # as the server's engine has it
     say = print
     say(f"device: {device_kind()} ({cpu_model()}); {count} requests, {args.slots} slots", flush=True)
     free, _, _ = serve(model, trace, slots=args.slots, page_size=args.page_size, stopping=Stopping(),
@@ -396,10 +406,11 @@ def main_http(args) -> dict:
     layout = dict(slots=args.slots, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
     local = in_process(model, trace, **layout)
     local_outputs = local.pop("outputs")
-    http = over_http(model, trace, **layout)
+    http = over_http(folder, trace, slots=args.slots, page_size=args.page_size, eos=eos, say=say)
     requests = trace[:4] if args.quick else trace[:8]
     single = one_slot(model, requests, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
     results = dict(device_kind=device_kind(), cpu=cpu_model(), date=datetime.date.today().isoformat(), requests=count,
+                   setup="the server is `jaxattn serve` in a process of its own; the clients one asyncio process",
                    slots=args.slots, end_token=eos, in_process=local, http=http,
                    http_over_in_process=http["tokens_per_s"] / local["tokens_per_s"],
                    http_ttft_p50_over_median_total=http["ttft_s"]["p50"] / http["total_s"]["p50"],
