@@ -1,10 +1,14 @@
 """Text as it streams: tokens in, text out, never a broken character, stop strings cut.
 
 A token is not a character: a byte-level tokenizer splits "é" over two tokens, and decoding
-the first alone gives the replacement character U+FFFD. So the stream decodes everything it
-has (``decode(tokens)``) and sends only the part past what it already sent, and only once the
-text does not end in half a character. The chunks it sends therefore concatenate to
-``decode(tokens)`` of the whole reply: the streamed and the non-streamed text are the same.
+the first alone gives the replacement character U+FFFD; a SentencePiece tokenizer writes a
+word's space as part of the word's first token, and drops it at the start of a text. So the
+stream decodes a short window of the latest tokens twice, with and without the new ones
+(``prefix`` and ``read`` offsets, as vLLM's incremental detokenizer does), takes the
+difference as the new text, and waits while it ends in half a character. Each step costs a
+few tokens' decoding, not the whole reply's. At the end, the whole reply is decoded once: the
+chunks sent concatenate to ``decode(tokens)`` of the whole reply (the streamed and the
+non-streamed text are the same, tested with the servers' own tokenizers).
 
 Stop strings (OpenAI's ``stop``): the reply ends where one first appears, and the stop string
 itself is not part of it. Text that could be the beginning of a stop string ("\\n\\nUs" with
@@ -32,15 +36,17 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class TextStream:
     """The text of one reply, as its tokens arrive.
 
-    ``decode(tokens) -> str`` turns all the reply's tokens into text (special tokens skipped);
-    ``stops`` the stop strings. ``add(tokens)`` returns the new text that is safe to send;
-    ``finish()`` what was held back, once no more tokens come. ``stopped`` tells whether a stop
-    string ended the reply (then later tokens add nothing); ``text`` is everything sent.
+    ``decode(tokens) -> str`` turns tokens into text (special tokens skipped); ``stops`` the stop
+    strings. ``add(tokens)`` returns the new text that is safe to send; ``finish()`` what was held
+    back, once no more tokens come. ``stopped`` tells whether a stop string ended the reply (then
+    later tokens add nothing); ``text`` is everything sent.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
         self.decode, self.stops = decode, [stop for stop in stops if stop]
         self.tokens: list[int] = []
+        self.decoded = ""  # the reply's text so far, up to the read offset
+        self.prefix, self.read = 0, 0  # tokens[prefix:read] is the window decoded last time
         self.text = ""
         self.stopped = False
 
@@ -49,19 +55,28 @@ class TextStream:
         self.text += new
         return new
 
+    def _advance(self) -> None:
+        """Extends ``decoded`` by the text of the tokens past the read offset, unless it would
+        end in half a character."""
+        before = self.decode(self.tokens[self.prefix : self.read])
+        after = self.decode(self.tokens[self.prefix :])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):
+            self.decoded += after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+
     def add(self, tokens) -> str:
         if self.stopped:
             return ""
         self.tokens.extend(int(token) for token in tokens)
-        full = self.decode(self.tokens)
+        self._advance()
+        text = self.decoded
         for stop in self.stops:  # cut at each stop found: the earliest is cut last
-            at = full.find(stop)
+            at = text.find(stop, max(0, len(self.text) - len(stop)))
             if at >= 0:
-                full, self.stopped = full[:at], True
+                text, self.stopped = text[:at], True
         if self.stopped:
-            return self._send(full)
-        complete = full.rstrip(REPLACEMENT)  # half a character: wait for the rest of its bytes
-        return self._send(complete[: len(complete) - held_back(complete, self.stops)])
+            return self._send(text)
+        return self._send(text[: len(text) - held_back(text, self.stops)])
 
     def finish(self) -> str:
         """The held-back rest, once the reply has ended without a stop string."""
