@@ -301,9 +301,10 @@ class Server:
 
         return request_id, iterate()
 
-    async def pieces(self, reply: Reply):
+    async def pieces(self, reply: Reply, gone=None):
         """``(text, finish_reason or None, completion tokens)`` as the reply grows; the last piece
-        has the finish reason. A stop string ends the request in the engine too."""
+        has the finish reason. A stop string ends the request in the engine too, and so does the
+        client going away (``await gone()`` true, asked at every delta)."""
         self.outstanding += 1
         self.metrics.prompt_tokens.inc(len(reply.tokens))
         started, last = time.perf_counter(), None
@@ -311,6 +312,8 @@ class Server:
         request_id, deltas = await self.deltas(reply)
         try:
             async for delta in deltas:
+                if gone is not None and await gone():
+                    return  # the finally below aborts the request: its pages go back now
                 now = time.perf_counter()
                 if delta.tokens:
                     if last is None:
@@ -364,8 +367,9 @@ class Server:
         return self.envelope("chat.completion" if chat else "text_completion", prefix + uuid.uuid4().hex, [choice],
                              self.usage(reply, generated))
 
-    async def events(self, reply: Reply, *, chat: bool):
-        """The reply as server-sent events: chunks, then ``data: [DONE]``."""
+    async def events(self, reply: Reply, *, chat: bool, gone=None):
+        """The reply as server-sent events: chunks, then ``data: [DONE]``. ``gone``: whether the
+        client has gone away (an uvicorn that cannot write to it does not say so)."""
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -376,7 +380,7 @@ class Server:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None}])
         generated = 0
-        async for piece, finish, generated in self.pieces(reply):
+        async for piece, finish, generated in self.pieces(reply, gone):
             if piece or finish is not None:
                 content = {"delta": {"content": piece} if piece else {}} if chat else {"text": piece}
                 yield chunk([{"index": 0, **content, "finish_reason": finish, "logprobs": None}])
@@ -433,7 +437,8 @@ def create_app(server: Server):
             raise ServerError(503, f"the server is busy: {server.outstanding} requests are running or waiting; "
                                    "try again later", kind="server_error", code="overloaded")
         if reply.stream:
-            return StreamingResponse(server.events(reply, chat=chat), media_type="text/event-stream")
+            return StreamingResponse(server.events(reply, chat=chat, gone=request.is_disconnected),
+                                     media_type="text/event-stream")
         return JSONResponse(await server.complete(reply, chat=chat))
 
     @app.post("/v1/completions")

@@ -55,21 +55,25 @@ class TextStream:
         self.text += new
         return new
 
-    def _advance(self) -> None:
-        """Extends ``decoded`` by the text of the tokens past the read offset, unless it would
-        end in half a character."""
+    def _visible(self) -> str:
+        """The reply's text that is safe to show: ``decoded`` (the tokens up to the read offset)
+        extended by the text of the newer tokens, without a trailing half character. The offsets
+        move on only when the newer tokens end on a whole character."""
         before = self.decode(self.tokens[self.prefix : self.read])
         after = self.decode(self.tokens[self.prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):
-            self.decoded += after[len(before):]
-            self.prefix, self.read = self.read, len(self.tokens)
+        if not after.startswith(before):  # a tokenizer whose text is not local: wait for finish()
+            return self.decoded
+        if after.endswith(REPLACEMENT):  # half a character (or bytes that never make one) at the end
+            return self.decoded + after.rstrip(REPLACEMENT)[len(before):]
+        self.decoded += after[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        return self.decoded
 
     def add(self, tokens) -> str:
         if self.stopped:
             return ""
         self.tokens.extend(int(token) for token in tokens)
-        self._advance()
-        text = self.decoded
+        text = self._visible()
         for stop in self.stops:  # cut at each stop found: the earliest is cut last
             at = text.find(stop, max(0, len(self.text) - len(stop)))
             if at >= 0:

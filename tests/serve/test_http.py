@@ -167,15 +167,30 @@ def aborted(server) -> float:
     return server.metrics.requests.labels(outcome="aborted")._value.get()
 
 
+@contextlib.contextmanager
+def slow_steps(server, seconds=0.1):
+    """Each engine step takes ``seconds`` longer: requests stay running while a test acts on them."""
+    server.engine.on_step = lambda engine: time.sleep(seconds)
+    try:
+        yield
+    finally:
+        server.engine.on_step = None
+
+
 def test_a_client_that_goes_away_frees_its_pages(served):
     url, server = served
     tokens, before = server.engine.stats.tokens, aborted(server)
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Tell", "max_tokens": 60, "temperature": 0,
-                                                               "stream": True}) as response:
-        next(response.iter_lines())  # the first chunk arrived: the request runs; now hang up
+    body = json.dumps({"prompt": "Tell", "max_tokens": 60, "temperature": 0, "stream": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with slow_steps(server), socket.create_connection((host, int(port))) as connection:  # a client that hangs up
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"data: {" not in received:  # the first chunk: the request runs; now hang up
+            received += connection.recv(4096)
     assert wait_until(lambda: server.outstanding == 0 and server.engine.pool.in_use == 0 and not server.engine.busy)
     assert aborted(server) == before + 1
-    assert server.engine.stats.tokens - tokens < 60  # it was stopped, not run to its end
+    assert server.engine.stats.tokens - tokens < 50  # it was stopped, not run to its end
 
 
 BAD = [
@@ -215,16 +230,20 @@ def test_a_key_and_a_full_queue_are_refused_then_the_server_serves(served):
     async def crowd():
         server.max_waiting = 0  # every slot taken means full
         async with httpx.AsyncClient(base_url=url) as http:
-            body = {"prompt": "Go", "max_tokens": 40, "temperature": 0, "stream": True}
+            body = {"prompt": "Tell", "max_tokens": 40, "temperature": 0, "stream": True}  # no end token in 40
             streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(server.engine.slots)]
             responses = [await stream.__aenter__() for stream in streams]
+            lines = [response.aiter_lines() for response in responses]  # kept: a dropped one hangs up
+            for each in lines:  # each one's first chunk: all of them run
+                await each.__anext__()
             refused = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
             for stream in streams:
                 await stream.__aexit__(None, None, None)
             return refused, responses
 
     try:
-        refused, responses = asyncio.run(crowd())
+        with slow_steps(server, 0.2):  # a request of 40 tokens runs 5 steps of 8: 1 s
+            refused, responses = asyncio.run(crowd())
     finally:
         server.max_waiting = 32
     assert all(response.status_code == 200 for response in responses)
