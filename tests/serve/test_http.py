@@ -43,7 +43,7 @@ def served():
     model, tokenizer, _ = load_any(MODEL)
     engine = Engine(model, slots=4, page_size=8, prefill_chunk=32, stopping=Stopping.for_tokenizer(tokenizer))
     server = Server(engine, tokenizer, model_name=NAME, defaults=Request("", 16, Sampling(temperature=0.0)),
-                    max_waiting=32)
+                    max_waiting=32, warm_up=False)  # shapes compile as requests need them (jaxattn serve warms up)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
