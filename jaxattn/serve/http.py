@@ -131,18 +131,22 @@ class EngineThread:
         except BaseException as error:  # the server reports it on /health and to every waiting client
             self.error = error
             self.ready.set()
-            for request_id, deliver in list(self.deliveries.items()):
-                deliver(Delta(request_id, [], "error"))
+            self._deliver([Delta(request_id, [], "error") for request_id in list(self.deliveries)])
             raise
 
     def _deliver(self, deltas) -> None:
+        """Hands a step's deltas over in one ``post``: one wake-up of the receivers' event loop a
+        step, however many requests the step served."""
+        handed = []
         for delta in deltas:
             deliver = self.deliveries.get(delta.id)
             if deliver is None:
                 continue
-            deliver(delta)
+            handed.append((deliver, delta))
             if delta.finish_reason is not None:
                 del self.deliveries[delta.id]
+        if handed:
+            self.post(lambda: [deliver(delta) for deliver, delta in handed])
 
 
 # ------------------------------------------------------------------------- the metrics
@@ -286,11 +290,10 @@ class Server:
 
     async def deltas(self, reply: Reply):
         """The engine's deltas of one request as they come: ``(request id, async iterator)``."""
-        loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         request_id = self.thread.submit(reply.tokens, max_new_tokens=reply.request.max_new_tokens,
                                         sampling=reply.request.sampling, seed=reply.request.seed,
-                                        deliver=lambda delta: loop.call_soon_threadsafe(inbox.put_nowait, delta))
+                                        deliver=inbox.put_nowait)  # run in the loop (EngineThread.post)
 
         async def iterate():
             while True:
@@ -311,10 +314,13 @@ class Server:
         text, generated, outcome = TextStream(self.decode, reply.stops), 0, "aborted"
         request_id, deltas = await self.deltas(reply)
         try:
+            asked = started
             async for delta in deltas:
-                if gone is not None and await gone():
-                    return  # the finally below aborts the request: its pages go back now
                 now = time.perf_counter()
+                if gone is not None and now - asked > 0.05:  # asking costs: at most every 50 ms
+                    asked = now
+                    if await gone():
+                        return  # the finally below aborts the request: its pages go back now
                 if delta.tokens:
                     if last is None:
                         self.metrics.first_token.observe(now - started)
@@ -397,6 +403,7 @@ def create_app(server: Server):
     thread starts with it and stops with it)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        server.thread.post = asyncio.get_running_loop().call_soon_threadsafe  # deltas reach the handlers' loop
         server.thread.start(warm_up=server.warm_up)
         yield
         server.thread.stop()
