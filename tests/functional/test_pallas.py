@@ -145,22 +145,50 @@ def paged(k, v, page: int, seed: int = 0):
 DECODE = dict(window=24, logit_softcap=4.0, sinks=np.linspace(-1, 1, 8).astype(np.float32))
 
 
-@pytest.mark.parametrize("interpret", [True, "tpu"])
-@pytest.mark.parametrize("dtype,D", [(jnp.float32, 16), (jnp.bfloat16, 64)])
-def test_pallas_decode_matches_float64_contiguous_and_paged(interpret, dtype, D):
-    # 3 new tokens of rows holding 45 and 29 of 64 slots, GQA 8 / 2; then the same keys in pages
-    q, k, v = inputs(2, 3, 64, 8, 2, D, dtype, seed=D)
-    lengths = np.array([45, 29])
-    q_positions = lengths[:, None] - 3 + np.arange(3)
-    keywords = dict(is_causal=True, kv_lengths=lengths, q_positions=q_positions, **DECODE)
-    expected = reference_attention(q, k, v, **reference_keywords(keywords, 3, 64))
-    tolerance = TOLERANCE[dtype]
+def check_decode(q, k, v, keywords, *, interpret=True, page=16):
+    """pallas_decode over the contiguous cache and over the same keys in shuffled pages, against float64."""
+    T, S = q.shape[1], k.shape[1]
+    expected = reference_attention(q, k, v, **reference_keywords(keywords, T, S))
+    tolerance = TOLERANCE[q.dtype.type]
     out = pallas_decode_attention(q, k, v, block_kv=16, interpret=interpret, **keywords)
     chex.assert_trees_all_close(np.asarray(out, np.float64), expected, rtol=tolerance, atol=tolerance)
-    (k_pool, v_pool), table = paged(k, v, page=16, seed=D)
+    (k_pool, v_pool), table = paged(k, v, page=page, seed=S)
     context = dataclasses.replace(AttentionContext.from_keywords(q, k, **keywords), kv_pages=table)
     out = pallas_decode_kernel(q, k_pool, v_pool, context, block_kv=32, interpret=interpret)
     chex.assert_trees_all_close(np.asarray(out, np.float64), expected, rtol=tolerance, atol=tolerance)
+
+
+def rows_holding(lengths, T=3):
+    """A causal decode call of T new tokens on rows that hold ``lengths`` tokens (theirs included)."""
+    lengths = np.asarray(lengths)
+    return dict(is_causal=True, kv_lengths=lengths, q_positions=lengths[:, None] - T + np.arange(T))
+
+
+DECODE_FEATURES = {
+    "lengths": {},
+    "window": dict(window=10),
+    "soft-cap": dict(logit_softcap=2.0),
+    "scale": dict(scale=0.3),
+    "sinks": dict(sinks=np.array([0.5, -1.0, 2.0, 0.0], np.float32)),
+}
+
+
+@pytest.mark.parametrize("feature", DECODE_FEATURES)
+def test_pallas_decode_each_feature_alone_matches_float64(feature):
+    q, k, v = inputs(2, 3, 48, 4, 2, 16, seed=11)
+    check_decode(q, k, v, {**rows_holding([45, 20]), **DECODE_FEATURES[feature]})
+
+
+@pytest.mark.parametrize("dtype,D", [(jnp.float32, 64), (jnp.float32, 128), (jnp.bfloat16, 64), (jnp.bfloat16, 128)])
+def test_pallas_decode_all_together_matches_float64_contiguous_and_paged(dtype, D):
+    # 3 new tokens of rows holding 45 and 29 of 64 slots, GQA 8 / 2; then the same keys in pages
+    q, k, v = inputs(2, 3, 64, 8, 2, D, dtype, seed=D)
+    check_decode(q, k, v, {**rows_holding([45, 29]), **DECODE})
+
+
+def test_pallas_decode_tpu_copies_match_float64_contiguous_and_paged():
+    q, k, v = inputs(2, 3, 64, 8, 2, 16, seed=3)
+    check_decode(q, k, v, {**rows_holding([45, 29]), **DECODE}, interpret="tpu")
 
 
 def test_pallas_decode_reads_only_each_rows_blocks():
