@@ -307,7 +307,7 @@ class Server:
     async def pieces(self, reply: Reply, gone=None):
         """``(text, finish_reason or None, completion tokens)`` as the reply grows; the last piece
         has the finish reason. A stop string ends the request in the engine too, and so does the
-        client going away (``await gone()`` true, asked at every delta)."""
+        client going away (``await gone()`` true, asked with a delta, at most every 50 ms)."""
         self.outstanding += 1
         self.metrics.prompt_tokens.inc(len(reply.tokens))
         started, last = time.perf_counter(), None
