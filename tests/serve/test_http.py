@@ -4,7 +4,6 @@ One server for the module (each xdist worker would start its own: the tests are 
 
 import asyncio
 import contextlib
-import io
 import json
 import socket
 import threading
