@@ -591,7 +591,8 @@ def main(argv=None) -> dict:
     print(f"| KV memory in use at its peak / tokens held | {t['memory']['peak_tokens_of_pages']} | "
           f"{t['memory']['tokens_held_at_peak']} | {t['memory']['ratio_at_peak']:.3f}x |")
     p = results["prefix_sharing"]
-    print(f"| mean time to first token, 32 requests sharing a prefix (s) | {p['with sharing']['mean_ttft_s']:.3f} | "
+    print(f"| mean time to first token, 32 requests sharing a prefix (s): with sharing, without; without / with | "
+          f"{p['with sharing']['mean_ttft_s']:.3f} | "
           f"{p['without sharing']['mean_ttft_s']:.3f} | {p['ttft_ratio']:.2f}x |")
     s = results["speculative"]
     print(f"| speculative (prompt lookup) vs plain, tokens/s | {s['speculative']['tokens_per_s']:.1f} | "

@@ -129,9 +129,15 @@ def step_decode_cost(say, *, out: Path, capacity: int = 16384, heads: int = 8, k
     dense_s, decode_s = seconds.values()
     for count, a, b in zip(present, dense_s, decode_s):
         say(f"  {count:>15,} {a * 1e3:>7.2f} ms {b * 1e3:>7.2f} ms")
+    spread = max(dense_s) / min(dense_s) - 1
     say(f"The two agree (largest difference {difference:.1e}). With {present[0]:,} of {capacity:,} slots in use, a step")
-    say(f"of decode_attention takes {decode_s[0] / decode_s[-1]:.0%} of its time on a full cache; the dense kernel's")
-    say(f"takes {dense_s[0] / dense_s[-1]:.0%} of its own, whatever the cache holds.")
+    say(f"of decode_attention takes {decode_s[0] / decode_s[-1]:.0%} of its time on a full cache. The dense kernel reads")
+    say(f"every slot whatever the cache holds, so its times differ only by timing noise ({spread:.0%} between its")
+    say("slowest and fastest here; a step of a few milliseconds on a shared 2-core machine moves that much).")
+    say(f"On a full cache decode_attention takes {decode_s[-1] / dense_s[-1]:.0%} of the dense kernel's time: when there is")
+    say("nothing to skip, its block loop (rescaling the running sum at every block, step 12) is work the")
+    say("dense kernel's single softmax does not do. It wins wherever the cache is not full, which is")
+    say("every step but the last of a generation that fills it.")
     show(say, viz.line_chart({name: (present, [x * 1e3 for x in times]) for name, times in seconds.items()},
                              out / "decode_cost.png", title=f"One decode step, cache capacity {capacity:,}",
                              xlabel="tokens present in the cache", ylabel="ms per step", logx=True, logy=True),
@@ -171,8 +177,9 @@ def step_attention_sink(say, model, text: str, *, out: Path, seed: int):
     say("says: the attention sink (Xiao et al. 2023, arXiv 2309.17453). A head that has nothing to")
     say("look for still has to spend its softmax somewhere (its weights sum to 1), and the first")
     say("token, which every query sees, is where training puts it. Measured on the trained model")
-    say("above and on the same model untrained: the mean weight that the 3rd to the last query put")
-    say("on the first token, per layer and head.")
+    say("above and on the same model untrained: the mean weight that queries 3 to T (counting from 1;")
+    say("for the first two, the first token is also the token itself or the one before) put on the")
+    say("first token, per layer and head.")
     tokens = np.asarray(encode(text))[None]  # [1, T]
     labels = [token_label(int(token)) for token in tokens[0]]
     _, trained = capture_attention(model, tokens)
@@ -190,9 +197,13 @@ def step_attention_sink(say, model, text: str, *, out: Path, seed: int):
                                     layer=int(layer), head=int(head)),
          "first-token share of every head, trained and untrained, and the strongest sink head's map")
     scores = induction_test(model, ByteTokenizer())[2]
+    _, _, untrained_scores = induction_test(untrained_model, ByteTokenizer())
     best = np.unravel_index(int(np.argmax(scores)), scores.shape)
-    say(f"On random text written twice, the trained model's best induction head is layer {best[0]} head {best[1]}")
-    say(f"(score {scores[best]:.2f}: the weight a repeated token puts on what followed it the first time).")
+    say("Does it have an induction head (a head that, on random text written twice, looks from a")
+    say("repeated token to what followed it the first time; step 17)? No: the best score of any head is")
+    say(f"{scores[best]:.2f} (layer {best[0]} head {best[1]}; an induction head scores near 1), against {untrained_scores.max():.2f} untrained.")
+    say("A layer-0 head could not be one anyway: it needs a head of an earlier layer to have written")
+    say("each token's predecessor next to it. Step 17 shows one forming in a model trained for it.")
     page = write_explorer(out / "explorer.html", trained, labels, title=f"Attention on {text!r}",
                           description=f"the tour's trained model: {model.config.layers} layers x "
                                       f"{model.config.heads} heads", induction=scores)

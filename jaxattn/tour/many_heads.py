@@ -32,7 +32,10 @@ def step_multi_head(say, words, x, *, heads: int, kv_heads: int, head_width: int
     v = jnp.einsum("tc,ckd->tkd", x, wv)[None]  # [1, T, K, D]
     group = heads // kv_heads
     say(f"H = {heads} query heads each run the same one-head kernel on their own projection;")
-    say(f"here K = {kv_heads} key/value heads, so every {group} query heads share one K/V head (GQA).")
+    say(f"here K = {kv_heads} key/value heads, so every G = H / K = {group} query heads share one K/V head (GQA):")
+    say(f"query head h reads key/value head h // G (heads " +
+        "; ".join(f"{', '.join(str(h) for h in range(g * group, (g + 1) * group))} read {g}" for g in range(kv_heads)) +
+        "). K = H is multi-head attention, K = 1 multi-query attention.")
     say(f"Shapes: q {list(q.shape)} = [B, T, H, D], k and v {list(k.shape)} = [B, S, K, D].")
     together = multi_head_attention(q, k, v, is_causal=True)  # [1, T, H, D]
     mask = causal_mask(jnp.arange(len(words)), jnp.arange(len(words)))

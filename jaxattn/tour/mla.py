@@ -46,16 +46,17 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
                 block(frac(n(f"{v2_bytes:,}"), n(f"{old_bytes:,}")), o("="), n(f"{v2_bytes / old_bytes:.1%}"),
                       t(f": {1 - v2_bytes / old_bytes:.1%} smaller")))
     say(f"The numbers alone shrink by {1 - v2_numbers / old_numbers:.0%}; the rest is the 6-bit quantisation.")
-    say("Why RoPE is kept out of the latent: the trick that makes MLA fast (below) merges W_uk into the")
-    say("query, since q_c·k_c = (c_q W_uq)·(c_kv W_uk) needs W_uq and W_uk only as one product. RoPE")
-    say("rotates a query at position t by R_t and a key at position s by R_s, and the product of the")
-    say("two rotations sits between the weights, different for every pair of positions:")
-    say.formula("(R_t W_uq c_q)^T (R_s W_uk c_kv) = c_q^T W_uq^T R_(s-t) W_uk c_kv",
-                block(sup(paren(sub(i("R"), i("t")), sub(i("W"), t("uq")), sub(i("c"), i("q"))), i("T")),
-                      paren(sub(i("R"), i("s")), sub(i("W"), t("uk")), sub(i("c"), t("kv"))), o("="),
-                      subsup(i("c"), i("q"), i("T")), subsup(i("W"), t("uq"), i("T")),
-                      sub(i("R"), row(i("s"), o("−"), i("t"))), sub(i("W"), t("uk")), sub(i("c"), t("kv"))))
-    say("so W_uq^T R_(s-t) W_uk cannot be computed once. MLA therefore rotates only a separate, small")
+    say("Why RoPE is kept out of the latent: the trick that makes MLA fast, weight absorption (below),")
+    say("merges W_uk into the query. Vectors are rows here, as in the code (x W): q_c k_cᵀ =")
+    say("c_q W_uq (c_kv W_uk)ᵀ = c_q (W_uq W_ukᵀ) c_kvᵀ needs W_uq and W_uk only as one product. RoPE")
+    say("rotates a query at position t by R_t and a key at position s by R_s (x R_t), and the product")
+    say("of the two rotations sits between the weights, different for every pair of positions:")
+    say.formula("(c_q W_uq R_t)(c_kv W_uk R_s)ᵀ = c_q W_uq R_(t-s) W_ukᵀ c_kvᵀ",
+                block(paren(sub(i("c"), i("q")), sub(i("W"), t("uq")), sub(i("R"), i("t"))),
+                      sup(paren(sub(i("c"), t("kv")), sub(i("W"), t("uk")), sub(i("R"), i("s"))), o("⊤")), o("="),
+                      sub(i("c"), i("q")), sub(i("W"), t("uq")), sub(i("R"), row(i("t"), o("−"), i("s"))),
+                      subsup(i("W"), t("uk"), o("⊤")), subsup(i("c"), t("kv"), o("⊤"))))
+    say("so W_uq R_(t-s) W_ukᵀ cannot be computed once. MLA therefore rotates only a separate, small")
     say("part of each query and key (q_r, and one k_r shared by every head) and leaves c_kv unrotated:")
     say.formula("score = q_c . k_c + q_r . k_r  (k_c from the unrotated latent, absorbable)",
                 block(t("score"), o("="), sub(i("q"), i("c")), o("·"), sub(i("k"), i("c")), o("+"), sub(i("q"), i("r")),
@@ -73,7 +74,10 @@ def step_latent_attention(say, text: str, *, seed: int, out: Path):
     say("A small MLA model (random, untrained weights, H=4, D=16, L=24, R=8): next-token logits")
     say(f"after {text!r} from the full pass (mla_naive: keys and values decompressed per head) and")
     say("from decoding the last token (mla_absorbed: attention directly over the cached latents)")
-    say(f"differ by {difference:.1e};")
+    say(f"differ by {difference:.1e}. jaxattn decodes through the absorbed path (one token's query against")
+    say("the whole cache: reading L + R numbers per cached token beats decompressing every key) and trains")
+    say("and prefills through the naive one (T queries at once: decompressing once per token is cheaper")
+    say("than the larger absorbed products for every query);")
     say(f"the cache holds {cache[0].c_kv.shape[-1] + cache[0].k_rope.shape[-1]} numbers per token and layer.")
     layer = model.blocks[0].attn
     p = layer.params()

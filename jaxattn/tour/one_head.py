@@ -87,8 +87,10 @@ def why_scale(say, *, out: Path, D: int = 512, S: int = 8, seed: int = 7):
         return float(jnp.linalg.norm(jax.jacobian(lambda q: attention_weights(q, k, scale=scale)[0])(q)))
 
     norms = [gradient_norm(1.0), gradient_norm(None)]
+    scores = np.asarray(q @ k.T)[0]  # [S]
     say("Why divide by sqrt(D)? A sum of D products of unit-variance numbers has variance D: at")
-    say(f"D = {D} raw scores spread over about ±{np.sqrt(D):.0f}, and softmax turns them into an almost")
+    say(f"D = {D} the raw scores have a standard deviation of about sqrt(D) = {np.sqrt(D):.0f} (here {scores.std():.0f}; over")
+    say(f"these {S} keys they reach {scores.min():+.0f} and {scores.max():+.0f}), and softmax turns them into an almost")
     say(f"one-hot row (largest weight {float(raw.max()):.3f}) whose gradient all but vanishes")
     say(f"(|| d weights / d q || = {norms[0]:.1e}); scaled, the largest weight is {float(scaled.max()):.3f} and the")
     say(f"gradient {norms[1]:.1e}: the head can still learn.")

@@ -94,13 +94,17 @@ def step_ring(say, *, out: Path, T: int = 32, n: int = 4, D: int = 8, seed: int 
     say(f"Simulated here on one device (T = {T}, n = {n}, in zigzag order): the ring's result differs")
     say(f"from dense causal attention by {difference:.1e}. ring_attention runs the same steps on a mesh with")
     say("lax.ppermute (tests run it on 8 devices).")
-    say("Under a causal mask, chunks in order give device i about 2i + 1 times the first device's")
-    say("work, and the slowest device sets the pace; zigzag_order gives each device one early and one")
-    say("late chunk, so all do the same. Sub-block pairs computed per device (T = 4,096, n = 4, blocks")
     length, devices, sub = 4096, 4, 256
+    c = length // devices // sub  # sub-blocks per chunk
+    say("Under a causal mask, chunks in order give device i all of the i chunks before its own and the")
+    say(f"lower half of its own: with c sub-blocks a chunk, i·c² + c(c + 1)/2 sub-block pairs, i + 1/2 chunks")
+    say("of work (so the last of n devices does about 2n - 1 times the first's), and the slowest device")
+    say("sets the pace; zigzag_order gives each device one early and one late chunk, so all do the same.")
     work = {"causal, in order": ring_work_per_device(length, devices, block=sub, zigzag=False),
             "causal, zigzag": ring_work_per_device(length, devices, block=sub, zigzag=True)}
-    say(f"of {sub}): in order {work['causal, in order']}, zigzag {work['causal, zigzag']}.")
+    say(f"Sub-block pairs computed per device, counted with the kernel's own block plan (T = {length:,}, n = {devices},")
+    say(f"blocks of {sub}, so c = {c}: {c * c}i + {c * (c + 1) // 2}): in order {work['causal, in order']}, "
+        f"zigzag {work['causal, zigzag']}.")
     show(say, viz.ring_diagram(devices, work, out / "ring.png"),
          "which chunk each device holds at each step, and the causal work per device in order and in zigzag")
     return {"difference": difference, "work": work}
