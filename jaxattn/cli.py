@@ -60,30 +60,33 @@ def _train(args) -> int:
     import jax
 
     from jaxattn.lm.checkpoint import RunFolder
-    from jaxattn.lm.data import load_corpus
+    from jaxattn.lm.data import REPEATED_TOKENS, load_corpus, open_corpus
     from jaxattn.lm.parallel import mesh_from_spec
-    from jaxattn.lm.train import TrainConfig, default_model_config, train
+    from jaxattn.lm.train import TrainConfig, preset, train
 
     run = RunFolder(args.out, overwrite=args.overwrite)
     if args.resume:
         saved = run.read_run()
         config, train_config = run.model_config(), TrainConfig(**saved["train"])
-        data = None if saved["data"] == "pydoc_data.topics" else saved["data"]
-        if args.data is not None and args.data != data:
+        if args.data is not None and args.data != saved["data"]:
             raise ValueError(f"--resume continues the run on its own data {saved['data']!r}, not {args.data!r}")
+        corpus = open_corpus(saved["data"])
+        measure = preset("induction").measure if saved["data"] == REPEATED_TOKENS else None
     else:
-        config = default_model_config(args.attention)
+        chosen = preset(args.preset, attention=args.attention)
+        if chosen.corpus is not None and args.data is not None:
+            raise ValueError(f"--preset {args.preset} trains on {chosen.corpus.name}; it takes no --data")
         overrides = _model_config_file(args.model_config) if args.model_config else {}
         overrides.update({name: getattr(args, name) for name in ("layers", "width") if getattr(args, name) is not None})
         if args.kernel is not None or "attention_kernel" not in overrides:
             overrides["attention_kernel"] = args.kernel or "auto"
-        config = dataclasses.replace(config, **overrides)
+        config = dataclasses.replace(chosen.config, **overrides)
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        train_config = TrainConfig(
-            **{name: value for name, value in vars(args).items() if name in train_fields and value is not None}
+        train_config = dataclasses.replace(
+            chosen.train, **{name: value for name, value in vars(args).items() if name in train_fields and value is not None}
         )
-        data = args.data
-    corpus = load_corpus(data)
+        corpus = chosen.corpus or load_corpus(args.data)
+        measure = chosen.measure
     mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
     lead = jax.process_index() == 0
     if lead:
@@ -92,7 +95,7 @@ def _train(args) -> int:
         print(f"Optimisation: {train_config}")
         if mesh is not None:
             print(f"Mesh: {dict(mesh.shape)} over {jax.device_count()} devices of {jax.process_count()} process(es)")
-    summary = train(config, train_config, corpus, run, resume=args.resume, mesh=mesh)
+    summary = train(config, train_config, corpus, run, resume=args.resume, mesh=mesh, measure=measure)
     if lead:
         from jaxattn import viz
 
@@ -100,7 +103,33 @@ def _train(args) -> int:
         print("Train loss (bits/byte) by step: " + ", ".join(
             f"{step}: {loss / 0.6931471805599453:.6f}" for step, loss in zip(summary["history"]["step"],
                                                                              summary["history"]["train_loss"])))
+        if measure is not None:
+            _report_induction(summary, run)
     return 0
+
+
+def _report_induction(summary: dict, run) -> None:
+    """After an induction run: the phase change's figure and the circuit found by ablation."""
+    import math
+
+    from jaxattn import viz
+    from jaxattn.lm.checkpoint import RunFolder
+    from jaxattn.lm.inspection import induction_composition
+    from jaxattn.lm.tokenizer import ByteTokenizer
+
+    measured = summary["history"]["measured"]
+    print(f"Induction score (best head) by step: " + ", ".join(
+        f"{step}: {score:.2f}" for step, score in zip(measured["step"], measured["induction_score"])))
+    figure = viz.induction_figure(summary["history"], run.path / "induction.png", random_loss=math.log(94))
+    print(f"The phase change: {figure}")
+    try:
+        found = induction_composition(RunFolder(run.path).load_model(), ByteTokenizer())  # a fresh reader of the run
+    except ValueError as error:  # no induction circuit (yet): say so, the run itself is fine
+        print(f"No induction circuit: {error}")
+        return
+    print(f"Induction head: layer {found.induction[0]} head {found.induction[1]} (score {found.score:.2f}); it reads "
+          f"layer {found.previous[0]} head {found.previous[1]} (previous-token share {found.previous_share:.0%}): "
+          f"zeroing that head drops the score to {found.ablated_score:.2f}")
 
 
 def _serve_requests(args, model, tokenizer) -> int:
@@ -322,7 +351,7 @@ def _inspect_text(args, model, tokenizer, summary: str):
     print(f"\nMost likely next tokens after {args.text!r}:")
     for rank, (label, token, probability) in enumerate(top_next_tokens(logits, tokenizer, args.top_k), start=1):
         print(f"  {rank:>2}. {label!r:<16} (id {token:>6}) {probability:7.2%}")
-    print("\nWhat each head does on this text (mean weight of the 3rd to the last query on the first token,")
+    print("\nWhat each head does on this text (mean weight of queries 3 to T, counting from 1, on the first token,")
     print("on the token before it and on itself):")
     for line in describe_heads(head_roles(weights)):
         print("  " + line if line else "")
@@ -364,6 +393,7 @@ CONVERSATION = "\0conversation"  # --chat without a message: talk in the termina
 def build_parser() -> argparse.ArgumentParser:
     from jaxattn import __version__
     from jaxattn.functional.kernels import KERNEL_NAMES
+    from jaxattn.lm.train import PRESETS
 
     parser = argparse.ArgumentParser(prog="jaxattn", description="Transformer attention from first principles, in JAX.")
     parser.add_argument("--version", action="version", version=f"jaxattn {__version__}")
@@ -382,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the byte-level language model")
     train.add_argument("--data", default=None, help="UTF-8 text file (default: the stdlib's pydoc_data.topics)")
+    train.add_argument("--preset", default="default", choices=list(PRESETS),
+                       help="default: the byte-level model on text; induction: a 2-layer attention-only model on "
+                            "random bytes written more than once, until an induction head forms (about 3 minutes)")
     train.add_argument("--out", default=DEFAULT_RUN, help=f"run folder for checkpoints (default: {DEFAULT_RUN})")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")

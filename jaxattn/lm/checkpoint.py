@@ -275,6 +275,12 @@ class RunFolder:
         state = from_legacy_layout(restored["state"], tree) if legacy else restored["state"]
         return type(template_state)(state["step"], state["params"], state["opt_state"]), restored["history"]
 
+    def history(self) -> dict:
+        """The history saved with the latest checkpoint (losses, validation, what ``measure``
+        recorded), without reading any array."""
+        step = self._step_to_restore()
+        return self._restore(step, ocp.args.Composite(history=ocp.args.JsonRestore()))["history"]
+
     def restore_params(self, template_params):
         """Restores only the parameters of the latest checkpoint (no optimizer state is
         read), into the structure, dtypes and shardings of ``template_params`` (arrays or

@@ -3,6 +3,12 @@
 Default corpus: the standard library's ``pydoc_data.topics`` (the text behind
 ``help('TOPIC')``), which every Python install ships. Topics are joined in sorted
 order; the first 90% of the bytes train, the last 10% validate. Deterministic.
+
+``repeated_tokens``: a stream of random printable bytes, each stretch written twice. Nothing
+in it can be predicted except a repeat, so the only way to lower the loss is to look back for
+the token's first occurrence and copy what followed it: an induction head (Olsson et al. 2022,
+arXiv 2209.11895). A 2-layer attention-only model finds one in about a minute on 2 CPU cores;
+on byte text the same model spends that minute on spelling and grammar first.
 """
 
 from __future__ import annotations
@@ -49,6 +55,40 @@ def load_corpus(path=None, *, min_tokens: int = 2) -> Corpus:
         raise ValueError(f"data file {name!r} has {len(tokens)} bytes; need at least {2 * min_tokens} to train")
     split = int(len(tokens) * TRAIN_FRACTION)
     return Corpus(tokens[:split], tokens[split:], name)
+
+
+REPEATED_TOKENS = "repeated random tokens"
+PRINTABLE = np.arange(33, 127)  # the bytes the induction test draws (inspection.induction_candidates)
+
+
+def repeated_stream(count: int, *, lengths: tuple[int, int], seed: int, copies: int = 2) -> np.ndarray:
+    """int32 ``[count]``: stretches of n random printable bytes (n drawn from ``lengths``,
+    inclusive), each written ``copies`` times: ``a b c a b c x y x y ...``."""
+    rng = np.random.default_rng(seed)
+    stretches, total = [], 0
+    while total < count:
+        n = int(rng.integers(lengths[0], lengths[1] + 1))
+        stretch = rng.choice(PRINTABLE, n)
+        stretches += [stretch] * copies
+        total += copies * n
+    return np.concatenate(stretches)[:count].astype(np.int32)
+
+
+def repeated_tokens(*, train_tokens: int = 1 << 20, lengths: tuple[int, int] = (8, 64), seed: int = 0,
+                    copies: int = 2) -> Corpus:
+    """The induction preset's corpus (``REPEATED_TOKENS``): ``train_tokens`` bytes of
+    ``repeated_stream`` to train on and a tenth as many, from another seed, to validate. The
+    repeat lengths cover the induction test's (50 tokens)."""
+    return Corpus(repeated_stream(train_tokens, lengths=lengths, seed=seed, copies=copies),
+                  repeated_stream(train_tokens // 9, lengths=lengths, seed=seed + 1, copies=copies), REPEATED_TOKENS)
+
+
+def open_corpus(name_or_path=None) -> Corpus:
+    """The corpus a run names in its ``run.json``: the default text (``None`` or
+    ``"pydoc_data.topics"``), ``REPEATED_TOKENS``, or a file."""
+    if name_or_path == REPEATED_TOKENS:
+        return repeated_tokens()
+    return load_corpus(None if name_or_path == "pydoc_data.topics" else name_or_path)
 
 
 def batch_at(tokens: np.ndarray, step: int, *, batch: int, length: int, seed: int) -> np.ndarray:

@@ -143,9 +143,10 @@ def induction_candidates(tokenizer, vocab_size: int) -> np.ndarray:
     return np.array([i for i in range(min(vocab_size, tokenizer.vocab_size)) if i not in special])
 
 
-def induction_test(model, tokenizer, *, length: int | None = None, batch: int = 4, seed: int = 0):
-    """Runs the induction test on ``model``: ``(tokens [B, T], weights [L, B, H, T, T],
-    scores [L, H])``. ``length``: n, the random copy (default: 50, or what the context fits)."""
+def induction_rows(model, tokenizer, *, length: int | None = None, batch: int = 4, seed: int = 0):
+    """The induction test's input for ``model``: ``(tokens [B, T], start, n)``, the random copy
+    starting at ``start`` (after the BOS where the tokenizer adds one), n tokens long (default:
+    50, or what the context fits)."""
     prefix = np.asarray(tokenizer.encode(""), np.int32)  # the BOS where the tokenizer adds one
     fits = (model.config.max_length - len(prefix)) // 2
     length = min(50, fits) if length is None else length
@@ -153,8 +154,90 @@ def induction_test(model, tokenizer, *, length: int | None = None, batch: int = 
         raise ValueError(f"{len(prefix)} + 2 x {length} tokens exceed the model's context of {model.config.max_length}")
     tokens = induction_tokens(induction_candidates(tokenizer, model.config.vocab_size), length=length, batch=batch,
                               prefix=prefix, seed=seed)
+    return tokens, len(prefix), length
+
+
+def induction_test(model, tokenizer, *, length: int | None = None, batch: int = 4, seed: int = 0):
+    """Runs the induction test on ``model``: ``(tokens [B, T], weights [L, B, H, T, T],
+    scores [L, H])``. ``length``: n, the random copy (default: 50, or what the context fits)."""
+    tokens, start, length = induction_rows(model, tokenizer, length=length, batch=batch, seed=seed)
     _, weights = capture_attention(model, tokens)
-    return tokens, weights, induction_scores(weights, start=len(prefix), length=length)
+    return tokens, weights, induction_scores(weights, start=start, length=length)
+
+
+def repeated_half_loss(logits, tokens, *, start: int, length: int) -> float:
+    """Mean cross entropy (nats) of the second copy of ``induction_tokens`` rows: logits
+    ``[B, T, V]`` predicting tokens ``start + n + 1 .. start + 2n - 1`` (the copy's first token
+    cannot be known before it is read). log(candidates) for a model that cannot copy, near 0 for
+    one that can."""
+    logits = np.asarray(logits, np.float64)
+    rows = np.arange(start + length + 1, start + 2 * length)
+    chosen = logits[:, rows - 1]  # [B, n - 1, V]
+    log_norm = np.log(np.exp(chosen - chosen.max(-1, keepdims=True)).sum(-1)) + chosen.max(-1)
+    picked = np.take_along_axis(chosen, np.asarray(tokens)[:, rows, None], axis=-1)[..., 0]
+    return float((log_norm - picked).mean())
+
+
+def induction_measure(tokenizer, *, length: int | None = None, batch: int = 8, seed: int = 1):
+    """For ``train(..., measure=)``: ``model -> {"induction_score", "repeated_half_loss"}``, the
+    best head's induction score and the loss on the repeated half, on one fixed set of rows
+    (``induction_rows``; seed 1, not the test's 0, so that ``inspect`` checks other rows)."""
+
+    def measure(model) -> dict:
+        tokens, start, n = induction_rows(model, tokenizer, length=length, batch=batch, seed=seed)
+        logits, weights = capture_attention(model, tokens)
+        return {"induction_score": float(induction_scores(weights, start=start, length=n).max()),
+                "repeated_half_loss": repeated_half_loss(logits, tokens, start=start, length=n)}
+
+    return measure
+
+
+def ablate_heads(model, heads):
+    """A copy of ``model`` in which each ``(layer, head)`` of ``heads`` writes nothing: its slice
+    of the output projection (``w_o[h]``, ``[D, C]``) is zero, so the residual stream never sees it."""
+    ablated = nnx.clone(model)
+    for layer, head in heads:
+        attn = ablated.blocks[layer].attn
+        if not hasattr(attn, "w_o") or attn.w_o[...].ndim != 3:
+            raise ValueError(f"ablate_heads needs standard attention (w_o [H, D, C]); layer {layer} is "
+                             f"{type(attn).__name__}")
+        if not 0 <= head < attn.w_o[...].shape[0]:
+            raise ValueError(f"layer {layer} has {attn.w_o[...].shape[0]} heads, no head {head}")
+        attn.w_o[...] = attn.w_o[...].at[head].set(0)
+    return ablated
+
+
+class Composition(NamedTuple):
+    """The best induction head, and the earlier head it reads from: ``induction`` and
+    ``previous`` as ``(layer, head)``; ``score`` before and ``ablated_score`` after zeroing
+    ``previous``; ``previous_share``: how much weight ``previous`` puts on the token before."""
+
+    induction: tuple[int, int]
+    score: float
+    previous: tuple[int, int]
+    ablated_score: float
+    previous_share: float
+
+
+def induction_composition(model, tokenizer, *, seed: int = 0) -> Composition:
+    """Finds the best induction head and the head it composes with, by ablation: each head of
+    an earlier layer is zeroed in turn (``ablate_heads``) and the induction test rerun; the head
+    whose loss hurts the induction head most is the one it reads. An induction head works on a
+    previous-token head's output (K-composition, Elhage et al. 2021): through it a key carries the
+    token before it, which is what the induction head's query looks for."""
+    tokens, weights, scores = induction_test(model, tokenizer, seed=seed)
+    layer, head = divmod(int(np.argmax(scores)), scores.shape[1])
+    if layer == 0:
+        raise ValueError("the best induction head is in layer 0, which has no earlier head to read from: "
+                         f"layer 0 head {head} scores {scores[0, head]:.2f}; this model has no induction circuit")
+    after = {}
+    for earlier in range(layer):
+        for h in range(scores.shape[1]):
+            _, _, ablated = induction_test(ablate_heads(model, [(earlier, h)]), tokenizer, seed=seed)
+            after[(earlier, h)] = float(ablated[layer, head])
+    previous = min(after, key=after.get)
+    share = head_roles(np.asarray(weights)[:, 0]).previous[previous]
+    return Composition((layer, head), float(scores[layer, head]), previous, after[previous], float(share))
 
 
 def describe_induction(scores, *, strongest: int = 5) -> list[str]:

@@ -80,6 +80,45 @@ def default_model_config(attention: str = "gqa") -> TransformerConfig:
     )
 
 
+def induction_model_config() -> TransformerConfig:
+    """The induction preset's model: 2 layers of attention only (no MLP), the smallest model in
+    which an induction head can form (it needs a head in an earlier layer to compose with)."""
+    return TransformerConfig(width=64, layers=2, heads=4, head_dim=16, attention_only=True, max_length=64, norm="layer",
+                             qkv_bias=True, tied_embeddings=False)
+
+
+INDUCTION_TRAIN = TrainConfig(steps=6000, batch_size=32, seq_len=64, learning_rate=1e-3, warmup_steps=100,
+                              weight_decay=0.0, eval_every=250, eval_windows=16, log_every=50, checkpoint_every=1000)
+
+
+class Preset(NamedTuple):
+    """A named run: its model, its optimisation, the corpus it trains on (``None``: the default
+    text or ``--data``), and ``measure`` for ``train`` (``None``: nothing beyond the losses)."""
+
+    config: TransformerConfig
+    train: TrainConfig
+    corpus: Corpus | None
+    measure: Callable | None
+
+
+PRESETS = ("default", "induction")
+
+
+def preset(name: str, *, attention: str = "gqa") -> Preset:
+    """``"default"``: the byte-level model of ``default_model_config(attention)`` on text;
+    ``"induction"``: ``induction_model_config`` on ``repeated_tokens``, its induction score and
+    loss on the repeated half measured at every evaluation (``induction_measure``)."""
+    if name == "default":
+        return Preset(default_model_config(attention), TrainConfig(), None, None)
+    if name == "induction":
+        from jaxattn.lm.data import repeated_tokens
+        from jaxattn.lm.inspection import induction_measure
+        from jaxattn.lm.tokenizer import ByteTokenizer
+
+        return Preset(induction_model_config(), INDUCTION_TRAIN, repeated_tokens(), induction_measure(ByteTokenizer()))
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 []
     params: dict
@@ -222,6 +261,7 @@ def train(
     progress: bool = True,
     say=print,
     mesh=None,
+    measure: Callable[[TransformerLM], dict] | None = None,
 ) -> dict:
     """Trains, evaluates, checkpoints into ``run``; returns the final summary.
 
@@ -234,19 +274,36 @@ def train(
     optimizer state and batches sharded (``parallel``); the same seed gives the same
     losses as on one device, up to float rounding. In a multi-process run every process
     calls ``train``; process 0 alone writes ``run.json``, holds the lock and reports.
+
+    ``measure(model) -> {name: number}``: called with the model as it stands at step 0, at
+    every evaluation and at the end; its numbers join the history under ``"measured"``
+    (``{"step": [...], name: [...]}``), e.g. an induction score as it forms.
     """
     check_mesh(tc, mesh)
     lead = jax.process_index() == 0
     with run.lock() if lead else contextlib.nullcontext():
         return _train(config, tc, corpus, run, resume=resume, progress=progress and lead, say=say if lead else _silent,
-                      mesh=mesh)
+                      mesh=mesh, measure=measure)
 
 
 def _silent(*_args, **_kwargs):
     return None
 
 
-def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
+def _measured(measure, model, state, history) -> None:
+    """Appends ``measure``'s numbers for ``state``'s parameters to ``history["measured"]``."""
+    if measure is None:
+        return
+    now = nnx.state(model)
+    nnx.replace_by_pure_dict(now, state.params)
+    nnx.update(model, now)  # the module now holds this step's parameters
+    record = history.setdefault("measured", {"step": []})
+    record["step"].append(int(state.step))
+    for name, value in measure(model).items():
+        record.setdefault(name, []).append(float(value))
+
+
+def _train(config, tc, corpus, run, *, resume, progress, say, mesh, measure) -> dict:
     run.keep_last(tc.keep_checkpoints)
     model = init_model(config, tc.seed, mesh=mesh)
     optimizer = make_optimizer(tc)
@@ -268,6 +325,8 @@ def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
     tokens_per_step = tc.batch_size * tc.seq_len
     first = int(state.step)
     start_time = time.perf_counter()
+    if first == 0:
+        _measured(measure, model, state, history)
     bar = tqdm(range(first, tc.steps), initial=first, total=tc.steps, disable=not progress, unit="step", desc="train")
     loss = float("nan")
     try:
@@ -290,7 +349,11 @@ def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
                 bpb = bits_per_byte(eval_loss, state.params, windows_now, tc.batch_size, mesh=mesh)
                 history["val_step"].append(done)
                 history["val_bpb"].append(bpb)
-                bar.write(f"step {done}: validation {bpb:.3f} bits/byte ({len(windows_now)} windows spread over the text)")
+                _measured(measure, model, state, history)
+                measured = "".join(f", {name} {values[-1]:.3f}" for name, values in history.get("measured", {}).items()
+                                   if name != "step")
+                bar.write(f"step {done}: validation {bpb:.3f} bits/byte ({len(windows_now)} windows spread over the "
+                          f"text){measured}")
             if done % tc.checkpoint_every == 0 and done < tc.steps:
                 run.save(state, history)
     except KeyboardInterrupt:
@@ -303,6 +366,7 @@ def _train(config, tc, corpus, run, *, resume, progress, say, mesh) -> dict:
     final_bpb = bits_per_byte(eval_loss, state.params, all_windows, tc.batch_size, mesh=mesh)
     history["val_step"].append(int(state.step))
     history["val_bpb"].append(final_bpb)
+    _measured(measure, model, state, history)
     run.save(state, history)
     summary = {
         "steps": int(state.step),

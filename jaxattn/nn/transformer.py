@@ -81,7 +81,8 @@ class TransformerConfig:
     ``benchmarks/decode.py``). ``norm_epsilon`` is the norms' epsilon; ``qkv_bias``, ``out_bias``
     and ``mlp_bias`` add biases to the attention's input and output projections and to the
     MLP (GPT-2 has all three, Qwen2 the first). ``mlp``: ``"gelu"`` (tanh form), ``"gelu_exact"``,
-    ``"swiglu"`` or ``"geglu"``.
+    ``"swiglu"`` or ``"geglu"``. ``attention_only``: blocks without an MLP, the models in which
+    Elhage et al. (2021) and Olsson et al. (2022) watched induction heads form.
 
     Attention as today's models do it (each layer's settings: ``attention_settings``):
       layer_types: per layer ``"global"`` or ``"local"`` (a sliding window of ``window``);
@@ -145,6 +146,7 @@ class TransformerConfig:
     norm_placement: str = "pre"
     parallel_residual: bool = False
     embed_scale: bool = False
+    attention_only: bool = False
 
     def __post_init__(self):
         if self.kv_heads is None:
@@ -218,6 +220,8 @@ class TransformerConfig:
                 check_number(name, value, above=0)
         if self.norm_placement not in NORM_PLACEMENTS:
             raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.attention_only and self.parallel_residual:
+            raise ValueError("parallel_residual puts an MLP beside attention; attention_only has no MLP to put there")
         if self.parallel_residual and self.norm_placement != "pre":
             raise ValueError(f"parallel_residual normalises the layer's input for both branches: it takes "
                              f"norm_placement='pre', got {self.norm_placement!r}")
@@ -356,16 +360,17 @@ class TransformerBlock(nnx.Module):
                 kernels=kernels, dtype=dtype, out_init=out_init, rngs=rngs,
             )
         mlp_class, activation = MLP_KINDS[config.mlp]
-        self.mlp = mlp_class(config.width, config.mlp_hidden, bias=config.mlp_bias, activation=activation, dtype=dtype,
-                             out_init=out_init, rngs=rngs)
+        self.mlp = None if config.attention_only else mlp_class(
+            config.width, config.mlp_hidden, bias=config.mlp_bias, activation=activation, dtype=dtype, out_init=out_init,
+            rngs=rngs)
 
-        def norm(where: tuple[str, ...]):
-            if config.norm_placement not in where:
+        def norm(where: tuple[str, ...], *, for_mlp: bool = False):
+            if config.norm_placement not in where or (for_mlp and self.mlp is None):
                 return None
             return make_norm(config.norm, config.width, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
 
-        self.attn_norm, self.mlp_norm = norm(("pre", "sandwich")), norm(("pre", "sandwich"))
-        self.attn_out_norm, self.mlp_out_norm = norm(("post", "sandwich")), norm(("post", "sandwich"))
+        self.attn_norm, self.mlp_norm = norm(("pre", "sandwich")), norm(("pre", "sandwich"), for_mlp=True)
+        self.attn_out_norm, self.mlp_out_norm = norm(("post", "sandwich")), norm(("post", "sandwich"), for_mlp=True)
         self.parallel_residual = config.parallel_residual
 
     @staticmethod
@@ -384,7 +389,8 @@ class TransformerBlock(nnx.Module):
                 x = x + attended + self.mlp(self.mlp_norm(x))
             else:
                 x = x + attended
-                x = x + self._around(self.mlp_out_norm, self.mlp(self._around(self.mlp_norm, x)))
+                if self.mlp is not None:
+                    x = x + self._around(self.mlp_out_norm, self.mlp(self._around(self.mlp_norm, x)))
         return x if cache is None else (x, cache)
 
 
