@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jax
 
+from jaxattn.tour.page import cpu_model  # noqa: F401  (the benchmarks' machine line; the tour prints it too)
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -59,21 +61,6 @@ def measure(fn, *args, repeats: int = 5, **static_kwargs) -> Timing:
 
 def device_kind() -> str:
     return jax.devices()[0].device_kind
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): machines of
-    one kind may be an AMD EPYC one day and an Intel Xeon the next."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

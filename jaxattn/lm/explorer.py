@@ -1,8 +1,8 @@
 """The attention explorer: one self-contained HTML page of every head's weights on a text.
 
 ``jaxattn inspect MODEL "text" --html FILE`` writes it; ``explore(model, tokenizer, text,
-path)`` is the same in Python, and ``explorer_page`` builds the page from weights you
-already have. The page needs no network and no server: the weights, the token labels, the
+path)`` is the same in Python (and shows the page inline in a notebook), and ``explorer_page``
+builds the page from weights you already have. The page needs no network and no server: the weights, the token labels, the
 head roles and the script are inline, so the file can be mailed or opened offline. On it a
 reader picks a layer and a head (or sees all heads of a layer side by side), hovers or
 clicks a token to see where it looks (its row of weights) or what looks at it (its
@@ -87,9 +87,31 @@ def write_explorer(path, weights, labels, **kwargs) -> Path:
     return path
 
 
-def explore(model, tokenizer, text: str, path, *, induction: bool = False, description: str = "") -> Path:
-    """Runs ``model`` on ``text`` and writes its explorer page to ``path``. With
-    ``induction=True`` the induction test runs too and the page marks its heads."""
+class ExplorerPage:
+    """An explorer page: ``html`` (the whole page), ``path`` where it was written (or None).
+    In a notebook it shows inline (``_repr_html_``: the page in an ``<iframe srcdoc=...>``,
+    sandboxed to run its own script only); ``str(page)`` is the path."""
+
+    def __init__(self, html_text: str, path: Path | None = None, *, height: int = 720):
+        self.html, self.path, self.height = html_text, path, height
+
+    def __fspath__(self) -> str:
+        if self.path is None:
+            raise TypeError("this explorer page was not written to a file (explore(..., path=None))")
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else "<explorer page, not written>"
+
+    def _repr_html_(self) -> str:
+        return (f"<iframe srcdoc=\"{html.escape(self.html, quote=True)}\" sandbox=\"allow-scripts\" "
+                f"style=\"width: 100%; height: {self.height}px; border: 1px solid #ccc\"></iframe>")
+
+
+def explore(model, tokenizer, text: str, path=None, *, induction: bool = False, description: str = "") -> ExplorerPage:
+    """Runs ``model`` on ``text`` and returns its explorer page (an ``ExplorerPage``: shown
+    inline by a notebook), written to ``path`` when one is given. With ``induction=True`` the
+    induction test runs too and the page marks its heads."""
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     if len(tokens) < 3:
         raise ValueError(f"the text {text!r} is {len(tokens)} token(s); the explorer needs at least 3")
@@ -98,5 +120,10 @@ def explore(model, tokenizer, text: str, path, *, induction: bool = False, descr
     _, weights = capture_attention(model, tokens[None])
     scores = induction_test(model, tokenizer)[2] if induction else None
     labels = [tokenizer.label(int(t)) for t in tokens]
-    return write_explorer(path, np.asarray(weights[:, 0]), labels, title=f"Attention on {text!r}",
-                          description=description, induction=scores)
+    page = explorer_page(np.asarray(weights[:, 0]), labels, title=f"Attention on {text!r}", description=description,
+                         induction=scores)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    return ExplorerPage(page, path)

@@ -3,6 +3,7 @@ its figures and formulas in place; and the small helpers every step shares."""
 
 from __future__ import annotations
 
+import base64
 import html
 import time
 import re
@@ -64,7 +65,10 @@ class Page:
     def _preformatted(line: str) -> bool:
         return line.startswith("  ") or re.search(r"\S {2,}\S", line) is not None
 
-    def _body(self, items) -> list[str]:
+    @classmethod
+    def _body(cls, items, images=None) -> list[str]:
+        """HTML of a section's items; with ``images`` (the figures' folder) the figures are
+        embedded as data URLs, so that the HTML stands alone (a notebook's output)."""
         parts, paragraph, preformatted = [], [], []
 
         def flush():
@@ -77,7 +81,7 @@ class Page:
 
         for item in items:
             if item[0] == "text" and item[1].strip():
-                if self._preformatted(item[1]):
+                if cls._preformatted(item[1]):
                     if paragraph:
                         flush()
                     preformatted.append(item[1])
@@ -88,7 +92,10 @@ class Page:
                 continue
             flush()
             if item[0] == "figure":
-                parts.append(f"<figure><img src='{html.escape(item[1])}' alt='{html.escape(item[2])}'>"
+                source = item[1]
+                if images is not None:
+                    source = "data:image/png;base64," + base64.b64encode((Path(images) / item[1]).read_bytes()).decode()
+                parts.append(f"<figure><img src='{html.escape(source)}' alt='{html.escape(item[2])}'>"
                              f"<figcaption>{html.escape(item[2])}</figcaption></figure>")
             elif item[0] == "math":
                 parts.append(item[1])
@@ -97,22 +104,27 @@ class Page:
         flush()
         return parts
 
+    @classmethod
+    def section_html(cls, section: dict, *, images=None) -> str:
+        """One section (a step) as HTML: its title, prose, figures and formulas, and its console
+        transcript folded; ``images``: embed the figures from that folder (see ``_body``)."""
+        title = section["title"]
+        if title:
+            parts = [f"<section id='step-{title.split('.')[0].split()[-1]}'><h2>{html.escape(title)}</h2>"]
+        else:
+            parts = ["<section id='introduction'>"]
+        parts.extend(cls._body(section["items"], images))
+        transcript = "\n".join(section["transcript"]).strip("\n")
+        if title and transcript:
+            parts.append("<details class='transcript'><summary>What the console printed</summary>"
+                         f"<pre>{html.escape(transcript)}</pre></details>")
+        parts.append("</section>")
+        return "".join(parts)
+
     def write(self, path) -> Path:
         """The walkthrough as one HTML file: no scripts, no network (the formulas are MathML,
         which browsers draw themselves); the images are the PNG files next to it."""
-        parts = []
-        for section in self.sections:
-            title = section["title"]
-            if title:
-                parts.append(f"<section id='step-{title.split('.')[0].split()[-1]}'><h2>{html.escape(title)}</h2>")
-            else:
-                parts.append("<section id='introduction'>")
-            parts.extend(self._body(section["items"]))
-            transcript = "\n".join(section["transcript"]).strip("\n")
-            if title and transcript:
-                parts.append("<details class='transcript'><summary>What the console printed</summary>"
-                             f"<pre>{html.escape(transcript)}</pre></details>")
-            parts.append("</section>")
+        parts = [self.section_html(section) for section in self.sections]
         contents = "".join(f"<li><a href='#step-{s['title'].split('.')[0].split()[-1]}'>{html.escape(s['title'])}</a></li>"
                            for s in self.sections if s["title"])
         page = f"""<!DOCTYPE html>
@@ -175,3 +187,18 @@ def timed(fn) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): machines of
+    one kind may be an AMD EPYC one day and an Intel Xeon the next."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
