@@ -114,22 +114,17 @@ def _report_induction(summary: dict, run) -> None:
 
     from jaxattn import viz
     from jaxattn.lm.checkpoint import RunFolder
-    from jaxattn.lm.inspection import induction_composition
+    from jaxattn.lm.inspection import describe_circuit, induction_circuit
     from jaxattn.lm.tokenizer import ByteTokenizer
 
     measured = summary["history"]["measured"]
-    print(f"Induction score (best head) by step: " + ", ".join(
-        f"{step}: {score:.2f}" for step, score in zip(measured["step"], measured["induction_score"])))
+    print("Loss on the repeated half (nats) by step: " + ", ".join(
+        f"{step}: {loss:.2f}" for step, loss in zip(measured["step"], measured["repeated_half_loss"])))
     figure = viz.induction_figure(summary["history"], run.path / "induction.png", random_loss=math.log(94))
     print(f"The phase change: {figure}")
-    try:
-        found = induction_composition(RunFolder(run.path).load_model(), ByteTokenizer())  # a fresh reader of the run
-    except ValueError as error:  # no induction circuit (yet): say so, the run itself is fine
-        print(f"No induction circuit: {error}")
-        return
-    print(f"Induction head: layer {found.induction[0]} head {found.induction[1]} (score {found.score:.2f}); it reads "
-          f"layer {found.previous[0]} head {found.previous[1]} (previous-token share {found.previous_share:.0%}): "
-          f"zeroing that head drops the score to {found.ablated_score:.2f}")
+    circuit = induction_circuit(RunFolder(run.path).load_model(), ByteTokenizer())  # a fresh reader of the run
+    for line in describe_circuit(circuit):
+        print(line)
 
 
 def _serve_requests(args, model, tokenizer) -> int:
@@ -318,7 +313,7 @@ def _serve(args) -> int:
 def _inspect_induction(model, tokenizer, summary: str, seed: int):
     """Prints the induction test's strongest heads; returns ``(weights [L, H, T, T], labels,
     scores [L, H])`` of its first row."""
-    from jaxattn.lm.inspection import describe_induction, induction_test
+    from jaxattn.lm.inspection import describe_circuit, describe_induction, induction_circuit, induction_test
 
     tokens, weights, scores = induction_test(model, tokenizer, seed=seed)
     B, T = tokens.shape
@@ -328,6 +323,11 @@ def _inspect_induction(model, tokenizer, summary: str, seed: int):
     print("first; 1 is a perfect induction head, 1/T a head that spreads its weight evenly):")
     for line in describe_induction(scores):
         print("  " + line)
+    L, H = scores.shape
+    if L >= 2 and L * H <= 64:  # a small model: find its circuit by zeroing each head (L x H forward passes)
+        print("Which heads copying the repeat needs (each head zeroed in turn):")
+        for line in describe_circuit(induction_circuit(model, tokenizer, seed=seed)):
+            print("  " + line)
     return weights[:, 0], [tokenizer.label(int(t)) for t in tokens[0]], scores
 
 

@@ -636,8 +636,9 @@ def cache_bytes_figure(bytes_by_model: dict, path) -> Path:
 
 
 def induction_figure(history: dict, path, *, random_loss: float) -> Path:
-    """The phase change: the best head's induction score and the loss on the repeated half
-    against the training step (``history["measured"]`` of a run)."""
+    """The phase change: the loss on the repeated half and the best head's induction score
+    (the weight on the token right after the earlier occurrence) against the training step
+    (``history["measured"]`` of a run)."""
     measured = history["measured"]
     fig, score_ax = plt.subplots(figsize=(7.5, 4), constrained_layout=True)
     score_ax.plot(measured["step"], measured["induction_score"], color="#2a9d8f", marker=".", label="induction score")
@@ -649,6 +650,6 @@ def induction_figure(history: dict, path, *, random_loss: float) -> Path:
     loss_ax.set_ylabel("loss on the repeated half (nats)", color="#e76f51")
     loss_ax.set_ylim(bottom=0)
     score_ax.set_xlabel("training step")
-    score_ax.set_title("An induction head forms: score up, loss on the repeat down, at the same step")
+    score_ax.set_title("The phase change: the loss on the repeated half falls within a few hundred steps")
     score_ax.grid(True, alpha=0.3)
     return _save(fig, path, dpi=110)

@@ -1,8 +1,12 @@
-"""The tour: its numbers follow from its inputs, its figures from the library, and its
-page holds every step and every figure."""
+"""The tour, run as its notebook (``docs/tour.ipynb``) on a tiny trained model: its numbers
+follow from its inputs, its figures from the library, its page holds every step and every
+figure, and every cell shows what a notebook would show."""
 
+import ast
+import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +19,21 @@ from jaxattn.lm.data import Corpus
 from jaxattn.lm.tokenizer import encode
 from jaxattn.lm.train import TrainConfig, train
 from jaxattn.nn import TransformerConfig
-from jaxattn.tour import run_tour
+from jaxattn.lm.explorer import ExplorerPage
+from jaxattn.tour import StepView
 from tests.pages import network_requests, open_page
+
+NOTEBOOK = Path(__file__).parent.parent / "docs" / "tour.ipynb"
 
 FIGURES = ("embeddings.png", "self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "packed.png",
            "multi_head.png", "rope.png", "kv_cache.png", "decode_cost.png", "next_token.png", "attention_sink.png", "mla.png", "flash.png",
-           "ring.png", "softcap.png", "sinks.png", "local_global.png", "nope.png", "rope_scaling.png")
+           "ring.png", "softcap.png", "sinks.png", "local_global.png", "nope.png", "rope_scaling.png", "page_tables.png",
+           "batching.png", "speculative.png", "preemption.png", "roofline.png", "int8_cache.png", "induction.png")
 STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention", "Packed sequences",
          "Multi-head attention", "Where tokens are: RoPE", "The KV cache", "Decoding pays for the tokens present",
          "The next token", "Where a trained model looks: the attention sink", "Multi-head latent attention",
-         "Memory-efficient attention", "Attention across devices: ring attention", "Attention in today's models")
+         "Memory-efficient attention", "Attention across devices: ring attention", "Attention in today's models",
+         "Serving many requests", "Why one-token decoding is bound by memory bandwidth", "An induction head forms")
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +47,73 @@ def tiny_run(tmp_path_factory):
     return path
 
 
+def run_notebook(path, parameters: dict):
+    """Runs a notebook's code cells in order in one namespace, as a kernel would: the cell
+    tagged "parameters" first, then ``parameters`` over it; a cell ending in an expression
+    shows its value (kept, as a notebook's output). Returns ``(namespace, shown values)``."""
+    namespace, shown = {}, []
+    for index, cell in enumerate(json.loads(Path(path).read_text(encoding="utf-8"))["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse("".join(cell["source"]))
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, f"{path}:cell {index}", "exec"), namespace)
+        if "parameters" in cell["metadata"].get("tags", []):
+            namespace.update(parameters)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), f"{path}:cell {index}", "eval"), namespace)
+            if value is not None:
+                shown.append(value)
+    return namespace, shown
+
+
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory, tiny_run):
-    """One run of the tour (it takes a while): its folder, result and printed lines."""
+def notebook(tmp_path_factory, tiny_run):
+    """One run of the tour's notebook (it takes a while): its folder, result, printed lines
+    and what its cells showed."""
     out = tmp_path_factory.mktemp("tour-out")
     lines = []
-    result = run_tour(out=out, checkpoint=tiny_run, say=lines.append, generated_tokens=20)
-    return out, result, lines
+    namespace, shown = run_notebook(NOTEBOOK, dict(out=out, checkpoint=tiny_run, say=lines.append, generated_tokens=20))
+    return out, namespace["result"], lines, shown
+
+
+@pytest.fixture(scope="module")
+def tour(notebook):
+    return notebook[:3]
 
 
 def test_the_tour(tour):
-    """Three sets of checks on one run."""
+    """Four sets of checks on one run."""
     check_numbers_follow_from_the_inputs(tour)
     check_every_figure_and_the_page_are_written(tour)
     check_figures_show_the_librarys_own_computations(tour)
     check_the_new_steps(tour)
+    check_serving_speed_and_induction(tour)
+
+
+def test_the_notebook_shows_each_step_and_the_explorer(notebook):
+    """Each step's cell shows that step (its text, its figures embedded); the last cell shows
+    the explorer page inline, in a sandboxed iframe holding the whole page."""
+    out, result, _, shown = notebook
+    steps = [value for value in shown if isinstance(value, StepView)]
+    assert [view.title.split(".")[0] for view in steps] == [f"Step {n}" for n in range(1, len(STEPS) + 1)]
+    for view in steps:
+        page = view._repr_html_()
+        figures = [item[1] for item in view.section["items"] if item[0] == "figure"]
+        assert figures and page.count("src='data:image/png;base64,") == len(figures), view.title
+    assert shown[-2] == result["index"]
+    explorer = shown[-1]
+    assert isinstance(explorer, ExplorerPage)
+    frame = explorer._repr_html_()
+    assert frame.startswith("<iframe srcdoc=") and 'sandbox="allow-scripts"' in frame
+    assert html_unescape(frame.split('srcdoc="', 1)[1].split('" sandbox', 1)[0]) == explorer.html
+    assert "The next day is bright" in explorer.html
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
 
 
 def test_the_tour_page_in_a_browser(browser, tour):
@@ -79,6 +140,15 @@ def test_the_tour_page_in_a_browser(browser, tour):
     assert len(paragraphs) > 40 and not any("\n" in p.text for p in paragraphs[:5])  # prose, not console lines
     for pre in browser.find_elements(By.CSS_SELECTOR, "pre"):  # nothing overflows its box
         assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth + 1", pre)
+    for step, figures in ((15, ("page_tables.png", "batching.png", "speculative.png", "preemption.png")),
+                          (16, ("roofline.png", "int8_cache.png")), (17, ("induction.png",))):
+        section = browser.find_element(By.CSS_SELECTOR, f"#step-{step}")
+        shown = [image.get_attribute("src").rsplit("/", 1)[-1] for image in section.find_elements(By.TAG_NAME, "img")]
+        assert shown == list(figures), (step, shown)
+    speed = browser.find_element(By.CSS_SELECTOR, "#step-16").text
+    assert "Worked example, GPT-2 small" in speed and "124,439,808 parameters" in speed and "GB/s" in speed
+    assert "int8 + scales 19,008" in speed  # GPT-2 small's int8 cache: bytes per token
+    assert browser.find_elements(By.CSS_SELECTOR, "#step-17 a[href='induction_explorer.html']")
     link = browser.find_element(By.CSS_SELECTOR, "#step-10 a[href='explorer.html']")
     link.click()
     assert browser.current_url.endswith("explorer.html")
@@ -175,7 +245,7 @@ def check_figures_show_the_librarys_own_computations(tour):
     lengths, global_mib = today["cache_mib"]["all global (Llama)"]
     kv = 2 * 4 * 128 * 2  # bytes per token and layer: (k, v) x K x D x bfloat16
     assert global_mib[-1] == pytest.approx(24 * kv * 131072 / 2**20, rel=1e-6)
-    _, gemma3_mib = today["cache_mib"]["5:1 (Gemma 3)"]  # 20 local layers keep 1,024 tokens (and their positions)
+    _, gemma3_mib = today["cache_mib"]["5:1, window 1,024 (Gemma 3)"]  # 20 local layers keep 1,024 tokens (and positions)
     assert gemma3_mib[-1] == pytest.approx((4 * 131072 * kv + 20 * 1024 * (kv + 4)) / 2**20, rel=1e-6)
 
 
@@ -200,4 +270,39 @@ def check_the_new_steps(tour):
     in_order, zigzag = ring["work"]["causal, in order"], ring["work"]["causal, zigzag"]
     assert in_order == sorted(in_order) and in_order[0] < in_order[-1] and len(set(zigzag)) == 1
     assert sum(in_order) == sum(zigzag)  # the same work, spread evenly
-    assert any("93.3% smaller" in line for line in lines) and any("R_(s-t)" in line for line in lines)
+    assert any("93.3% smaller" in line for line in lines) and any("R_(t-s)" in line for line in lines)
+
+
+def check_serving_speed_and_induction(tour):
+    """Steps 15-17 against what they must be: counted page tables, batching and speculative
+    decoding that equals greedy decoding; GPT-2 small's published sizes; the shipped induction
+    run's circuit."""
+    _, result, _ = tour
+    serving = result["serving"]
+    tables, references, shared = serving["tables"], serving["references"], serving["shared_pages"]
+    prefix_pages = {tuple(pages[:shared]) for pages in tables.values()}
+    assert shared >= 1 and len(prefix_pages) == 1  # one copy of the prefix, in every table
+    assert all(references[page] == len(tables) for page in next(iter(prefix_pages)))
+    own = [page for pages in tables.values() for page in pages[shared:]]
+    assert len(own) == len(set(own)) and all(references[page] == 1 for page in own)
+    lengths = [40, 6, 24, 8, 12, 30]  # static batching, 3 slots: each batch as long as its longest request
+    assert serving["static_steps"] == sum(max(lengths[i : i + 3]) for i in range(0, 6, 3))
+    assert serving["continuous_steps"] < serving["static_steps"]
+    assert serving["accepted"] <= serving["drafted"]
+    assert serving["accepted"] + serving["verify_steps"] + 1 == 40  # every verify step adds its accepted drafts + 1
+    assert serving["speculative_tokens"] == serving["greedy_tokens"]  # speculative decoding is greedy decoding
+    assert serving["preempted"] >= 1 and serving["recomputed"] > 0 and serving["steps_tight"] > serving["steps_roomy"]
+    speed = result["speed"]
+    assert speed["gpt2_parameters"] == 124_439_808  # GPT-2 small, as published (tied embeddings counted once)
+    assert speed["cache_bytes"]["gpt2"] == {"float32": 73_728, "bfloat16": 36_864, "int8 + scales": 19_008}
+    limits = speed["limits"]
+    assert limits["bandwidth"] > 0 and limits["peak_flops"] >= limits["prefill"][1]
+    assert speed["int8_cost"]["same_top_token"] > 0.9 and abs(speed["int8_cost"]["int8_bits"] - speed["int8_cost"]["float_bits"]) < 0.05
+    induction = result["induction"]  # the shipped run: copying the repeat needs both of its circuit's heads
+    circuit = induction["circuit"]
+    (cl, ch), (rl, rh) = circuit.copying, circuit.reads
+    assert circuit.loss < 1.0 and circuit.ablated[cl, ch] > circuit.loss + 1 and circuit.ablated[rl, rh] > circuit.loss + 2
+    assert rl < cl and circuit.reads_previous > 0.5 and induction["untrained"].max() < 0.1
+    losses = induction["history"]["repeated_half_loss"]
+    assert losses[0] > 4 and losses[-1] < 1.0 and induction["drop_step"] is not None
+    assert induction["explorer"].is_file()

@@ -207,37 +207,64 @@ def ablate_heads(model, heads):
     return ablated
 
 
-class Composition(NamedTuple):
-    """The best induction head, and the earlier head it reads from: ``induction`` and
-    ``previous`` as ``(layer, head)``; ``score`` before and ``ablated_score`` after zeroing
-    ``previous``; ``previous_share``: how much weight ``previous`` puts on the token before."""
+class Circuit(NamedTuple):
+    """What copying a repeat takes in a model, found by ablation (``induction_circuit``).
 
-    induction: tuple[int, int]
-    score: float
-    previous: tuple[int, int]
-    ablated_score: float
-    previous_share: float
+    ``scores [L, H]``: induction scores; ``loss``: the loss on the repeated half (nats) with
+    every head; ``ablated [L, H]``: the same loss with that one head zeroed. ``copying``: the
+    head (``(layer, head)``, above layer 0) whose loss hurts most; ``reads``: the head of an
+    earlier layer whose loss hurts most, the one ``copying`` reads; ``offset``: where
+    ``copying`` looks from a token's second occurrence, in tokens after its first occurrence
+    (+1: the token that followed it, the textbook induction head; the most common place);
+    ``reads_previous``: the share of ``reads``'s weight on the token just before each query."""
+
+    scores: np.ndarray
+    loss: float
+    ablated: np.ndarray
+    copying: tuple[int, int]
+    reads: tuple[int, int]
+    offset: int
+    reads_previous: float
 
 
-def induction_composition(model, tokenizer, *, seed: int = 0) -> Composition:
-    """Finds the best induction head and the head it composes with, by ablation: each head of
-    an earlier layer is zeroed in turn (``ablate_heads``) and the induction test rerun; the head
-    whose loss hurts the induction head most is the one it reads. An induction head works on a
-    previous-token head's output (K-composition, Elhage et al. 2021): through it a key carries the
-    token before it, which is what the induction head's query looks for."""
-    tokens, weights, scores = induction_test(model, tokenizer, seed=seed)
-    layer, head = divmod(int(np.argmax(scores)), scores.shape[1])
-    if layer == 0:
-        raise ValueError("the best induction head is in layer 0, which has no earlier head to read from: "
-                         f"layer 0 head {head} scores {scores[0, head]:.2f}; this model has no induction circuit")
-    after = {}
-    for earlier in range(layer):
-        for h in range(scores.shape[1]):
-            _, _, ablated = induction_test(ablate_heads(model, [(earlier, h)]), tokenizer, seed=seed)
-            after[(earlier, h)] = float(ablated[layer, head])
-    previous = min(after, key=after.get)
-    share = head_roles(np.asarray(weights)[:, 0]).previous[previous]
-    return Composition((layer, head), float(scores[layer, head]), previous, after[previous], float(share))
+def induction_circuit(model, tokenizer, *, seed: int = 0) -> Circuit:
+    """Zeroes each head in turn (``ablate_heads``) and measures the loss on the repeated half of
+    the induction test's rows: the heads without which the model can no longer copy the repeat
+    are its induction circuit (Olsson et al. 2022 found it the same way). A one-layer model, or
+    one in which no head's loss matters, has none: ``ValueError``."""
+    tokens, start, length = induction_rows(model, tokenizer, seed=seed)
+    logits, weights = capture_attention(model, tokens)
+    scores = induction_scores(weights, start=start, length=length)
+    L, H = scores.shape
+    if L < 2:
+        raise ValueError("an induction circuit takes two layers; this model has one")
+    ablated = np.zeros((L, H))
+    for layer in range(L):
+        for head in range(H):
+            ablated_logits, _ = capture_attention(ablate_heads(model, [(layer, head)]), tokens)
+            ablated[layer, head] = repeated_half_loss(ablated_logits, tokens, start=start, length=length)
+    loss = repeated_half_loss(logits, tokens, start=start, length=length)
+    copying = divmod(int(np.argmax(ablated[1:])), H)
+    copying = (copying[0] + 1, copying[1])
+    reads = divmod(int(np.argmax(ablated[: copying[0]])), H)
+    w = np.asarray(weights, np.float64)[copying[0], :, copying[1]]  # [B, T, T]
+    rows = start + length + np.arange(1, length)
+    looked = np.argmax(w[:, rows], axis=-1) - (rows - length)  # from the earlier occurrence
+    values, counts = np.unique(looked, return_counts=True)
+    previous = head_roles(np.asarray(weights)[:, 0]).previous[reads]
+    return Circuit(scores, float(loss), ablated, copying, reads, int(values[np.argmax(counts)]), float(previous))
+
+
+def describe_circuit(circuit: Circuit) -> list[str]:
+    """The circuit in words, with the losses that show it."""
+    (cl, ch), (rl, rh) = circuit.copying, circuit.reads
+    where = ("the token that followed it (a textbook induction head)" if circuit.offset == 1 else
+             f"{circuit.offset} tokens after it" if circuit.offset > 0 else f"{-circuit.offset} tokens before it")
+    return [f"Loss on the repeated half: {circuit.loss:.2f} nats with every head.",
+            f"Copying head: layer {cl} head {ch} (zeroed, the loss becomes {circuit.ablated[cl, ch]:.2f}); from a token's "
+            f"second occurrence it looks most often at {where}; induction score {circuit.scores[cl, ch]:.2f}.",
+            f"It reads layer {rl} head {rh} (zeroed, the loss becomes {circuit.ablated[rl, rh]:.2f}), which puts "
+            f"{circuit.reads_previous:.0%} of its weight on the token just before each query: a previous-token head."]
 
 
 def describe_induction(scores, *, strongest: int = 5) -> list[str]:

@@ -84,11 +84,12 @@ def induction_model_config() -> TransformerConfig:
     """The induction preset's model: 2 layers of attention only (no MLP), the smallest model in
     which an induction head can form (it needs a head in an earlier layer to compose with)."""
     return TransformerConfig(width=64, layers=2, heads=4, head_dim=16, attention_only=True, max_length=64, norm="layer",
-                             qkv_bias=True, tied_embeddings=False)
+                             qkv_bias=True)
 
 
-INDUCTION_TRAIN = TrainConfig(steps=6000, batch_size=32, seq_len=64, learning_rate=1e-3, warmup_steps=100,
-                              weight_decay=0.0, eval_every=250, eval_windows=16, log_every=50, checkpoint_every=1000)
+INDUCTION_TRAIN = TrainConfig(steps=8000, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
+                              weight_decay=0.0, eval_every=250, eval_windows=16, log_every=50, checkpoint_every=2000,
+                              keep_checkpoints=1)
 
 
 class Preset(NamedTuple):

@@ -53,8 +53,9 @@ class Tour:
         tour.finish()    # writes index.html; returns the arrays each step computed
 
     ``run_tour`` is ``Tour(...).run()``. ``result`` holds every step's numbers as they come;
-    ``page`` what was printed. Steps 7-17 use a trained model (``checkpoint``, see
-    ``tour_model``), step 17 the induction run (``induction_run``, see ``induction_model``).
+    ``page`` what was printed. Steps 7-16 use a trained model (``checkpoint``, see
+    ``tour_model``), step 17 a run of the induction preset (``induction_run``; default
+    ``shipped_induction_run()``).
     """
 
     def __init__(self, text: str = DEFAULT_TEXT, *, out="jaxattn-tour", seed: int = 0, checkpoint=None, say=print,

@@ -203,7 +203,7 @@ def step_attention_sink(say, model, text: str, *, out: Path, seed: int):
     say("repeated token to what followed it the first time; step 17)? No: the best score of any head is")
     say(f"{scores[best]:.2f} (layer {best[0]} head {best[1]}; an induction head scores near 1), against {untrained_scores.max():.2f} untrained.")
     say("A layer-0 head could not be one anyway: it needs a head of an earlier layer to have written")
-    say("each token's predecessor next to it. Step 17 shows one forming in a model trained for it.")
+    say("each token's predecessor next to it. Step 17 trains a model in which an induction circuit forms.")
     page = write_explorer(out / "explorer.html", trained, labels, title=f"Attention on {text!r}",
                           description=f"the tour's trained model: {model.config.layers} layers x "
                                       f"{model.config.heads} heads", induction=scores)

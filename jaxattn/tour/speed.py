@@ -36,8 +36,9 @@ def best_seconds(fn, *args, budget: float = 0.4, runs: int = 7) -> float:
 
 
 def machine_limits(*, side: int = 2048) -> dict:
-    """Measured now, about 2 s in all: ``bandwidth`` (bytes/s at which a matrix-vector product
-    streams a 128 MB float32 matrix: the read a decode step does, larger than any cache),
+    """Measured now, about 2 s in all: ``bandwidth`` (bytes/s: the fastest that a matrix-vector
+    product streamed a float32 matrix of 128 MB or of 64 MB, the read a decode step does,
+    larger than any cache),
     ``peak_flops`` (the fastest FLOP/s of the matmuls below and a ``side`` x ``side`` one),
     and two matmuls shaped like the two halves of generation, each as ``(FLOPs per byte,
     FLOP/s)``: ``decode`` (one row times a 4096 x 4096 matrix, one token through a layer) and
@@ -54,6 +55,7 @@ def machine_limits(*, side: int = 2048) -> dict:
         bytes_moved = 4 * (n * n + 2 * rows * n)
         points[name] = (flops / bytes_moved, flops / best_seconds(jax.jit(jnp.matmul), left, right))
     peak = max(peak, points["prefill"][1])
+    bandwidth = max(bandwidth, 2 * points["decode"][1])  # the decode product's own rate: 4 bytes per 2 FLOPs
     return {"bandwidth": bandwidth, "peak_flops": peak, **points}
 
 
@@ -105,9 +107,10 @@ def step_decoding_speed(say, model, text_tokens, *, out: Path) -> dict:
     limits = machine_limits()
     bandwidth, peak = limits["bandwidth"], limits["peak_flops"]
     device = f"{jax.devices()[0].device_kind}, {cpu_model()}"
-    say(f"Measured now on this machine ({device}): memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 128 MB matrix read")
-    say(f"by a matrix-vector product), matmul {peak / 1e9:.0f} GFLOP/s (float32). The ridge point, where arithmetic")
-    say(f"catches up with memory, is {peak / bandwidth:.0f} FLOPs per byte (Williams et al. 2009, the roofline):")
+    say(f"Measured now on this machine ({device}): memory bandwidth {bandwidth / 1e9:.1f} GB/s (the fastest")
+    say(f"read of matrix-vector products over 64 and 128 MB), matmul {peak / 1e9:.0f} GFLOP/s (float32). The")
+    say(f"ridge point, where arithmetic catches up with memory, is {peak / bandwidth:.0f} FLOPs per byte (Williams et")
+    say("al. 2009, the roofline):")
     say.formula("time ≥ max(FLOPs / peak, bytes / bandwidth)",
                 block(t("time"), o("≥"), t("max"), paren(frac(t("FLOPs"), t("peak")), o(","), frac(t("bytes"), t("bandwidth")))))
     for name, (intensity, flops) in (("one row x 4096 x 4096 (a decode step's matmul)", limits["decode"]),
