@@ -33,7 +33,7 @@ STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention"
          "Multi-head attention", "Where tokens are: RoPE", "The KV cache", "Decoding pays for the tokens present",
          "The next token", "Where a trained model looks: the attention sink", "Multi-head latent attention",
          "Memory-efficient attention", "Attention across devices: ring attention", "Attention in today's models",
-         "Serving many requests", "Why one-token decoding is bound by memory bandwidth", "An induction head forms")
+         "Serving many requests", "Why one-token decoding is bound by memory bandwidth", "An induction circuit forms")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ with the figures in place, as one self-contained ``index.html``. One file a chap
 - ``today.py``: step 14 (attention in today's models);
 - ``serving.py``: step 15 (pages, continuous batching, speculative decoding, preemption);
 - ``speed.py``: step 16 (why decoding is bound by memory bandwidth; the int8 cache);
-- ``induction.py``: step 17 (an induction head forms during training).
+- ``induction.py``: step 17 (an induction circuit forms during training).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Step 17: an induction head forms while a 2-layer attention-only model trains, shown from the
-history of the run ``jaxattn train --preset induction`` wrote, and proven by ablation."""
+"""Step 17: an induction circuit forms while a 2-layer attention-only model trains, shown from
+the history of the run ``jaxattn train --preset induction`` wrote, its heads found by ablation."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def step_induction(say, run=None, *, out: Path, seed: int = 0) -> dict:
     from jaxattn.nn import TransformerLM
     from flax import nnx
 
-    heading(say, "Step 17. An induction head forms")
+    heading(say, "Step 17. An induction circuit forms")
     folder = RunFolder(shipped_induction_run() if run is None else run)
     model = folder.load_model()
     saved = folder.read_run()
@@ -50,7 +50,7 @@ def step_induction(say, run=None, *, out: Path, seed: int = 0) -> dict:
     say("next-best answer, 'some byte seen before', and its first layer learned to look away from")
     say("the previous token; byte text alone gives the heads spelling and grammar to learn first.")
     measured = history["measured"]
-    scores, losses = np.asarray(measured["induction_score"]), np.asarray(measured["repeated_half_loss"])
+    losses = np.asarray(measured["repeated_half_loss"])
     random_loss = float(np.log(94))  # uniform over the printable bytes the test draws
     drop = next((step for step, loss in zip(measured["step"], losses) if loss < random_loss / 2), None)
     say(f"Measured during that run every {train['eval_every']} steps, on random bytes written twice: the loss on the")

@@ -13,11 +13,12 @@ from jaxattn.tour.page import heading, show
 
 def engine_record(engine, prompts, max_new_tokens) -> list[dict]:
     """Runs ``engine`` (a ``jaxattn.serve.Engine``, idle) on ``prompts`` (lists of ids) with
-    ``max_new_tokens`` each (a list) until all have finished, and records, after every step: which request each
-    slot holds (``slots``), each running request's pages (``tables``), the pool's reference
-    counts (``references``), pages in use (``in_use``),
-    and the running totals ``preempted``, ``drafted``, ``accepted``; plus ``recomputed``: the
-    tokens of sequences sent back to wait in that step (they are prefilled again)."""
+    ``max_new_tokens`` each (a list) until all have finished, and records after every step:
+    which request each slot holds (``slots``), each running request's pages (``tables``), the
+    pool's reference counts (``references``), pages in use (``in_use``), the tokens each request
+    got (``tokens``), the running totals ``preempted``, ``drafted`` and ``accepted``, and
+    ``recomputed``: the tokens of sequences sent back to wait in that step (prefilled again).
+    Requests are numbered from 0 in each call."""
     records, held = [], {}
 
     def record(engine):
@@ -69,8 +70,8 @@ def slot_timeline(records) -> list[tuple[int, int, int, int]]:
 
 def static_timeline(lengths, slots: int) -> list[tuple[int, int, int, int]]:
     """Static batching of the same requests: ``slots`` at a time, in order; a batch starts
-    when the previous one's longest request ends, one step of prefill and one per new token
-    after it (the engine's own cost per step)."""
+    when the previous one's longest request ends, and a request of n new tokens holds its slot
+    n steps (its prefill step gives the first, as in the engine)."""
     bars, start = [], 1
     for first in range(0, len(lengths), slots):
         batch = list(enumerate(lengths))[first : first + slots]

@@ -1,4 +1,4 @@
-"""Watching an induction head form: an attention-only model, its data, the measure recorded
+"""Watching an induction circuit form: an attention-only model, its data, the measure recorded
 while training, head ablation, and the short version of ``jaxattn train --preset induction``."""
 
 import dataclasses
