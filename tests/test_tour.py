@@ -24,6 +24,7 @@ from jaxattn.tour import StepView
 from tests.pages import network_requests, open_page
 
 NOTEBOOK = Path(__file__).parent.parent / "docs" / "tour.ipynb"
+pytestmark = pytest.mark.xdist_group("tour")  # one worker runs the notebook once for every test here
 
 FIGURES = ("embeddings.png", "self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "packed.png",
            "multi_head.png", "rope.png", "kv_cache.png", "decode_cost.png", "next_token.png", "attention_sink.png", "mla.png", "flash.png",
