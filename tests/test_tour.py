@@ -24,7 +24,7 @@ from jaxattn.tour import StepView
 from tests.pages import network_requests, open_page
 
 NOTEBOOK = Path(__file__).parent.parent / "docs" / "tour.ipynb"
-pytestmark = pytest.mark.xdist_group("tour")  # one worker runs the notebook once for every test here
+pytestmark = pytest.mark.xdist_group("tour")  # one worker, and session fixtures: the notebook runs once
 
 FIGURES = ("embeddings.png", "self_attention.png", "why_scale.png", "causal_attention.png", "causal_alignment.png", "packed.png",
            "multi_head.png", "rope.png", "kv_cache.png", "decode_cost.png", "next_token.png", "attention_sink.png", "mla.png", "flash.png",
@@ -37,7 +37,7 @@ STEPS = ("Tokens and embeddings", "Self-attention, one head", "Causal attention"
          "Serving many requests", "Why one-token decoding is bound by memory bandwidth", "An induction circuit forms")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A briefly trained tiny model, so the tour's model steps never train a real one here."""
     tokens = encode("The next day is bright and the sky is clear. " * 30)
@@ -68,7 +68,7 @@ def run_notebook(path, parameters: dict):
     return namespace, shown
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def notebook(tmp_path_factory, tiny_run):
     """One run of the tour's notebook (it takes a while): its folder, result, printed lines
     and what its cells showed."""
@@ -78,7 +78,7 @@ def notebook(tmp_path_factory, tiny_run):
     return out, namespace["result"], lines, shown
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tour(notebook):
     return notebook[:3]
 
