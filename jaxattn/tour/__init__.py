@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxattn.tour.induction import step_induction
 from jaxattn.tour.decoding import step_attention_sink, step_decode_cost, step_kv_cache, step_next_token, tour_model
+from jaxattn.tour.induction import step_induction
 from jaxattn.tour.many_heads import step_multi_head, step_positions
 from jaxattn.tour.mla import step_latent_attention
 from jaxattn.tour.one_head import step_causal, step_packed, step_self_attention, step_tokens
