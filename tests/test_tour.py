@@ -238,6 +238,7 @@ def check_figures_show_the_librarys_own_computations(tour):
     for row, bent in ((plain, logits), (capped, 5 * np.tanh(logits / 5))):
         np.testing.assert_allclose(row, np.exp(bent) / np.exp(bent).sum(), rtol=1e-5)
     without, with_sink = today["sinks"]  # a sink scales each row by one number, Z / (Z + e^sink), and nothing else
+    np.testing.assert_allclose(without, result["causal_weights"], atol=1e-6)  # the panel shows step 3's head
     visible = without > 0
     ratio = with_sink / np.where(visible, without, 1)
     row_sums = np.broadcast_to(with_sink.sum(-1, keepdims=True), ratio.shape)

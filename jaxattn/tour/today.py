@@ -19,10 +19,10 @@ from jaxattn.functional import (
 from jaxattn.tour.page import heading, random_matrix, show
 
 
-def step_todays_attention(say, words, q, k, *, out: Path, seed: int):
+def step_todays_attention(say, words, head_q, head_k, *, out: Path, seed: int):
     """Soft-capping, learned sinks, local and global layers, NoPE and RoPE scaling: each from
-    the library's own functions, with why the models' authors chose it. ``q``, ``k`` ``[T, D]``:
-    step 2's head, which the sinks part shows again."""
+    the library's own functions, with why the models' authors chose it. ``head_q``, ``head_k``
+    ``[T, D]``: step 2's head, which the sinks part shows again."""
     from jaxattn.functional import multi_head_attention_weights
     from jaxattn.functional.positions import RopeScaling, rope_frequencies
     from jaxattn.functional.softmax import soft_cap
@@ -55,12 +55,15 @@ def step_todays_attention(say, words, q, k, *, out: Path, seed: int):
     say("token whatever it says (StreamingLLM, arXiv 2309.17453): a head with nothing to look for still")
     say("has to spend its softmax somewhere. gpt-oss gives each head one learned logit that joins every")
     say("row's denominator, e^sink + Σ e^s, and is then dropped: the head can put weight on nothing.")
-    sink = 1.0
-    qs, ks = jnp.asarray(q)[None, :, None], jnp.asarray(k)[None, :, None]  # [1, T, 1, D]: step 3's head
+    qs, ks = jnp.asarray(head_q)[None, :, None], jnp.asarray(head_k)[None, :, None]  # [1, T, 1, D]: step 3's head
+    scores = np.asarray(head_q @ head_k.T) / np.sqrt(head_q.shape[-1])  # [T, T]
+    logits = np.where(np.tril(np.ones_like(scores, bool)), scores, -np.inf)
+    sink = round(float(np.mean(logits.max(-1))), 1)  # about this head's largest scores, so that it competes with them
     without = np.asarray(multi_head_attention_weights(qs, ks, is_causal=True))[0, 0]
     with_sink = np.asarray(multi_head_attention_weights(qs, ks, is_causal=True, sinks=jnp.array([sink])))[0, 0]
     share = 1 - with_sink.sum(-1)
-    say(f"Step 3's causal head over {words}, now with a sink logit of {sink:g}: the rows sum to")
+    say(f"Step 3's causal head over {words}, now with a sink logit of {sink:g} (the mean of its rows' largest")
+    say("scores, so that it competes with them): the rows sum to")
     say(f"{', '.join(f'{x:.2f}' for x in with_sink.sum(-1))}; the first token, with one key to see, gives the sink")
     say(f"{share[0]:.0%}. With nothing visible at all the sink takes everything and the output is 0.")
     show(say, viz.sink_figure(without, with_sink, share, words, out / "sinks.png", sink=sink),
@@ -139,6 +142,6 @@ def step_todays_attention(say, words, q, k, *, out: Path, seed: int):
     say(f"R = {R}, θ = {theta:,.0f}, trained on {context:,} tokens: llama3 keeps {kept} of {R // 2} frequencies as")
     say(f"they were, slows {slowed} by 8x and blends {R // 2 - kept - slowed}; linear slows all of them.")
     show(say, viz.rope_scaling_figure(wavelengths, context, out / "rope_scaling.png", band=(context / 4, context)),
-         "every RoPE wavelength before and after scaling to 4x the context")
+         "every RoPE wavelength before and after scaling: linear, dynamic and YaRN to 4x the context, Llama 3.1's x8")
     return {"softcap": (plain, bent), "sinks": (without, with_sink), "cache_mib": curves, "wavelengths": wavelengths,
             "nope": scores}
