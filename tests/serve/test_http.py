@@ -181,7 +181,8 @@ def test_a_client_that_goes_away_frees_its_pages(served):
     tokens, before = server.engine.stats.tokens, aborted(server)
     body = json.dumps({"prompt": "Tell", "max_tokens": 60, "temperature": 0, "stream": True}).encode()
     host, port = url.removeprefix("http://").split(":")
-    with slow_steps(server), socket.create_connection((host, int(port))) as connection:  # a client that hangs up
+    # Steps of 0.3 s (8 tokens each): the 60 tokens would take 8 of them; the hang-up is seen within one or two.
+    with slow_steps(server, 0.3), socket.create_connection((host, int(port))) as connection:  # a client that hangs up
         connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
