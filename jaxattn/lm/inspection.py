@@ -232,7 +232,7 @@ def induction_circuit(model, tokenizer, *, seed: int = 0) -> Circuit:
     the induction test's rows: the heads without which the model can no longer copy the repeat
     are its induction circuit (Olsson et al. 2022 found it the same way). A one-layer model has
     none: ``ValueError``. A model without a circuit still gets an answer (the heads whose loss
-    hurts most): read ``loss`` and ``ablated`` before calling them a circuit.
+    hurts most): read ``loss`` and ``ablated`` before calling them a circuit."""
     tokens, start, length = induction_rows(model, tokenizer, seed=seed)
     logits, weights = capture_attention(model, tokens)
     scores = induction_scores(weights, start=start, length=length)
