@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default=None, help="UTF-8 text file (default: the stdlib's pydoc_data.topics)")
     train.add_argument("--preset", default="default", choices=list(PRESETS),
                        help="default: the byte-level model on text; induction: a 2-layer attention-only model on "
-                            "random bytes written more than once, until an induction circuit forms (about 2.5 minutes)")
+                            "random bytes written twice, until an induction head forms (about 2.5 minutes)")
     train.add_argument("--out", default=DEFAULT_RUN, help=f"run folder for checkpoints (default: {DEFAULT_RUN})")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")

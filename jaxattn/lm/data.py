@@ -60,36 +60,26 @@ REPEATED_TOKENS = "repeated random tokens"
 PRINTABLE = np.arange(33, 127)  # the bytes the induction test draws (inspection.induction_candidates)
 
 
-def repeated_stream(count: int, *, lengths: tuple[int, int], seed: int, copies: int = 2,
-                    alternating: float = 0.0) -> np.ndarray:
+def repeated_stream(count: int, *, lengths: tuple[int, int], seed: int, copies: int = 2) -> np.ndarray:
     """int32 ``[count]``: stretches of n random printable bytes (n drawn from ``lengths``,
-    inclusive), each written ``copies`` times: ``a b c a b c x y x y ...``; with probability
-    ``alternating`` a stretch is instead two bytes written 3 to 7 times (``a b a b a b``), where
-    the next byte is the one before the current one."""
+    inclusive), each written ``copies`` times: ``a b c a b c x y x y ...``."""
     rng = np.random.default_rng(seed)
     stretches, total = [], 0
     while total < count:
-        if rng.random() < alternating:
-            n, times = 2, int(rng.integers(3, 8))
-        else:
-            n, times = int(rng.integers(lengths[0], lengths[1] + 1)), copies
-        stretch = rng.choice(PRINTABLE, n)
-        stretches += [stretch] * times
-        total += times * n
+        stretch = rng.choice(PRINTABLE, int(rng.integers(lengths[0], lengths[1] + 1)))
+        stretches += [stretch] * copies
+        total += copies * len(stretch)
     return np.concatenate(stretches)[:count].astype(np.int32)
 
 
 def repeated_tokens(*, train_tokens: int = 1 << 20, lengths: tuple[int, int] = (8, 30), seed: int = 0,
-                    copies: int = 2, alternating: float = 0.3) -> Corpus:
+                    copies: int = 2) -> Corpus:
     """The induction preset's corpus (``REPEATED_TOKENS``): ``train_tokens`` bytes of
     ``repeated_stream`` to train on and a ninth as many, from another seed, to validate. The
-    repeat lengths cover the induction test's at the preset's context (30 tokens). The
-    alternating stretches reward a previous-token head on their own (as the bigrams of text
-    do); without them the model sits for thousands of steps on the next-best answer, any byte
-    seen before, and its first layer learns to look away from the previous token."""
-    return Corpus(repeated_stream(train_tokens, lengths=lengths, seed=seed, copies=copies, alternating=alternating),
-                  repeated_stream(train_tokens // 9, lengths=lengths, seed=seed + 1, copies=copies,
-                                  alternating=alternating), REPEATED_TOKENS)
+    repeat lengths cover the induction test's at the preset's context (30 tokens). Nothing in it
+    can be predicted except a repeat."""
+    return Corpus(repeated_stream(train_tokens, lengths=lengths, seed=seed, copies=copies),
+                  repeated_stream(train_tokens // 9, lengths=lengths, seed=seed + 1, copies=copies), REPEATED_TOKENS)
 
 
 def open_corpus(name_or_path=None) -> Corpus:

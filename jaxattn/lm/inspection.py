@@ -212,27 +212,34 @@ class Circuit(NamedTuple):
 
     ``scores [L, H]``: induction scores; ``loss``: the loss on the repeated half (nats) with
     every head; ``ablated [L, H]``: the same loss with that one head zeroed. ``copying``: the
-    head (``(layer, head)``, above layer 0) whose loss hurts most; ``reads``: the head of an
-    earlier layer whose loss hurts most, the one ``copying`` reads; ``offset``: where
-    ``copying`` looks from a token's second occurrence, in tokens after its first occurrence
-    (+1: the token that followed it, the textbook induction head; the most common place);
-    ``reads_previous``: the share of ``reads``'s weight on the token just before each query."""
+    head (``(layer, head)``, above layer 0) whose loss hurts most; ``offset``: where ``copying``
+    looks from a token's second occurrence, in tokens after its first occurrence (+1: the token
+    that followed it, the textbook induction head; the most common place). ``reads``: the heads
+    of earlier layers that ``copying`` reads, as ``(layer, head)`` pairs, most needed first: the
+    previous-token heads there (half or more of their weight on the token just before each
+    query), or, where there is none, the one head whose loss hurts most; ``reads_previous``:
+    each one's share on the previous token; ``scores_without_reads [L, H]``: the induction
+    scores with all of ``reads`` zeroed (an induction head that composes with them loses its
+    score)."""
 
     scores: np.ndarray
     loss: float
     ablated: np.ndarray
     copying: tuple[int, int]
-    reads: tuple[int, int]
     offset: int
-    reads_previous: float
+    reads: tuple[tuple[int, int], ...]
+    reads_previous: np.ndarray
+    scores_without_reads: np.ndarray
 
 
 def induction_circuit(model, tokenizer, *, seed: int = 0) -> Circuit:
     """Zeroes each head in turn (``ablate_heads``) and measures the loss on the repeated half of
     the induction test's rows: the heads without which the model can no longer copy the repeat
-    are its induction circuit (Olsson et al. 2022 found it the same way). A one-layer model has
-    none: ``ValueError``. A model without a circuit still gets an answer (the heads whose loss
-    hurts most): read ``loss`` and ``ablated`` before calling them a circuit."""
+    are its induction circuit (Olsson et al. 2022 found it the same way). Then zeroes the
+    previous-token heads it reads, together (one alone can be backed up by another), and
+    measures the induction scores again. A one-layer model has none: ``ValueError``. A model
+    without a circuit still gets an answer (the heads whose loss hurts most): read ``loss`` and
+    ``ablated`` before calling them a circuit."""
     tokens, start, length = induction_rows(model, tokenizer, seed=seed)
     logits, weights = capture_attention(model, tokens)
     scores = induction_scores(weights, start=start, length=length)
@@ -247,25 +254,38 @@ def induction_circuit(model, tokenizer, *, seed: int = 0) -> Circuit:
     loss = repeated_half_loss(logits, tokens, start=start, length=length)
     copying = divmod(int(np.argmax(ablated[1:])), H)
     copying = (copying[0] + 1, copying[1])
-    reads = divmod(int(np.argmax(ablated[: copying[0]])), H)
     w = np.asarray(weights, np.float64)[copying[0], :, copying[1]]  # [B, T, T]
     rows = start + length + np.arange(1, length)
     looked = np.argmax(w[:, rows], axis=-1) - (rows - length)  # from the earlier occurrence
     values, counts = np.unique(looked, return_counts=True)
-    previous = head_roles(np.asarray(weights)[:, 0]).previous[reads]
-    return Circuit(scores, float(loss), ablated, copying, reads, int(values[np.argmax(counts)]), float(previous))
+    previous = head_roles(np.asarray(weights)[:, 0]).previous  # [L, H]
+    earlier = sorted(((layer, head) for layer in range(copying[0]) for head in range(H)), key=lambda lh: -ablated[lh])
+    reads = tuple(lh for lh in earlier if previous[lh] >= 0.5) or earlier[:1]
+    _, weights_without_reads = capture_attention(ablate_heads(model, reads), tokens)
+    without = induction_scores(weights_without_reads, start=start, length=length)
+    return Circuit(scores, float(loss), ablated, copying, int(values[np.argmax(counts)]), reads,
+                   np.array([previous[lh] for lh in reads]), without)
 
 
 def describe_circuit(circuit: Circuit) -> list[str]:
-    """The circuit in words, with the losses that show it."""
-    (cl, ch), (rl, rh) = circuit.copying, circuit.reads
+    """The circuit in words, with the losses and scores that show it."""
+    (cl, ch) = circuit.copying
     where = ("the token that followed it (a textbook induction head)" if circuit.offset == 1 else
              f"{circuit.offset} tokens after it" if circuit.offset > 0 else f"{-circuit.offset} tokens before it")
+    heads = " and ".join(f"layer {rl} head {rh}" for rl, rh in circuit.reads)
+    each = ", ".join(f"{circuit.ablated[lh]:.2f}" for lh in circuit.reads)
+    shares = ", ".join(f"{share:.0%}" for share in circuit.reads_previous)
+    kind = "a previous-token head" if len(circuit.reads) == 1 else "previous-token heads"
+    if circuit.reads_previous.min() < 0.5:
+        kind = "not a previous-token head" if len(circuit.reads) == 1 else "not all previous-token heads"
     return [f"Loss on the repeated half: {circuit.loss:.2f} nats with every head.",
             f"Copying head: layer {cl} head {ch} (zeroed, the loss becomes {circuit.ablated[cl, ch]:.2f}); from a token's "
             f"second occurrence it looks most often at {where}; induction score {circuit.scores[cl, ch]:.2f}.",
-            f"It reads layer {rl} head {rh} (zeroed, the loss becomes {circuit.ablated[rl, rh]:.2f}), which puts "
-            f"{circuit.reads_previous:.0%} of its weight on the token just before each query: a previous-token head."]
+            f"It reads {heads} (zeroed one at a time, the loss becomes {each}), with {shares} of the weight on the "
+            f"token just before each query: {kind}.",
+            f"With {'it' if len(circuit.reads) == 1 else 'them'} zeroed, the best induction score falls from "
+            f"{circuit.scores.max():.2f} to {circuit.scores_without_reads.max():.2f} (layer {cl} head {ch}: "
+            f"{circuit.scores_without_reads[cl, ch]:.2f})."]
 
 
 def describe_induction(scores, *, strongest: int = 5) -> list[str]:

@@ -82,9 +82,13 @@ def default_model_config(attention: str = "gqa") -> TransformerConfig:
 
 def induction_model_config() -> TransformerConfig:
     """The induction preset's model: 2 layers of attention only (no MLP), the smallest model in
-    which an induction head can form (it needs a head in an earlier layer to compose with)."""
+    which an induction head can form (it needs a head in an earlier layer to compose with).
+    Layer 0 is local with a window of 2 (each token sees itself and the one before it), so the
+    only thing it can pass on about the past is the previous token: the textbook circuit is then
+    the one way to copy a repeat. With a global layer 0 the model wires another circuit, which the
+    induction score does not count (docs/inspect.md, "Watch an induction circuit form")."""
     return TransformerConfig(width=64, layers=2, heads=4, head_dim=16, attention_only=True, max_length=64, norm="layer",
-                             qkv_bias=True)
+                             qkv_bias=True, window=2, layer_types=("local", "global"))
 
 
 INDUCTION_TRAIN = TrainConfig(steps=8000, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,

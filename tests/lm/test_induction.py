@@ -67,7 +67,8 @@ def test_the_induction_preset_trains_measures_and_reports(tmp_path, capsys):
     model has no induction head (< 0.1) and does worse than guessing among the 94 bytes; after
     200 steps it guesses among them (the loss falls by more than 0.5 nats), which is all this
     check asks: the phase change comes thousands of steps later, and the tour's test checks the
-    shipped full run's circuit (loss on the repeat under 1 nat, both heads needed)."""
+    shipped full run's circuit (an induction head scoring at least 0.5, under 0.1 once its
+    previous-token head is zeroed)."""
     chosen = preset("induction")
     assert chosen.config.attention_only and chosen.config.layers == 2 and chosen.corpus.name == REPEATED_TOKENS
     out = tmp_path / "run"
