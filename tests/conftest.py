@@ -30,6 +30,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+# Longest first: pytest-xdist hands out tests (and groups) in collection order, so the long ones,
+# which collect last by their paths, would start last and leave one worker idle at the end.
+LONG_FIRST = ("tests/parallel/", "tests/test_tour.py", "tests/test_benchmarks.py", "tests/test_docs.py",
+              "tests/lm/test_induction.py", "tests/serve/test_http.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the rest keep their order
+
 
 # ----------------------------------------------------------------------- a real browser
 

@@ -62,10 +62,10 @@ def test_repeated_half_loss_against_a_float64_loop():
 
 
 def test_the_induction_preset_trains_measures_and_reports(tmp_path, capsys):
-    """The short version CI runs (200 steps, about 15 s with its report, not the preset's 8,000): every evaluation
+    """The short version CI runs (100 steps, about 10 s with its report, not the preset's 8,000): every evaluation
     records the induction score and the loss on the repeated half, step 0 first; the untrained
     model has no induction head (< 0.1) and does worse than guessing among the 94 bytes; after
-    200 steps it guesses among them (the loss falls by more than 0.5 nats), which is all this
+    100 steps it guesses among them (the loss falls by more than 0.5 nats), which is all this
     check asks: the phase change comes thousands of steps later, and the tour's test checks the
     shipped full run's circuit (an induction head scoring at least 0.5, under 0.1 once its
     previous-token head is zeroed)."""
@@ -92,5 +92,5 @@ def test_the_induction_preset_trains_measures_and_reports(tmp_path, capsys):
     assert "takes no --data" in capsys.readouterr().err
 
 
-SHORT_STEPS = 200
+SHORT_STEPS = 100
 SHORT_LOSS_DROP = 0.5
