@@ -109,6 +109,26 @@ def test_decode_over_an_int8_cache_equals_attention_over_its_dequantized_entries
     chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
+class Int8DecodeVariantsTest(chex.TestCase):
+    """Quantizing and reading an int8 cache traced once and run op by op (chex's variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_an_int8_cache_written_and_read_with_and_without_jit(self):
+        S, lengths = 24, jnp.array([19, 2, 9])
+        k, v, q = normal((B, S, K, D), seed=8), normal((B, S, K, D), seed=9), normal((B, 1, H, D), seed=10)
+
+        def attend(q, k, v):
+            view, _ = KVCache.create(batch=B, max_length=S, kv_heads=K, head_dim=D, dtype=jnp.int8).update(k, v)
+            context = AttentionContext.for_tokens(1, lengths=lengths - 1).with_keys(view.positions, lengths)
+            return decode_kernel(q, view.k, view.v, context, block_kv=8), view
+
+        out, view = self.variant(attend)(q, k, v)
+        expected = multi_head_attention(q, numpy_dequantized(view.k), numpy_dequantized(view.v), is_causal=True,
+                                        q_positions=lengths[:, None] - 1, kv_lengths=lengths)
+        chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
+        chex.assert_trees_all_close(numpy_dequantized(view.k), k, atol=0.05)  # within the int8 steps of the floats
+
+
 def test_decode_over_int8_pages_and_mla_latents_equals_their_dequantized_entries():
     P, page, N, L, R, T = 12, 4, 3, 10, 4, 2
     table = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, P))[: B * N].reshape(B, N), jnp.int32)

@@ -73,6 +73,25 @@ def test_decode_over_pages_equals_attention_over_the_gathered_keys(T, window, bl
     chex.assert_trees_all_close(paged, expected, atol=2e-6, rtol=1e-5)
 
 
+class PagedDecodeVariantsTest(chex.TestCase):
+    """The same kernel traced once and run op by op (chex's variants): a chunk of 3 queries, a
+    window, a block of one page."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_decode_over_pages_with_and_without_jit(self):
+        table, lengths, T = shuffled_tables(2), jnp.array([13, 20, 3]), 3
+        k_pool, v_pool, q = normal((P, PAGE, K, D), seed=5), normal((P, PAGE, K, D), seed=6), normal((B, T, H, D), seed=7)
+
+        def attend(q, k_pool, v_pool):
+            context = AttentionContext.for_tokens(T, lengths=lengths - T).with_keys(
+                jnp.broadcast_to(jnp.arange(N * PAGE), (B, N * PAGE)), lengths, table).for_layer(window=6)
+            return decode_kernel(q, k_pool, v_pool, context, block_kv=PAGE)
+
+        expected = multi_head_attention(q, gathered(k_pool, table), gathered(v_pool, table), is_causal=True,
+                                        q_positions=lengths[:, None] - T + jnp.arange(T), kv_lengths=lengths, window=6)
+        chex.assert_trees_all_close(self.variant(attend)(q, k_pool, v_pool), expected, atol=2e-6, rtol=1e-5)
+
+
 def test_mla_latents_in_pages_equal_their_dense_cache():
     L, R, T = 10, 4, 2
     table = shuffled_tables(2)
