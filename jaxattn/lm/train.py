@@ -85,8 +85,10 @@ def induction_model_config() -> TransformerConfig:
     which an induction head can form (it needs a head in an earlier layer to compose with).
     Layer 0 is local with a window of 2 (each token sees itself and the one before it), so the
     only thing it can pass on about the past is the previous token: the textbook circuit is then
-    the one way to copy a repeat. With a global layer 0 the model wires another circuit, which the
-    induction score does not count (docs/inspect.md, "Watch an induction circuit form")."""
+    the one way to copy a repeat. With a global layer 0 plain repeats gave no circuit in 10,000
+    steps, and with pairs ``a b a b`` added to start a previous-token head the model wired another
+    circuit, which the induction score does not count (docs/inspect.md, "Watch an induction
+    circuit form")."""
     return TransformerConfig(width=64, layers=2, heads=4, head_dim=16, attention_only=True, max_length=64, norm="layer",
                              qkv_bias=True, window=2, layer_types=("local", "global"))
 
