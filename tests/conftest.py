@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 # The suite is dominated by XLA compile time, not run time: skip LLVM's optimisation passes and
-# emit the CPU's fused loops the older, quicker way (the HLO, and so what is computed, is
-# unchanged; tests/lm/test_engine.py and tests/functional/test_flash.py compile and run in 70 s
-# instead of 122 s). Must be set before JAX starts.
+# emit the CPU's fused loops the older, quicker way (the same HLO; the machine code may round a
+# reduction differently, which no test's tolerance notices; tests/lm/test_engine.py and
+# tests/functional/test_flash.py compile and run in 70 s instead of 122 s). Must be set before JAX
+# starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 # One compilation cache for the run, in a fresh folder: both pytest-xdist workers and every
 # process a test starts (they inherit this environment) reuse what another compiled. Set here,

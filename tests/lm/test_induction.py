@@ -62,13 +62,13 @@ def test_repeated_half_loss_against_a_float64_loop():
 
 
 def test_the_induction_preset_trains_measures_and_reports(tmp_path, capsys):
-    """The short version CI runs (100 steps, about 10 s with its report, not the preset's 8,000): every evaluation
+    """The short version CI runs (100 steps, 12-14 s in CI with its report, not the preset's 8,000): every evaluation
     records the induction score and the loss on the repeated half, step 0 first; the untrained
     model has no induction head (< 0.1) and does worse than guessing among the 94 bytes; after
     100 steps it guesses among them (the loss falls by more than 0.5 nats), which is all this
     check asks: the phase change comes thousands of steps later, and the tour's test checks the
     shipped full run's circuit (an induction head scoring at least 0.5, under 0.1 once its
-    previous-token head is zeroed)."""
+    previous-token heads are zeroed)."""
     chosen = preset("induction")
     assert chosen.config.attention_only and chosen.config.layers == 2 and chosen.corpus.name == REPEATED_TOKENS
     out = tmp_path / "run"
