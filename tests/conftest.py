@@ -1,8 +1,10 @@
-"""The suite's fixtures and its run-wide settings (XLA's flags, no compilation cache, a real
+"""The suite's fixtures and its run-wide settings (XLA's flags, one compilation cache, a real
 browser). Helpers live beside it: ``tests/reference.py`` (inputs and the independent float64
 references) and ``tests/pages.py`` (what a page in the browser shows)."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,20 @@ import pytest
 # tests/functional/test_flash.py compile and run in 70 s instead of 122 s). Must be set before JAX
 # starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
-# No persistent compilation cache. Measured over a whole run (jax.monitoring's compilation-cache
-# events, both workers and every process the tests start): 1,415 hits against 4,278 misses, the
-# hits all small programs that compile faster than they load (compile time saved: -3.5 s), while
-# computing every program's cache key cost about 7% of each compile (tests/functional/test_flash.py
-# with tests/lm/test_generate.py: 31.2 s with the cache, 28.9 s without). The tests that share a
-# model share it in one process instead (session fixtures, xdist groups). Switched off, not just
-# unset: the command line turns it on for `generate`, `serve` and `inspect` (in ~/.cache/jaxattn),
-# and the tests run those commands, in process and in processes of their own (which inherit this).
-os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+# One compilation cache for the run, in a fresh folder: both pytest-xdist workers and every
+# process a test starts (they inherit this environment) reuse what another compiled. Set here,
+# in the controlling process, before the workers start; removed when the run ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxattn-tests-xla-cache-")
+    os.environ["JAXATTN_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes with the process that made it."""
+    if os.environ.get("JAXATTN_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # Longest first: pytest-xdist hands out tests (and groups) in collection order, so the long ones,
