@@ -266,7 +266,7 @@ def percentiles(values) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
-def over_http(folder: Path, trace, *, slots, page_size, eos, say) -> dict:
+def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict:
     """The trace through ``jaxattn serve`` in a process of its own (as a server runs), one
     streaming client per request, all at once, from this process's asyncio loop."""
     import asyncio
@@ -313,14 +313,18 @@ def over_http(folder: Path, trace, *, slots, page_size, eos, say) -> dict:
                         tokens = chunk["usage"]["completion_tokens"]
             return arrivals, tokens, time.perf_counter() - start
 
-        async def everyone():
-            limits = httpx.Limits(max_connections=len(trace) + 4)
+        async def everyone(requests):
+            limits = httpx.Limits(max_connections=len(requests) + 4)
             async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-                return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in trace))
+                return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in requests))
 
-        asyncio.run(everyone())  # once untimed: the server's first requests, the clients' connections
+        # Once untimed (the server's first requests, the clients' connections), with other tokens of
+        # the same lengths: the server keeps released prompt pages for reuse (prefix sharing), and the
+        # timed requests must not find their prompts already computed (the in-process engine is new).
+        rng = np.random.default_rng(1)
+        asyncio.run(everyone([(rng.integers(1, vocab, len(prompt)), limit) for prompt, limit in trace]))
         start = time.perf_counter()
-        replies = asyncio.run(everyone())
+        replies = asyncio.run(everyone(trace))
         seconds = time.perf_counter() - start
     finally:
         server.send_signal(signal.SIGINT)
@@ -406,7 +410,7 @@ def main_http(args) -> dict:
     layout = dict(slots=args.slots, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
     local = in_process(model, trace, **layout)
     local_outputs = local.pop("outputs")
-    http = over_http(folder, trace, slots=args.slots, page_size=args.page_size, eos=eos, say=say)
+    http = over_http(folder, trace, vocab=vocab, slots=args.slots, page_size=args.page_size, eos=eos, say=say)
     requests = trace[:4] if args.quick else trace[:8]
     single = one_slot(model, requests, page_size=args.page_size, stopping=stopping, max_length=max_length, say=say)
     results = dict(device_kind=device_kind(), cpu=cpu_model(), date=datetime.date.today().isoformat(), requests=count,
