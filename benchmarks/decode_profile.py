@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import re
 import tempfile
@@ -84,6 +85,20 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
     return scopes
 
 
+@contextlib.contextmanager
+def name_stacks_in_metadata():
+    """Lowering in this context keeps each op's JAX name stack in its HLO metadata (``op_name``),
+    which ``op_scopes`` reads: JAX writes it there only with full tracebacks in the locations,
+    its default, which a user (or the test suite, for speed) may have turned off."""
+    flag = "jax_include_full_tracebacks_in_locations"
+    before = getattr(jax.config, flag)
+    jax.config.update(flag, True)
+    try:
+        yield
+    finally:
+        jax.config.update(flag, before)
+
+
 def category(name_stack: str) -> str:
     parts = name_stack.split("/")
     for scope, label in CATEGORIES:
@@ -128,10 +143,11 @@ def decode_profile(model, prompt, new_tokens: int, untraced: dict[int, float]) -
         return lambda: generate(model, [prompt], max_new_tokens=n)
 
     graphdef, params = nnx.split(model)
-    lowered = generation._generate_cached.lower(
-        graphdef, params, jax.numpy.asarray(prompt[None]), jax.numpy.asarray([len(prompt)], np.int32),
-        jax.random.key(0), generation.Stopping(), max_new_tokens=new_tokens, sampling=generation.Sampling(),
-        cache_length=len(prompt) + new_tokens, cache_dtype=None)
+    with name_stacks_in_metadata():
+        lowered = generation._generate_cached.lower(
+            graphdef, params, jax.numpy.asarray(prompt[None]), jax.numpy.asarray([len(prompt)], np.int32),
+            jax.random.key(0), generation.Stopping(), max_new_tokens=new_tokens, sampling=generation.Sampling(),
+            cache_length=len(prompt) + new_tokens, cache_dtype=None)
     scopes = op_scopes(lowered.compile().as_text())
     steps = new_tokens - 1
     _, wall_one = traced_op_times(call(1))

@@ -266,9 +266,47 @@ def percentiles(values) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
+async def stream_completion(port: int, body: dict, on_event) -> None:
+    """One streaming POST /v1/completions on a connection of its own, read as raw HTTP/1.1: the
+    response's chunks (chunked transfer encoding) are split into server-sent events, and
+    ``on_event(data)`` gets each event's JSON text. A load generator's client: it spends the
+    least CPU it can per event, which here the server and the model share (2 cores)."""
+    import asyncio
+    import json
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"the server answered {status!r}")
+        while (await reader.readline()) not in (b"\r\n", b""):  # the headers: the body is chunked
+            pass
+        pending = b""
+        while size := int((await reader.readline()).strip() or b"0", 16):
+            pending += (await reader.readexactly(size + 2))[:-2]  # a chunk, then CRLF
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: {"):
+                    on_event(event[len(b"data: "):])
+    finally:
+        writer.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used, from /proc (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict:
     """The trace through ``jaxattn serve`` in a process of its own (as a server runs), one
-    streaming client per request, all at once, from this process's asyncio loop."""
+    streaming client per request, all at once, from this process's asyncio loop. Also the CPU
+    seconds the server and the clients used over the timed pass (the machine's cores are shared)."""
     import asyncio
     import json
     import os
@@ -276,8 +314,8 @@ def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict
     import socket
     import subprocess
     import sys
-
-    import httpx2 as httpx
+    import urllib.error
+    import urllib.request
 
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": int(eos)}))
     with socket.socket() as probe:
@@ -286,46 +324,44 @@ def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict
     server = subprocess.Popen([sys.executable, "-m", "jaxattn", "serve", str(folder), "--port", str(port), "--slots",
                                str(slots), "--page-size", str(page_size), "--max-waiting", str(len(trace)),
                                "--served-model-name", "bench"], env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
     try:
         while True:  # warm-up compiles every shape before /health says ok
             try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
                 pass
             if server.poll() is not None:
                 raise RuntimeError("jaxattn serve exited")
             time.sleep(0.2)
 
-        async def one(client, prompt, limit):
-            start, arrivals, tokens = time.perf_counter(), [], 0
+        async def one(prompt, limit):
+            start, arrivals, usage = time.perf_counter(), [], {}
+
+            def on_event(data):
+                chunk = json.loads(data)
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    arrivals.append(time.perf_counter() - start)
+                usage.update(chunk.get("usage") or {})
+
             body = {"prompt": [int(t) for t in prompt], "max_tokens": limit, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[len("data: "):])
-                    if chunk["choices"] and chunk["choices"][0]["text"]:
-                        arrivals.append(time.perf_counter() - start)
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-            return arrivals, tokens, time.perf_counter() - start
+            await stream_completion(port, body, on_event)
+            return arrivals, usage["completion_tokens"], time.perf_counter() - start
 
         async def everyone(requests):
-            limits = httpx.Limits(max_connections=len(requests) + 4)
-            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-                return await asyncio.gather(*(one(client, prompt, limit) for prompt, limit in requests))
+            return await asyncio.gather(*(one(prompt, limit) for prompt, limit in requests))
 
-        # Once untimed (the server's first requests, the clients' connections), with other tokens of
-        # the same lengths: the server keeps released prompt pages for reuse (prefix sharing), and the
-        # timed requests must not find their prompts already computed (the in-process engine is new).
+        # Once untimed (the server's first requests), with other tokens of the same lengths: the
+        # server keeps released prompt pages for reuse (prefix sharing), and the timed requests must
+        # not find their prompts already computed (the in-process engine is new).
         rng = np.random.default_rng(1)
         asyncio.run(everyone([(rng.integers(1, vocab, len(prompt)), limit) for prompt, limit in trace]))
-        start = time.perf_counter()
+        server_cpu, client_cpu, start = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
         replies = asyncio.run(everyone(trace))
         seconds = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
@@ -334,22 +370,26 @@ def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict
     gaps = [b - a for arrivals, _, _ in replies for a, b in zip(arrivals, arrivals[1:])]
     totals = [total for _, _, total in replies]
     say(f"  over HTTP: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s; time to first token "
-        f"p50 {np.percentile(first, 50):.3f} s, inter-token p50 {np.percentile(gaps, 50) * 1e3:.1f} ms", flush=True)
+        f"p50 {np.percentile(first, 50):.3f} s, inter-token p50 {np.percentile(gaps, 50) * 1e3:.1f} ms; CPU: server "
+        f"{server_cpu:.1f} s, clients {client_cpu:.1f} s", flush=True)
     return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, ttft_s=percentiles(first),
-                inter_token_s=percentiles(gaps), total_s=percentiles(totals))
+                inter_token_s=percentiles(gaps), total_s=percentiles(totals), server_cpu_s=server_cpu,
+                client_cpu_s=client_cpu)
 
 
 def in_process(model, trace, *, slots, page_size, stopping, max_length, say) -> dict:
     serve(model, trace, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)  # untimed
+    cpu = time.process_time()
     results, seconds, _ = serve(model, trace, slots=slots, page_size=page_size, stopping=stopping, max_length=max_length)
+    cpu = time.process_time() - cpu  # every thread of this process: XLA's too
     rows = [results[i] for i in range(len(trace))]
     tokens = sum(len(r.tokens) for r in rows)
     gaps = [(r.total_s - r.first_token_s) / (len(r.tokens) - 1) for r in rows if len(r.tokens) > 1]
     say(f"  in process: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s; time to first token "
-        f"p50 {np.percentile([r.first_token_s for r in rows], 50):.3f} s", flush=True)
+        f"p50 {np.percentile([r.first_token_s for r in rows], 50):.3f} s; CPU {cpu:.1f} s", flush=True)
     return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                 ttft_s=percentiles([r.first_token_s for r in rows]), inter_token_s=percentiles(gaps),
-                total_s=percentiles([r.total_s for r in rows]), outputs=[r.tokens for r in rows])
+                total_s=percentiles([r.total_s for r in rows]), cpu_s=cpu, outputs=[r.tokens for r in rows])
 
 
 def one_slot(model, requests, *, page_size, stopping, max_length, say) -> dict:

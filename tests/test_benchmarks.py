@@ -69,7 +69,7 @@ def test_decode_profile_attributes_ops_to_their_named_scope():
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.decode_profile import CATEGORIES, OTHER, category, op_scopes
+    from benchmarks.decode_profile import CATEGORIES, OTHER, category, name_stacks_in_metadata, op_scopes
 
     def step(carry):
         i, x, w = carry
@@ -80,7 +80,9 @@ def test_decode_profile_attributes_ops_to_their_named_scope():
         return i + 1, x, w
 
     program = jax.jit(lambda x, w: jax.lax.while_loop(lambda c: c[0] < 3, step, (0, x, w))[1])
-    scopes = op_scopes(program.lower(jnp.ones((1, 8)), jnp.ones((8, 8))).compile().as_text())
+    with name_stacks_in_metadata():  # tests/conftest.py turns them off
+        lowered = program.lower(jnp.ones((1, 8)), jnp.ones((8, 8)))
+    scopes = op_scopes(lowered.compile().as_text())
     labels = dict(CATEGORIES)
     found = {category(stack) for stack in scopes.values() if "while" in stack.split("/")[:2]}
     assert {labels["mlp"], labels["sampling"]} <= found

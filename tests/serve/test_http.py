@@ -137,6 +137,27 @@ def test_every_streamed_chunk_is_openais_shape_in_sse_framing(served):
         assert finish_reasons[-1] in ("stop", "length") and set(finish_reasons[:-1]) <= {None}
 
 
+def test_the_benchmarks_raw_client_reads_every_event_of_a_stream(served):
+    """benchmarks/serve.py's load generator (raw HTTP/1.1, chunked transfer encoding split into
+    events by hand) reads the same events as a real client: the text, the finish and the usage."""
+    import asyncio
+
+    from benchmarks.serve import stream_completion
+
+    url, _ = served
+    whole = client(url).completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0)
+    events = []
+    body = {"model": NAME, "prompt": "Once upon", "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    asyncio.run(stream_completion(int(url.rsplit(":", 1)[1]), body, lambda data: events.append(json.loads(data))))
+    choices = [event["choices"][0] for event in events if event["choices"]]
+    assert "".join(choice["text"] for choice in choices) == whole.choices[0].text
+    assert choices[-1]["finish_reason"] == whole.choices[0].finish_reason
+    usage = whole.usage
+    assert events[-1]["usage"] == {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                   "total_tokens": usage.total_tokens}
+
+
 def test_sixteen_concurrent_streams_each_get_their_own_text(served):
     url, _ = served
     prompts = [f"Item {i}: the" for i in range(16)]
