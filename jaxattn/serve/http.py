@@ -37,7 +37,7 @@ import time
 import uuid
 from typing import Callable
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -421,13 +421,15 @@ def create_app(server: Server):
     async def validation_error(request, error):  # FastAPI's 422 becomes OpenAI's 400
         return error_response(ServerError(400, f"invalid request: {error.errors()[:1]}"))
 
-    @app.middleware("http")
-    async def check_key(request: HTTPRequest, call_next):
-        if server.api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return error_response(ServerError(401, "a valid API key is needed: Authorization: Bearer KEY",
-                                                  kind="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    async def check_key(request: HTTPRequest):
+        """The key, when the server has one, on every /v1/ route: a dependency of their router (an
+        HTTP middleware would pass each streamed chunk through a queue and a task of its own:
+        measured, a sixth of the server's time on the 64-request trace went there)."""
+        if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            raise ServerError(401, "a valid API key is needed: Authorization: Bearer KEY",
+                              kind="authentication_error", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     async def body_of(request: HTTPRequest):
         raw = await request.body()
@@ -448,15 +450,15 @@ def create_app(server: Server):
                                      media_type="text/event-stream")
         return JSONResponse(await server.complete(reply, chat=chat))
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: HTTPRequest):
         return await answer(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest):
         return await answer(request, chat=True)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "jaxattn"}]}
@@ -473,6 +475,7 @@ def create_app(server: Server):
     async def metrics():
         return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(v1)  # after its routes: the app takes a copy of them
     return app
 
 

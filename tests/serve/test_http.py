@@ -245,6 +245,9 @@ def test_a_key_and_a_full_queue_are_refused_then_the_server_serves(served):
         with pytest.raises(openai.AuthenticationError):
             client(url).completions.create(model=NAME, prompt="x", max_tokens=2)
         assert client(url, ).with_options(api_key="sesame").completions.create(model=NAME, prompt="x", max_tokens=2)
+        refused = httpx.get(url + "/v1/models")  # every /v1/ route; /health and /metrics stay open
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health").status_code == 200
     finally:
         server.api_key = None
 
