@@ -12,9 +12,12 @@ import pytest
 # The suite is dominated by XLA compile time, not run time: skip LLVM's optimisation passes and
 # emit the CPU's fused loops the older, quicker way (the same HLO; the machine code may round a
 # reduction differently, which no test's tolerance notices; tests/lm/test_engine.py and
-# tests/functional/test_flash.py compile and run in 70 s instead of 122 s). Must be set before JAX
-# starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+# tests/functional/test_flash.py compile and run in 70 s instead of 122 s); and compile each program's
+# machine code in one piece, not split for threads that two busy workers leave no core for (the same
+# two files and tests/lm/test_generate.py with -n 2: 46-49 s instead of 52-53 s). Must be set before
+# JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                                   "--xla_cpu_parallel_codegen_split_count=1")
 # Each op's location in the lowered program without the whole Python traceback (JAX keeps up to 100
 # frames, pytest's included, by default): the same program, lowered and compiled a few percent sooner
 # (measured: tests/functional/test_flash.py + tests/lm/test_generate.py in 26.6-27.3 s instead of
