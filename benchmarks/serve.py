@@ -295,11 +295,15 @@ async def stream_completion(port: int, body: dict, on_event) -> None:
         writer.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process (all its threads) has used, from /proc (Linux)."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process (all its threads) has used, from /proc; None where that
+    cannot be read (no /proc: not Linux; or no such process)."""
     import os
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
@@ -361,7 +365,8 @@ def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict
         server_cpu, client_cpu, start = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
         replies = asyncio.run(everyone(trace))
         seconds = time.perf_counter() - start
-        server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
+        server_cpu = None if server_cpu is None else cpu_seconds(server.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
@@ -371,7 +376,7 @@ def over_http(folder: Path, trace, *, vocab, slots, page_size, eos, say) -> dict
     totals = [total for _, _, total in replies]
     say(f"  over HTTP: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s; time to first token "
         f"p50 {np.percentile(first, 50):.3f} s, inter-token p50 {np.percentile(gaps, 50) * 1e3:.1f} ms; CPU: server "
-        f"{server_cpu:.1f} s, clients {client_cpu:.1f} s", flush=True)
+        f"{'?' if server_cpu is None else f'{server_cpu:.1f}'} s, clients {client_cpu:.1f} s", flush=True)
     return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, ttft_s=percentiles(first),
                 inter_token_s=percentiles(gaps), total_s=percentiles(totals), server_cpu_s=server_cpu,
                 client_cpu_s=client_cpu)

@@ -1,6 +1,7 @@
 """The benchmark suite runs end to end, and its Markdown table says what the results say."""
 
 import json
+import time
 from pathlib import Path
 
 from benchmarks.suite import main
@@ -50,7 +51,16 @@ def test_suite_smoke_run_writes_every_field(tmp_path):
 
 
 def test_serve_trace_helpers():
-    from benchmarks.serve import choose_end_token, cut, make_trace
+    import os
+    import sys
+
+    from benchmarks.serve import choose_end_token, cpu_seconds, cut, make_trace
+
+    if sys.platform.startswith("linux"):  # the CPU a process has used, as /proc counts it
+        before, start = cpu_seconds(os.getpid()), time.process_time()
+        while time.process_time() - start < 0.3:
+            pass
+        assert 0.2 <= cpu_seconds(os.getpid()) - before <= 1.0
 
     assert cut([5, 6, 7, 8], 3, None) == [5, 6, 7]
     assert cut([5, 6, 7, 8], 4, 6) == [5, 6]  # the end token is kept, as generate keeps it
