@@ -282,8 +282,11 @@ async def stream_completion(port: int, body: dict, on_event) -> None:
         status = await reader.readline()
         if b" 200 " not in status:
             raise RuntimeError(f"the server answered {status!r}")
-        while (await reader.readline()) not in (b"\r\n", b""):  # the headers: the body is chunked
-            pass
+        headers = b""
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            headers += line.lower()
+        if b"transfer-encoding: chunked" not in headers:  # how uvicorn sends a streamed body
+            raise RuntimeError(f"expected a chunked body, got the headers {headers!r}")
         pending = b""
         while size := int((await reader.readline()).strip() or b"0", 16):
             pending += (await reader.readexactly(size + 2))[:-2]  # a chunk, then CRLF
