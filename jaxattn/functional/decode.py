@@ -62,6 +62,15 @@ DEFAULT_PAGED_BLOCK = 256  # measured on the engine's decode step (benchmarks/se
 # (one decode step, a few speculative tokens); longer calls (a prompt) use the blockwise
 # or dense kernel. Measured in benchmarks/decode.py ("threshold").
 DECODE_MAX_TOKENS = 16
+# A call of at most this many queries forms its logits keys first, ``block_logits(k, q).T``
+# (the same products): XLA's CPU backend then reads each key block in its own layout, where
+# with the queries first it copied every block transposed before the product (the copy was
+# the costliest op of a step after the matrix products). Measured on benchmarks/serve.py's
+# model (heads of 64), one row: generate's step 0.80-0.83 -> 0.72-0.77 ms at 50 tokens held,
+# 1.35-1.45 -> 1.16-1.24 ms at 400; on benchmarks/decode.py's GQA model (heads of 32, 1,000
+# tokens held) no change. A 128-token prefill chunk was ~10% slower keys first: larger calls
+# keep the queries first.
+KEYS_FIRST_MAX_TOKENS = DECODE_MAX_TOKENS
 
 
 def _parts(x):
@@ -173,11 +182,15 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
     longest = S if context.kv_lengths is None else jnp.minimum(jnp.max(context.kv_lengths), S)
     n_blocks = (longest + bk - 1) // bk  # traced: the loop runs as long as the longest row needs
     q_parts = tuple(part.reshape(B, T, K, G, part.shape[-1]) for part in q_parts)  # [B, T, K, G, D_i]
+    keys_first = T <= KEYS_FIRST_MAX_TOKENS
 
     def one_head(*args):  # q parts [T, D_i], m, l [T], acc [T, E], k parts [bk, D_i], v [bk, E], mask [T, bk], sink
         n = len(q_parts)
         qs, (m, l, acc), ks, (v_block, mask, _) = args[:n], args[n : n + 3], args[n + 3 : 2 * n + 3], args[2 * n + 3 :]
-        s = block_logits(tuple(qs), tuple(ks), scale=scale, cap=cap)  # [T, bk]: the parts' products add
+        if keys_first:  # [bk, T] -> [T, bk]: the same products, the keys read in their own layout
+            s = block_logits(tuple(ks), tuple(qs), scale=scale, cap=cap).T
+        else:
+            s = block_logits(tuple(qs), tuple(ks), scale=scale, cap=cap)  # [T, bk]: the parts' products add
         return online_softmax_step(s, v_block, mask, SoftmaxState(m, l, acc))
 
     def key_block(j, carry):

@@ -48,10 +48,14 @@ def model_call(graphdef, params, cache, tokens, num_new, page_table, lengths, se
     logits, new_cache = model(tokens, cache=_with_tables(cache, page_table, lengths), num_new=num_new,
                               logits_at=None if all_positions else last_index)
     last = jnp.take_along_axis(logits, last_index[..., None], axis=1)[:, 0] if all_positions else logits[:, 0]  # [R, V]
-    keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
     last = last.astype(jnp.float32)
-    sampled = lax.cond(jnp.any(temperature > 0), sample_rows, lambda logits, *_: jnp.argmax(logits, -1).astype(jnp.int32),
-                       last, keys, temperature, top_k, top_p)  # all greedy (the usual case): no sorting
+
+    def sample(last, seeds, counters, temperature, top_k, top_p):
+        keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
+        return sample_rows(last, keys, temperature, top_k, top_p)
+
+    sampled = lax.cond(jnp.any(temperature > 0), sample, lambda logits, *_: jnp.argmax(logits, -1).astype(jnp.int32),
+                       last, seeds, counters, temperature, top_k, top_p)  # all greedy (the usual case): no keys, no sorting
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32) if all_positions else None
     return sampled, greedy, _tables_of(new_cache, cache)
 
