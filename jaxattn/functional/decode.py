@@ -39,8 +39,6 @@ letters as in ``heads.py``; ``bk`` is the key block (m whole pages, for a paged 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -204,10 +202,9 @@ def decode_kernel(q, k, v, context: AttentionContext, *, block_kv: int | None = 
             table = lax.dynamic_slice_in_dim(pages, first // page_size, m, axis=1)  # [B, m]
             k_blocks = tuple(_pages(part, table, dtype) for part in k_parts)  # [B, bk, K, D_i]
             v_block = _pages(v, table, dtype)  # [B, bk, K, E]
-        block = context.keys(first, bk)
-        unseen = (first + jnp.arange(bk) >= start)[None]  # [1, bk]: keys no earlier block visited
-        block = dataclasses.replace(block, kv_valid=combine_masks(block.kv_valid, unseen))
-        mask = group_heads(block.full_mask(), K)  # [B|1, K|1, G|1, T, bk]
+        unseen = (first + jnp.arange(bk) >= start)[None, None, None]  # [1, 1, 1, bk]: keys no earlier block visited
+        mask = combine_masks(context.keys(first, bk).full_mask(), unseen)  # [B|1, H|1, T|1, bk]
+        mask = group_heads(jnp.broadcast_to(mask, mask.shape[:2] + (T, bk)), K)  # [B|1, K|1, G|1, T, bk]
         over_heads, mask = vmap_heads(one_head, mask, n_query=len(q_parts) + 3, n_kv=len(k_parts) + 1, head_axis=1)
         state = SoftmaxState(*over_heads(*q_parts, *state, *k_blocks, v_block, mask, None))
         return state, visits + 1

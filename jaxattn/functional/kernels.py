@@ -68,11 +68,11 @@ def cudnn_serves(q, k, v, context: AttentionContext) -> str | None:
         (f"dtype {q.dtype} (cuDNN: bfloat16, float16)", q.dtype not in (jnp.bfloat16, jnp.float16)),
         (f"head width {q.shape[-1]} (at most 128, a multiple of 8)", q.shape[-1] > 128 or q.shape[-1] % 8),
         ("a value width other than the key's", q.shape[-1] != v.shape[-1]),
-        ("a cache (cuDNN's causal mask is aligned top-left)", context.T != context.S or context.kv_lengths is not None),
+        ("a cache (cuDNN's causal mask is aligned top-left)", context.T != context.S),
+        ("padding (kv_lengths)", context.kv_lengths is not None),
         ("a soft-cap", context.logit_softcap is not None),
         ("sinks", context.sinks is not None),
         ("segment ids", context.q_segment_ids is not None),
-        ("padding", context.kv_valid is not None),
         ("a caller's mask", context.user_mask is not None),
         ("a paged or int8 cache", context.cache_kind != "float"),
     ) if applies]

@@ -9,7 +9,7 @@ attention received from another device:
 
     key j is visible to query i  iff  kv_pos[j] <= q_pos[i]            (causal)
                                  and  q_pos[i] - kv_pos[j] < window     (sliding window)
-                                 and  kv_valid[j]                       (padding: j < kv_length)
+                                 and  j < kv_length                     (padding; a cache's empty slots)
                                  and  q_seg[i] == kv_seg[j]             (packed sequences)
                                  and  mask[i, j]                        (anything else, given by the caller)
 
@@ -230,7 +230,7 @@ def _pad(x, size: int, axis: int, value=None):
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q_positions", "kv_positions", "kv_valid", "kv_lengths", "kv_pages", "q_segment_ids", "kv_segment_ids",
+    data_fields=["q_positions", "kv_positions", "kv_lengths", "kv_pages", "q_segment_ids", "kv_segment_ids",
                  "user_mask", "sinks"],
     meta_fields=["T", "S", "window", "scale", "logit_softcap", "record_weights", "kv_int8"],
 )
@@ -243,9 +243,10 @@ class AttentionContext:
     Which keys (``None``: that part of the rule does not apply; a leading axis of size 1 is
     shared by the batch):
       q_positions ``[B|1, T]``, kv_positions ``[B|1, S]``: int32 absolute positions; set = causal.
-      kv_valid ``[B|1, S]``: bool, False for a padding key.
-      kv_lengths ``[B]``: int32, keys at index ``>= kv_lengths[b]`` hold nothing (a kernel may stop
-        there: the decode kernel does).
+      kv_lengths ``[B|1]``: int32, row b's keys at index ``>= kv_lengths[b]`` are padding: the one
+        representation of padding (a caller's ragged batch, a cache's empty slots), valid keys
+        being a prefix of each row. A kernel may stop there (the decode kernel does); one that
+        needs a flag per key derives it (``key_validity``).
       kv_pages ``[B, N]``: int32, set when the keys live in a paged cache (``PagedKVCache``): key
         j of row b is slot ``j % page`` of page ``kv_pages[b, j // page]`` of the pools that stand
         for k and v (``[P, page, ...]``); the decode kernel reads them a block of pages at a time.
@@ -268,7 +269,6 @@ class AttentionContext:
     S: int | None = None
     q_positions: jax.Array | None = None
     kv_positions: jax.Array | None = None
-    kv_valid: jax.Array | None = None
     kv_lengths: jax.Array | None = None
     kv_pages: jax.Array | None = None
     q_segment_ids: jax.Array | None = None
@@ -343,13 +343,11 @@ class AttentionContext:
         if q_segment_ids is not None:
             q_segment_ids = token_array("q_segment_ids", q_segment_ids, T, "T", B)
             kv_segment_ids = token_array("kv_segment_ids", kv_segment_ids, S, "S", B)
-        kv_valid = None
         if kv_lengths is not None:
             _check_integer("kv_lengths", kv_lengths)
             kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
             if kv_lengths.shape != (B,):
                 raise ValueError(f"kv_lengths must be [B={B}], got {kv_lengths.shape}")
-            kv_valid = padding_mask(kv_lengths, S)  # [B, S]
         if mask is not None:
             mask = check_bool_mask(mask)
             if mask.ndim > 4:
@@ -361,7 +359,7 @@ class AttentionContext:
                 raise ValueError(f"mask {mask.shape} does not broadcast to [B, H, T, S] = {(B, H, T, S)}") from error
             mask = jnp.broadcast_to(mask, mask.shape[:2] + (T, S))  # [B|1, H|1, T, S]
         context = dataclasses.replace(
-            context, S=S, kv_positions=kv_positions, kv_valid=kv_valid, kv_lengths=kv_lengths,
+            context, S=S, kv_positions=kv_positions, kv_lengths=kv_lengths,
             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, user_mask=mask,
         )
         return context.for_layer(window=window, scale=scale, logit_softcap=logit_softcap, sinks=sinks, H=H)
@@ -399,8 +397,9 @@ class AttentionContext:
 
     def with_keys(self, kv_positions, kv_lengths=None, kv_pages=None) -> "AttentionContext":
         """Keys at ``kv_positions [B|1, S]`` (a cache view's, where an empty slot sits at a
-        position no query reaches) of which row b holds ``kv_lengths[b]`` (a bound the decode
-        kernel stops at), in the pages ``kv_pages [B, N]`` of a paged cache (or ``None``)."""
+        position no query reaches) of which row b holds ``kv_lengths[b]`` (the slots after them
+        are padding, and the decode kernel stops there), in the pages ``kv_pages [B, N]`` of a
+        paged cache (or ``None``)."""
         if self.q_segment_ids is not None:
             raise ValueError("segment ids (packed sequences) are for calls without a cache")
         S = kv_positions.shape[-1]
@@ -441,7 +440,7 @@ class AttentionContext:
         """That this context describes a call of these sizes (a kernel's first line)."""
         if self.T != T or self.S != S:
             raise ValueError(f"the context describes T={self.T} queries and S={self.S} keys, the call has T={T}, S={S}")
-        for name in ("q_positions", "kv_positions", "kv_valid", "q_segment_ids", "kv_segment_ids"):
+        for name in ("q_positions", "kv_positions", "kv_lengths", "q_segment_ids", "kv_segment_ids"):
             value = getattr(self, name)
             if value is not None and value.shape[0] not in (1, B):
                 raise ValueError(f"the context's {name} {value.shape} is for another batch than B={B}")
@@ -453,7 +452,7 @@ class AttentionContext:
     def sinks_cotangent(self, d_sinks) -> "AttentionContext":
         """The cotangent of this context in a ``custom_vjp``: nothing for the masking arrays
         (integers and booleans), ``d_sinks`` for the sinks."""
-        empty = {name: None for name in ("q_positions", "kv_positions", "kv_valid", "kv_lengths", "kv_pages",
+        empty = {name: None for name in ("q_positions", "kv_positions", "kv_lengths", "kv_pages",
                                          "q_segment_ids", "kv_segment_ids", "user_mask")}
         return dataclasses.replace(self, sinks=None if self.sinks is None else d_sinks.astype(self.sinks.dtype), **empty)
 
@@ -471,12 +470,20 @@ class AttentionContext:
         """The sinks as ``[K, G]`` (query head h = (h // G, h % G)), float32; or ``None``."""
         return None if self.sinks is None else self.sinks.astype(jnp.float32).reshape(K, -1)
 
+    def key_validity(self):
+        """bool ``[B|1, S]``: which keys hold data (``j < kv_lengths[b]``), or ``None`` without
+        padding. For the kernels that need a flag per key (a block's extremes, a Pallas
+        kernel's rows); the context itself keeps the lengths."""
+        if self.kv_lengths is None:
+            return None
+        return jnp.arange(self.S)[None, :] < self.kv_lengths[:, None]  # [B|1, S]
+
     def token_mask(self):
         """The rule over the token axes: bool ``[B|1, T, S]``, or ``None`` when nothing is masked."""
         column = lambda x: None if x is None else x[:, :, None]  # [B|1, T, 1]  # noqa: E731
         row = lambda x: None if x is None else x[:, None, :]  # [B|1, 1, S]  # noqa: E731
         return visible_keys(column(self.q_positions), row(self.kv_positions), window=self.window,
-                            kv_valid=row(self.kv_valid), q_segment_ids=column(self.q_segment_ids),
+                            kv_valid=row(self.key_validity()), q_segment_ids=column(self.q_segment_ids),
                             kv_segment_ids=row(self.kv_segment_ids))
 
     def full_mask(self):
@@ -492,15 +499,16 @@ class AttentionContext:
 
     def block(self, q_start, block_q: int, kv_start, block_kv: int) -> "AttentionContext":
         """The context of queries ``q_start .. q_start + block_q`` and keys
-        ``kv_start .. kv_start + block_kv`` (starts may be traced). The logit side is unchanged."""
+        ``kv_start .. kv_start + block_kv`` (starts may be traced; the lengths then count from
+        ``kv_start``, so that a block's key j is padding where key ``kv_start + j`` of the call is).
+        The logit side is unchanged."""
         return dataclasses.replace(
             self,
             T=block_q,
             S=block_kv,
             q_positions=_slice(self.q_positions, q_start, block_q, 1),
             kv_positions=_slice(self.kv_positions, kv_start, block_kv, 1),
-            kv_valid=_slice(self.kv_valid, kv_start, block_kv, 1),
-            kv_lengths=None,  # a bound of the whole call, not of a block
+            kv_lengths=None if self.kv_lengths is None else self.kv_lengths - kv_start,
             kv_pages=None,  # a block's keys are given as they are, not as pages
             q_segment_ids=_slice(self.q_segment_ids, q_start, block_q, 1),
             kv_segment_ids=_slice(self.kv_segment_ids, kv_start, block_kv, 1),
@@ -522,16 +530,16 @@ class AttentionContext:
         keys are invalid, padding queries sit before every key (they see nothing when
         causal; their outputs are discarded either way) and repeat the last segment id
         (so that they widen no block's range of segments)."""
-        kv_valid = self.kv_valid
-        if S != self.S and kv_valid is None:
-            kv_valid = jnp.ones((1, self.S), bool)
+        kv_lengths = self.kv_lengths
+        if S != self.S:  # the keys added are padding
+            kv_lengths = jnp.full((1,), self.S, jnp.int32) if kv_lengths is None else jnp.minimum(kv_lengths, self.S)
         return dataclasses.replace(
             self,
             T=T,
             S=S,
             q_positions=_pad(self.q_positions, T, 1, PAD_QUERY_POSITION),
             kv_positions=_pad(self.kv_positions, S, 1, _INT_MAX),
-            kv_valid=_pad(kv_valid, S, 1, False),
+            kv_lengths=kv_lengths,
             q_segment_ids=_pad(self.q_segment_ids, T, 1),
             kv_segment_ids=_pad(self.kv_segment_ids, S, 1),
             user_mask=_pad(_pad(self.user_mask, T, 2, False), S, 3, False),
@@ -551,7 +559,8 @@ class AttentionContext:
             raise ValueError(f"T={T} and S={S} must be multiples of the blocks ({block_q}, {block_kv}); pad first")
         nq, nk = T // block_q, S // block_kv
 
-        kv_live = jnp.ones((1, S), bool) if self.kv_valid is None else self.kv_valid  # [B|1, S]
+        kv_live = self.key_validity()
+        kv_live = jnp.ones((1, S), bool) if kv_live is None else kv_live  # [B|1, S]
         visible = jnp.broadcast_to(kv_live.reshape(-1, nk, block_kv).any(axis=(0, 2))[None], (nq, nk))
         if self.is_causal:
             q_live = self.q_positions != PAD_QUERY_POSITION
@@ -581,8 +590,8 @@ class AttentionContext:
         nq, nk = T // block_q, S // block_kv
 
         complete = self.block_visibility(block_q, block_kv)
-        if self.kv_valid is not None:  # no padding key in the block
-            complete = complete & self.kv_valid.reshape(-1, nk, block_kv).all(axis=(0, 2))[None]
+        if self.kv_lengths is not None:  # no padding key in the block
+            complete = complete & self.key_validity().reshape(-1, nk, block_kv).all(axis=(0, 2))[None]
         if self.is_causal:
             q_min, q_max = _block_extremes(self.q_positions, self.q_positions != PAD_QUERY_POSITION, nq, block_q)
             kv_min, kv_max = _block_extremes(self.kv_positions, jnp.ones((1, S), bool), nk, block_kv)

@@ -45,7 +45,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxattn.functional.heads import check_multi_head_shapes
-from jaxattn.functional.masks import AttentionContext, padding_mask
+from jaxattn.functional.masks import AttentionContext
 from jaxattn.functional import softmax
 
 DEFAULT_RING_BLOCK = 512
@@ -90,7 +90,7 @@ class _Chunk(NamedTuple):
     k: jax.Array  # [B, S_c, K, D]
     v: jax.Array  # [B, S_c, K, E]
     positions: jax.Array | None  # [B|1, S_c]
-    valid: jax.Array | None  # [B|1, S_c]
+    lengths: jax.Array | None  # [B|1]: the chunk's keys from kv_lengths[b] on are padding
     segment_ids: jax.Array | None  # [B|1, S_c]
 
 
@@ -111,7 +111,7 @@ def _rotate(tree, static: _Static):
 
 def _against(context: AttentionContext, chunk: _Chunk) -> AttentionContext:
     """This device's queries against the chunk it holds now."""
-    return dataclasses.replace(context, S=chunk.k.shape[1], kv_positions=chunk.positions, kv_valid=chunk.valid,
+    return dataclasses.replace(context, S=chunk.k.shape[1], kv_positions=chunk.positions, kv_lengths=chunk.lengths,
                                kv_segment_ids=chunk.segment_ids)
 
 
@@ -251,7 +251,7 @@ def ring_shard_kernel(q, k, v, context: AttentionContext, *, axis_name: str, blo
     """The per-device ring attention, for use inside ``jax.shard_map`` over ``axis_name``.
 
     This device's chunk: q ``[B, T_c, H, D]``, k ``[B, S_c, K, D]``, v ``[B, S_c, K, E]`` and
-    the context of its tokens (positions, validity, segment ids of its queries and keys; the
+    the context of its tokens (positions, segment ids and padding lengths of its queries and keys; the
     sinks of its heads). A chunk pair is computed in near-equal sub-blocks of at most
     ``block_q`` x ``block_kv`` tokens (a chunk whose length they do not divide is padded, and
     the padding masked); sub-blocks no query can see are skipped. Returns this device's
@@ -261,19 +261,16 @@ def ring_shard_kernel(q, k, v, context: AttentionContext, *, axis_name: str, blo
     context = dataclasses.replace(context, T=T, S=S)  # the call's context, as this device sees it
     context.check(B, T, S, H)
     if context.user_mask is not None:
-        raise ValueError("ring attention takes no dense mask: describe the call by positions, validity and segment ids")
+        raise ValueError("ring attention takes no dense mask: describe the call by positions, padding lengths and segment ids")
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_kv={block_kv}")
-    if context.kv_lengths is not None:  # a bound in array order: per-token validity travels with the chunk
-        context = dataclasses.replace(context, kv_valid=padding_mask(context.kv_lengths, S) if context.kv_valid is None
-                                      else context.kv_valid, kv_lengths=None)
     bq, bk = sub_block_size(T, block_q), sub_block_size(S, block_kv)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
     static = _Static(axis_name, lax.axis_size(axis_name), context.logit_scale(D), context.logit_softcap, bq, bk)
     if (Tp, Sp) != (T, S):
         context = context.padded(Tp, Sp)
         q, k, v = (jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0))) for x, size in ((q, Tp), (k, Sp), (v, Sp)))
-    chunk = _Chunk(k, v, context.kv_positions, context.kv_valid, context.kv_segment_ids)
+    chunk = _Chunk(k, v, context.kv_positions, context.kv_lengths, context.kv_segment_ids)
     return _ring(static, q, chunk, context)[:, :T]
 
 
@@ -298,9 +295,6 @@ def ring_kernel(q, k, v, context: AttentionContext, *, mesh, seq_axis: str = "se
     if T % n:
         raise ValueError(f"T={T} tokens cannot be split evenly over the {n} devices of mesh axis {seq_axis!r}")
     context.check(B, T, S, H)
-    if context.kv_lengths is not None:
-        context = dataclasses.replace(context, kv_valid=padding_mask(context.kv_lengths, S) if context.kv_valid is None
-                                      else context.kv_valid, kv_lengths=None)
     if batch_axis is not None and B % mesh.shape[batch_axis]:
         batch_axis = None
     if head_axis is not None and (H % mesh.shape[head_axis] or K % mesh.shape[head_axis]):
@@ -310,13 +304,19 @@ def ring_kernel(q, k, v, context: AttentionContext, *, mesh, seq_axis: str = "se
     def rows(x):  # [B|1, T] token arrays: the batch is sharded only when it is really B
         return None if x is None else PartitionSpec(batch_axis if x.shape[0] == B and B > 1 else None, seq_axis)
 
+    lengths = context.kv_lengths  # [B|1]: split with the batch, not the sequence
     specs = dataclasses.replace(
         context, **{name: rows(getattr(context, name)) for name in
-                    ("q_positions", "kv_positions", "kv_valid", "q_segment_ids", "kv_segment_ids")},
+                    ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")},
+        kv_lengths=None if lengths is None else PartitionSpec(batch_axis if lengths.shape[0] == B and B > 1 else None),
         sinks=None if context.sinks is None else PartitionSpec(head_axis),
     )
 
     def per_device(q, k, v, context):
+        if context.kv_lengths is not None:  # the call's lengths, counted from this device's first key
+            S_c = k.shape[1]
+            local = context.kv_lengths - lax.axis_index(seq_axis) * S_c
+            context = dataclasses.replace(context, kv_lengths=jnp.clip(local, 0, S_c))
         return ring_shard_kernel(q, k, v, context, axis_name=seq_axis, block_q=block_q, block_kv=block_kv)
 
     run = jax.shard_map(per_device, mesh=mesh, in_specs=(tokens, tokens, tokens, specs), out_specs=tokens,
@@ -327,31 +327,30 @@ def ring_kernel(q, k, v, context: AttentionContext, *, mesh, seq_axis: str = "se
 # --------------------------------------------------------------- the keyword edges
 
 
-def ring_attention_shard(q, k, v, *, axis_name: str, q_positions=None, kv_positions=None, kv_valid=None,
+def ring_attention_shard(q, k, v, *, axis_name: str, q_positions=None, kv_positions=None, kv_lengths=None,
                          q_segment_ids=None, kv_segment_ids=None, window: int | None = None, scale: float | None = None,
                          logit_softcap: float | None = None, sinks=None, block_q: int = DEFAULT_RING_BLOCK,
                          block_kv: int = DEFAULT_RING_BLOCK):
     """``ring_shard_kernel`` with this device's tokens given as keywords: ``q_positions
     [B|1, T_c]`` and ``kv_positions [B|1, S_c]`` (absolute; given together, they make the
-    attention causal), ``kv_valid [B|1, S_c]`` (padding), segment ids, and the logit side of
-    ``multi_head_attention`` (``sinks``: this device's heads)."""
+    attention causal), ``kv_lengths [B]`` (this device's keys from ``kv_lengths[b]`` on are padding;
+    a padding key elsewhere in a causal call: a position no query reaches), segment ids, and the
+    logit side of ``multi_head_attention`` (``sinks``: this device's heads)."""
     if (q_positions is None) != (kv_positions is None):
         raise ValueError("pass both q_positions and kv_positions (causal), or neither")
     context = AttentionContext.from_keywords(
-        q, k, is_causal=q_positions is not None, q_positions=q_positions, kv_positions=kv_positions, window=window,
+        q, k, is_causal=q_positions is not None, q_positions=q_positions, kv_positions=kv_positions,
+        kv_lengths=kv_lengths, window=window,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, logit_softcap=logit_softcap,
         sinks=sinks,
     )
-    if kv_valid is not None:
-        kv_valid = jnp.asarray(kv_valid, bool).reshape(-1, k.shape[1])
-        context = dataclasses.replace(context, kv_valid=kv_valid)
     return ring_shard_kernel(q, k, v, context, axis_name=axis_name, block_q=block_q, block_kv=block_kv)
 
 
 def ring_attention(q, k, v, *, mesh, seq_axis: str = "seq", batch_axis: str | None = None, head_axis: str | None = None,
                    block_q: int = DEFAULT_RING_BLOCK, block_kv: int = DEFAULT_RING_BLOCK, **keywords):
     """``ring_kernel`` with the call described by the keywords of ``multi_head_attention``
-    (except ``mask``: the ring is described by positions, validity and segment ids)."""
+    (except ``mask``: the ring is described by positions, padding lengths and segment ids)."""
     context = AttentionContext.from_keywords(q, k, **keywords)
     return ring_kernel(q, k, v, context, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis,
                        block_q=block_q, block_kv=block_kv)

@@ -65,6 +65,9 @@ def test_the_context_applies_every_rule_and_its_blocks_agree():
                 np.testing.assert_array_equal(full[b, :, i, j], rule & np.asarray(spec.user_mask)[b, :, i, j])
     block = spec.block(2, 3, 4, 5).full_mask()  # queries 2..4, keys 4..8
     np.testing.assert_array_equal(block, full[:, :, 2:5, 4:9])
+    padded = np.asarray(spec.padded(8, 12).full_mask())  # the keys added are padding, whatever the lengths
+    np.testing.assert_array_equal(padded[:, :, :T, :S], full)
+    assert not padded[:, :, :, S:].any()
 
 
 def test_block_visibility_never_hides_a_visible_key():

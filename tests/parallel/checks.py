@@ -14,9 +14,10 @@ import chex  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
 
 from jaxattn.functional import multi_head_attention  # noqa: E402
-from jaxattn.functional.ring import ring_attention, zigzag_order  # noqa: E402
+from jaxattn.functional.ring import ring_attention, ring_attention_shard, zigzag_order  # noqa: E402
 from jaxattn.lm import parallel  # noqa: E402
 from jaxattn.lm.checkpoint import RunFolder  # noqa: E402
 from jaxattn.lm.train import TrainConfig, init_model, init_state, make_optimizer, make_steps, place_batch  # noqa: E402
@@ -63,6 +64,17 @@ def ring():
     expected = reference_attention(q, k, v, q_positions=np.arange(T), kv_positions=np.arange(T),
                                    q_segment_ids=segments, kv_segment_ids=segments)
     chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+    # The per-device form, in a shard_map of one's own: each device gives the padding of its own
+    # chunk as lengths counted from its first key (a whole chunk of padding on the last device).
+    lengths = np.array([13])  # the same mesh: its model axis holds copies
+    tokens = PartitionSpec(None, "seq")
+
+    def per_device(q, k, v):
+        local = jnp.clip(jnp.asarray(lengths) - jax.lax.axis_index("seq") * (T // 4), 0, T // 4)
+        return ring_attention_shard(q, k, v, axis_name="seq", kv_lengths=local, block_q=2, block_kv=4)
+
+    out = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(tokens,) * 3, out_specs=tokens, check_vma=False))(q, k, v)
+    chex.assert_trees_all_close(out, reference_attention(q, k, v, kv_lengths=lengths), rtol=1e-5, atol=1e-5)
 
 
 def ring_logits():

@@ -152,7 +152,8 @@ def run(call: DecodeCall, target: Target, q, k, v, context: AttentionContext):
     q_pos = jnp.pad(jnp.tile(jnp.broadcast_to(q_pos, (B, call.shapes.T)), (1, G)), [(0, 0), (0, rows - G * call.shapes.T)],
                     constant_values=PAD_QUERY_POSITION)[:, :, None]  # [B, rows, 1]: row g T + t at position t's
     kv_pos = jnp.broadcast_to(context.kv_positions, (B, call.shapes.S)).astype(jnp.int32)[:, None, :]  # [B, 1, S]
-    lengths = jnp.full((B,), call.shapes.S, jnp.int32) if context.kv_lengths is None else context.kv_lengths.astype(jnp.int32)
+    lengths = jnp.full((B,), call.shapes.S, jnp.int32) if context.kv_lengths is None else \
+        jnp.broadcast_to(context.kv_lengths, (B,)).astype(jnp.int32)
     pages = jnp.zeros((B, 1), jnp.int32) if context.kv_pages is None else context.kv_pages.astype(jnp.int32)
     own = lambda width: pl.BlockSpec((None, None, rows, width), lambda b, h: (b, h, 0, 0))  # noqa: E731
     if target.name == "gpu":
@@ -200,7 +201,6 @@ def serves(q, k, v, context: AttentionContext) -> str | None:
         ("a non-causal call (a decode step is causal: positions decide what each query sees)", not context.is_causal),
         ("segment ids", context.q_segment_ids is not None),
         ("a caller's mask", context.user_mask is not None),
-        ("padding given as kv_valid without kv_lengths", context.kv_valid is not None and context.kv_lengths is None),
     ) if applies]
     if not reasons:
         widths = (q.shape[-1], v.shape[-1])

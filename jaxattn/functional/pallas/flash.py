@@ -94,7 +94,7 @@ def token_operands(context: AttentionContext, own: str, b_own: int, b_other: int
     own_names = Q_SIDE if own == "q" else KV_SIDE
     names, arrays, specs = [], [], []
     for name in Q_SIDE + KV_SIDE:
-        x = getattr(context, name)
+        x = context.key_validity() if name == "kv_valid" else getattr(context, name)  # a flag per key, from the lengths
         if x is None:
             continue
         x, batched = x.astype(jnp.int32), x.shape[0] > 1  # [B|1, L]
