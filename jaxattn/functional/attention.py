@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.functional.heads import check_multi_head_shapes, check_same_dtype, group_heads, vmap_heads
-from jaxattn.functional.masks import MASK_VALUE, AttentionContext, check_bool_mask, default_scale
+from jaxattn.functional.checks import check_bool_mask
+from jaxattn.functional.masks import MASK_VALUE, AttentionContext, default_scale
 from jaxattn.functional.softmax import block_logits
 
 # ------------------------------------------------------------------- one head, [T, D]

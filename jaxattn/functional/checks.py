@@ -2,13 +2,17 @@
 
 Each raises a ``ValueError`` whose message names the parameter, the bound and the value
 given, e.g. ``slots must be an integer >= 1, got 0`` or ``temperature must be a number,
-got 'hot'``. NumPy's scalars count as numbers; a ``bool`` never does (``True`` is an int in Python).
+got 'hot'``. NumPy's scalars count as numbers; a ``bool`` never does (``True`` is an int in Python). Then the
+checks of the attention call's own arguments: a window, a positive scale or cap, a boolean
+mask, integer arrays.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+
+import jax.numpy as jnp
 
 
 def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
@@ -34,3 +38,32 @@ def check_number(name: str, value, *, above: float | None = None, minimum: float
         high = None if maximum is None else f"<= {maximum}"
         raise ValueError(f"{name} must be a number {' and '.join(b for b in (low, high) if b)}, got {value!r}")
     return value
+
+
+def check_positive(name: str, value) -> None:
+    """``value`` is None or a finite number > 0 (a scale, a soft-cap)."""
+    if value is not None:
+        check_number(name, value, above=0)
+
+
+def check_integer_array(name: str, x) -> None:
+    """``x`` is an array of integers (positions, lengths, segment ids); else a ``TypeError``."""
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {jnp.asarray(x).dtype}")
+
+
+def check_window(window) -> None:
+    """``window`` is None or an integer >= 1 (a causal sliding window)."""
+    if window is not None:
+        check_int("window", window)
+
+
+def check_bool_mask(mask):
+    """``mask`` as a boolean array (``True`` = may attend); any other dtype is a ``TypeError``."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+            "for an additive float bias, add it to the logits yourself"
+        )
+    return mask

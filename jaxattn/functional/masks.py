@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxattn.functional.checks import check_int, check_number
+from jaxattn.functional.checks import check_bool_mask, check_integer_array, check_positive, check_window
 from jaxattn.functional.heads import group_heads
 
 # A finite stand-in for -inf: exp(MASK_VALUE - max) underflows to exactly 0 in float32,
@@ -57,36 +57,9 @@ PAD_QUERY_POSITION = -(2**30)
 _INT_MAX = jnp.iinfo(jnp.int32).max
 
 
-def _check_integer(name: str, x) -> None:
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {jnp.asarray(x).dtype}")
-
-
-def check_window(window) -> None:
-    if window is not None:
-        check_int("window", window)
-
-
-def check_bool_mask(mask):
-    """``mask`` as a boolean array (``True`` = may attend); any other dtype is a ``TypeError``."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(
-            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
-            "for an additive float bias, add it to the logits yourself"
-        )
-    return mask
-
-
 def default_scale(D: int, scale: float | None = None) -> float:
     """The logits' multiplier: ``1/sqrt(D)`` unless ``scale`` is given (the one place it is chosen)."""
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-
-def check_positive(name: str, value) -> None:
-    """``value`` is None or a finite number > 0 (a scale, a soft-cap)."""
-    if value is not None:
-        check_number(name, value, above=0)
 
 
 def next_positions(lengths, T: int):
@@ -131,8 +104,8 @@ def causal_mask(q_positions, kv_positions, window: int | None = None):
     Returns:
       bool ``[..., T, S]``: ``kv_pos <= q_pos`` (and inside the window).
     """
-    _check_integer("q_positions", q_positions)
-    _check_integer("kv_positions", kv_positions)
+    check_integer_array("q_positions", q_positions)
+    check_integer_array("kv_positions", kv_positions)
     check_window(window)
     q_pos = jnp.asarray(q_positions)[..., :, None]  # [..., T, 1]
     kv_pos = jnp.asarray(kv_positions)[..., None, :]  # [..., 1, S]
@@ -150,7 +123,7 @@ def padding_mask(kv_lengths, S: int, *, start: int | jax.Array = 0):
     Returns:
       bool ``[B, S]``: ``True`` at ``start + j < kv_lengths[b]``.
     """
-    _check_integer("kv_lengths", kv_lengths)
+    check_integer_array("kv_lengths", kv_lengths)
     kv_lengths = jnp.asarray(kv_lengths)
     if kv_lengths.ndim != 1:
         raise ValueError(f"kv_lengths must have shape [B], got {kv_lengths.shape}")
@@ -167,8 +140,8 @@ def segment_mask(q_segment_ids, kv_segment_ids):
     Returns:
       bool ``[..., T, S]``: ``q_seg == kv_seg``.
     """
-    _check_integer("q_segment_ids", q_segment_ids)
-    _check_integer("kv_segment_ids", kv_segment_ids)
+    check_integer_array("q_segment_ids", q_segment_ids)
+    check_integer_array("kv_segment_ids", kv_segment_ids)
     return jnp.asarray(q_segment_ids)[..., :, None] == jnp.asarray(kv_segment_ids)[..., None, :]
 
 
@@ -344,7 +317,7 @@ class AttentionContext:
             q_segment_ids = token_array("q_segment_ids", q_segment_ids, T, "T", B)
             kv_segment_ids = token_array("kv_segment_ids", kv_segment_ids, S, "S", B)
         if kv_lengths is not None:
-            _check_integer("kv_lengths", kv_lengths)
+            check_integer_array("kv_lengths", kv_lengths)
             kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
             if kv_lengths.shape != (B,):
                 raise ValueError(f"kv_lengths must be [B={B}], got {kv_lengths.shape}")

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 
 from jaxattn.functional.kernels import Kernels, attend
 from jaxattn.functional.kv_cache import Int8Tokens, LatentCache
-from jaxattn.functional.masks import check_positive, default_scale
+from jaxattn.functional.checks import check_positive
+from jaxattn.functional.masks import default_scale
 from jaxattn.functional.positions import Rope
 from jaxattn.functional.layer import call_context, rms_norm
 

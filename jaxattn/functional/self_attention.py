@@ -42,7 +42,8 @@ import jax
 from jaxattn.functional.kernels import Kernels, attend
 from jaxattn.functional.layer import call_context, rms_norm
 from jaxattn.functional.packed import packed_matmul
-from jaxattn.functional.masks import AttentionContext, check_positive, check_window
+from jaxattn.functional.checks import check_positive, check_window
+from jaxattn.functional.masks import AttentionContext
 from jaxattn.functional.positions import Rope
 
 
