@@ -447,9 +447,7 @@ class AttentionContext:
         """bool ``[B|1, S]``: which keys hold data (``j < kv_lengths[b]``), or ``None`` without
         padding. For the kernels that need a flag per key (a block's extremes, a Pallas
         kernel's rows); the context itself keeps the lengths."""
-        if self.kv_lengths is None:
-            return None
-        return jnp.arange(self.S)[None, :] < self.kv_lengths[:, None]  # [B|1, S]
+        return None if self.kv_lengths is None else padding_mask(self.kv_lengths, self.S)  # [B|1, S]
 
     def token_mask(self):
         """The rule over the token axes: bool ``[B|1, T, S]``, or ``None`` when nothing is masked."""
