@@ -97,24 +97,40 @@ def decode_steps(graphdef, params, cache, tokens, num_new, page_table, lengths, 
     return out, cache
 
 
-@lru_cache(maxsize=16)
-def compiled_model_call(graphdef, treedef):
-    """``model_call`` compiled for one model structure, taking the parameters as a flat list."""
+# XLA's CPU compiler splits some fused loops of a program over its threads (the pass
+# "cpu-parallel-task-assigner"), judging each op alone. In a call of a few tokens every op is
+# small (one row's block of keys is 128 KB) and the split costs more than it saves; from 8 rows
+# on it pays. Measured on benchmarks/serve.py's model, 8 decode steps in one call, 300 tokens
+# held, with the split and without: 1 row 8.55 and 7.96 ms, 2 rows 12.1 and 12.1, 4 rows 18.2 and
+# 17.4, 8 rows 27.3 and 30.1, 16 rows 44.8 and 77.9. So on a CPU a call of at most this many
+# tokens (rows x tokens a row) is compiled without the split.
+UNSPLIT_MAX_TOKENS = 4
+UNSPLIT = {"xla_disable_hlo_passes": "cpu-parallel-task-assigner"}
+
+
+def _options(split: bool):
+    return None if split or jax.default_backend() != "cpu" else UNSPLIT
+
+
+@lru_cache(maxsize=32)
+def compiled_model_call(graphdef, treedef, split: bool = True):
+    """``model_call`` compiled for one model structure, taking the parameters as a flat list
+    (``split=False``: without XLA's split of loops over threads, for calls of a few tokens)."""
 
     def call(leaves, *args, all_positions: bool):
         return model_call(graphdef, jax.tree.unflatten(treedef, leaves), *args, all_positions=all_positions)
 
-    return jax.jit(call, static_argnames=("all_positions",), donate_argnums=(1,))
+    return jax.jit(call, static_argnames=("all_positions",), donate_argnums=(1,), compiler_options=_options(split))
 
 
-@lru_cache(maxsize=16)
-def compiled_decode_steps(graphdef, treedef):
+@lru_cache(maxsize=32)
+def compiled_decode_steps(graphdef, treedef, split: bool = True):
     """``decode_steps`` compiled for one model structure (as ``compiled_model_call``)."""
 
     def call(leaves, *args, n: int):
         return decode_steps(graphdef, jax.tree.unflatten(treedef, leaves), *args, n=n)
 
-    return jax.jit(call, static_argnames=("n",), donate_argnums=(1,))
+    return jax.jit(call, static_argnames=("n",), donate_argnums=(1,), compiler_options=_options(split))
 
 
 @lru_cache(maxsize=16)
@@ -150,8 +166,9 @@ class ModelRunner:
         leaves, treedef = jax.tree.flatten(params)
         self.model, self.slots, self.pages_per_sequence = model, slots, pages_per_sequence
         self.leaves = leaves
-        self.forward = compiled_model_call(graphdef, treedef)
-        self.forward_steps = compiled_decode_steps(graphdef, treedef)
+        # by whether a call is split over threads: {True: compiled, False: compiled unsplit}
+        self.forward = {split: compiled_model_call(graphdef, treedef, split) for split in (True, False)}
+        self.forward_steps = {split: compiled_decode_steps(graphdef, treedef, split) for split in (True, False)}
         self.draft_forward = compiled_draft_call(graphdef, treedef)
         self.cache = model.init_paged_cache(slots, pages=pages, page_size=page_size,
                                             pages_per_sequence=pages_per_sequence, dtype=cache_dtype)
@@ -181,8 +198,8 @@ class ModelRunner:
         """Runs the model once over ``rows``; the pools are kept. Returns ``(sampled [R],
         greedy [R, T] or None)`` as NumPy, row i for ``rows[i]``."""
         written, sampling = self.arrays(rows, T, lengths_of=lengths_of, R=R)
-        sampled, greedy, self.cache = self.forward(self.leaves, self.cache, *written, *sampling,
-                                                   all_positions=all_positions)
+        forward = self.forward[written[0].size > UNSPLIT_MAX_TOKENS]  # tokens [R, T]
+        sampled, greedy, self.cache = forward(self.leaves, self.cache, *written, *sampling, all_positions=all_positions)
         self.calls += 1
         return np.asarray(sampled), None if greedy is None else np.asarray(greedy)
 
@@ -190,7 +207,8 @@ class ModelRunner:
         """n decode steps over ``rows`` (one new token each) in one call: ``[R, n]`` sampled
         tokens as NumPy, row i for ``rows[i]``."""
         written, sampling = self.arrays(rows, 1, lengths_of=lengths_of, R=R)
-        sampled, self.cache = self.forward_steps(self.leaves, self.cache, *written, *sampling, n=n)
+        forward = self.forward_steps[written[0].size > UNSPLIT_MAX_TOKENS]  # tokens [R, 1]
+        sampled, self.cache = forward(self.leaves, self.cache, *written, *sampling, n=n)
         self.calls += 1
         return np.asarray(sampled)
 
