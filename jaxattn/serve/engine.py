@@ -44,7 +44,7 @@ from jaxattn.lm.generate import Stopping
 from jaxattn.lm.sampling import Sampling
 from jaxattn.serve.drafts import DraftModel, PromptLookup
 from jaxattn.serve.pages import PagePool, prefix_keys
-from jaxattn.serve.runner import ModelRunner, bucket
+from jaxattn.serve.runner import ModelRunner, StepsInFlight, bucket
 
 
 @dataclasses.dataclass
@@ -121,6 +121,10 @@ class Sequence:
         return self.cached < len(self.tokens) - 1 or not self.generated
 
 
+def _same(sequences: list[Sequence], others: list[Sequence]) -> bool:
+    return len(sequences) == len(others) and all(a is b for a, b in zip(sequences, others))
+
+
 def _cached_length(sequence: Sequence) -> int:
     return sequence.cached
 
@@ -147,11 +151,13 @@ class Engine:
       prefix_sharing: share the pages of common prompt prefixes.
       cache_dtype: the pools' entries: the model's dtype (default) or ``"int8"`` (a scale per
         token and head; the draft model's pools too).
-      decode_steps: n, the decode steps one call may run while no request waits, none is in its
-        prefill, and none can reach its limit within them (its pages reserved ahead; without
-        speculative decoding): a step returns to Python once per n tokens instead of every token.
-        The tokens are those of n single steps; a request that writes its end token mid-way ends
-        there (the rest is dropped). 1: one step per call.
+      decode_steps: n, the most decode steps one call may run while no request waits and none
+        is in its prefill (their pages reserved ahead; without speculative decoding): a step
+        returns to Python once per n tokens instead of every token. A call runs fewer when a
+        request is nearer its limit, and stops once every row has written its end token. The
+        next such call is queued before this one's tokens are read, so a request that arrives
+        waits for at most two calls (2n steps) before its prefill. The tokens are those of
+        single steps. 1: one step per call.
     """
 
     def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
@@ -195,6 +201,7 @@ class Engine:
         self.next_id = 0
         self.stats = EngineStats()
         self.on_step: Callable | None = None  # called after every step with the engine (figures, tests)
+        self.in_flight: tuple[list[Sequence], StepsInFlight] | None = None  # (its rows, the call): _several_steps
 
     # ----------------------------------------------------------------- the interface
 
@@ -224,7 +231,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.running)
+        return bool(self.waiting) or any(s is not None for s in self.running) or self.in_flight is not None
 
     def step(self) -> list[Result]:
         """Admits what fits, runs one prefill chunk and one decode step; returns the requests
@@ -232,6 +239,10 @@ class Engine:
         sequence runs and none can be admitted) is a ``RuntimeError``, not a silent loop."""
         calls_before = self.runner.calls
         self.deltas = {}  # this step's only: a server takes them after every step
+        if self.in_flight is not None and (self.waiting or not _same(self.in_flight[0], self._running())):
+            rows, launched = self.in_flight  # a call queued last step, and something else must happen first
+            self.in_flight = None
+            self._land(rows, launched)
         self._admit()
         if any(s is not None and s.in_prefill for s in self.running):
             self._prefill()
@@ -300,7 +311,9 @@ class Engine:
                 self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
         if self.decode_steps > 1 and not self.speculative:
             for R in rows:
-                self.runner.steps([], self.decode_steps, lengths_of=_cached_length, R=R)
+                options = dict(count=self.decode_steps, stopping=self.stopping, lengths_of=_cached_length, R=R)
+                self.runner.steps([], self.decode_steps, after=self.runner.steps([], self.decode_steps, **options),
+                                  **options)  # a first call, and one queued behind it
         shapes = len(rows) * (len(calls) + (self.decode_steps > 1 and not self.speculative)) + \
             self.drafts.warm_up(rows, chunks)
         jax.block_until_ready(self.runner.cache)
@@ -446,22 +459,46 @@ class Engine:
             self._accept(sequence, proposed[:accepted] + [int(next_token)])
 
     def _several_steps(self, decoding: list[Sequence]) -> bool:
-        """``decode_steps`` steps in one call, when nothing else could happen in them: no request
-        waits, none is in its prefill, none reaches its limit, no drafts, and the pool has the
-        pages for all of them (taken now). False, and nothing done, otherwise."""
-        n = self.decode_steps
-        if n < 2 or self.speculative or self.waiting or len(decoding) != sum(s is not None for s in self.running):
+        """Several decode steps in one call (``_launch``), when nothing else could happen in them;
+        False, and nothing done, otherwise. While one call runs, the next is queued behind it
+        (when it too may run) before this one's tokens are read, so that the device does not
+        wait for Python between them; it is read at the next step."""
+        launched = self.in_flight[1] if self.in_flight is not None else self._launch(decoding)
+        if launched is None:
             return False
-        if any(sequence.max_new_tokens - len(sequence.generated) < n for sequence in decoding):
-            return False
-        if not all(self._ensure_pages(sequence, sequence.cached + n) for sequence in decoding):
-            return False  # pages taken stay with their sequence: its next tokens use them
-        sampled = self.runner.steps([(sequence, [sequence.tokens[-1]]) for sequence in decoding], n,
-                                    lengths_of=_cached_length)  # [R, n]
-        for row, sequence in enumerate(decoding):
-            sequence.cached += n  # the last token and the first n - 1 sampled ones are written
-            self._accept(sequence, [int(token) for token in sampled[row]])
+        following = self._launch(decoding, after=launched)
+        self.in_flight = None if following is None else (decoding, following)
+        self._land(decoding, launched)
         return True
+
+    def _launch(self, decoding: list[Sequence], *, after: StepsInFlight | None = None) -> StepsInFlight | None:
+        """Queues up to ``decode_steps`` steps over ``decoding`` in one call (after the call
+        ``after``, over the same rows), when no request waits, none is in its prefill, and no
+        drafts: as many as the nearest limit allows (at least 2), with the pages for all of them
+        taken now. None, and no call, otherwise."""
+        ahead = 0 if after is None else after.count  # the tokens each row will have gained by then
+        if self.decode_steps < 2 or self.speculative or self.waiting or len(decoding) != len(self._running()):
+            return None
+        count = min(self.decode_steps, *(sequence.max_new_tokens - len(sequence.generated) - ahead
+                                         for sequence in decoding))
+        if count < 2:
+            return None
+        if not all(self._ensure_pages(sequence, sequence.cached + ahead + count) for sequence in decoding):
+            return None  # pages taken stay with their sequence: its next tokens use them
+        return self.runner.steps([(sequence, [sequence.tokens[-1]]) for sequence in decoding], self.decode_steps,
+                                 count=count, stopping=self.stopping, lengths_of=_cached_length, after=after)
+
+    def _land(self, decoding: list[Sequence], launched: StepsInFlight) -> None:
+        """Reads a call of several steps and gives each row its tokens, unless it has finished
+        since the call was queued (an end token in the call before, an abort)."""
+        sampled, taken = launched.read()  # [R, decode_steps], the first taken run
+        for row, sequence in enumerate(decoding):
+            if self.running[sequence.slot] is sequence:
+                sequence.cached += taken  # the last token and the first taken - 1 sampled ones are written
+                self._accept(sequence, [int(token) for token in sampled[row, :taken]])
+
+    def _running(self) -> list[Sequence]:
+        return [sequence for sequence in self.running if sequence is not None]
 
     def _accept(self, sequence: Sequence, new_tokens: list[int]) -> None:
         """Appends tokens until the end token or the limit; finishes the sequence there."""

@@ -15,6 +15,7 @@ a sequence may hold, k draft tokens.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.functional.kv_cache import TRASH_PAGE
+from jaxattn.lm.generate import Stopping
 from jaxattn.lm.sampling import sample_rows
 
 
@@ -80,21 +82,29 @@ def draft_call(graphdef, params, cache, tokens, num_new, page_table, lengths, *,
 
 
 def decode_steps(graphdef, params, cache, tokens, num_new, page_table, lengths, seeds, counters, temperature, top_k,
-                 top_p, *, n: int):
-    """n decode steps in one call: ``model_call`` n times, each writing the token the last one
-    sampled (row r's key folded with ``counters[r] + i`` at step i, as n separate calls would).
-    tokens ``[R, 1]``; the page table must already hold ``lengths + n`` tokens. Returns
-    ``(sampled [R, n], cache)``."""
+                 top_p, count, stopping, ended, *, n: int):
+    """At most n decode steps in one call: ``model_call`` ``count`` (<= n) times, each writing
+    the token the last one sampled (row r's key folded with ``counters[r] + i`` at step i, as
+    separate calls would), and no more once every row has ended: ``ended [R]`` says which have
+    (padding rows, or rows that ended in the call before), and a row ends at an end token of
+    ``stopping``. tokens ``[R, 1]``; the page table must already hold ``lengths + count``
+    tokens. Returns ``(sampled [R, n], taken, ended [R], last [R, 1], cache)``: the first
+    ``taken`` columns are the steps run; ``ended`` and the last token sampled are what a call
+    that goes on from this one starts from."""
 
-    def step(i, carry):
-        token, cache, out = carry
+    def running(carry):
+        i, _, _, _, ended = carry
+        return (i < count) & ~jnp.all(ended)
+
+    def step(carry):
+        i, token, cache, out, ended = carry
         sampled, _, cache = model_call(graphdef, params, cache, token, num_new, page_table, lengths + i, seeds,
                                        counters + i, temperature, top_k, top_p, all_positions=False)
-        return sampled[:, None], cache, out.at[:, i].set(sampled)
+        return i + 1, sampled[:, None], cache, out.at[:, i].set(sampled), ended | stopping.ends(sampled)
 
     out = jnp.zeros((tokens.shape[0], n), jnp.int32)
-    _, cache, out = lax.fori_loop(0, n, step, (tokens, cache, out))
-    return out, cache
+    taken, last, cache, out, ended = lax.while_loop(running, step, (jnp.int32(0), tokens, cache, out, ended))
+    return out, taken, ended, last, cache
 
 
 # XLA's CPU compiler splits some fused loops of a program over its threads (the pass
@@ -143,6 +153,21 @@ def compiled_draft_call(graphdef, treedef):
     return jax.jit(call, static_argnames=("k",), donate_argnums=(1,))
 
 
+class StepsInFlight(NamedTuple):
+    """A call of several decode steps on its way (``ModelRunner.steps``): the steps it may run,
+    and its outputs, not yet read: ``sampled [R, n]``, ``taken``, ``ended [R]``, ``last [R, 1]``."""
+
+    count: int
+    sampled: jax.Array
+    taken: jax.Array
+    ended: jax.Array
+    last: jax.Array
+
+    def read(self) -> tuple[np.ndarray, int]:
+        """Waits for the call: ``(sampled [R, n], taken)`` as NumPy; the first ``taken`` columns ran."""
+        return np.asarray(self.sampled), int(self.taken)
+
+
 def bucket(n: int, largest: int, smallest: int = 1) -> int:
     """The compiled size for ``n`` rows or tokens: the next power of two (at least
     ``smallest``), at most ``largest``. A few shapes, each compiled once, so a call over
@@ -174,10 +199,11 @@ class ModelRunner:
                                             pages_per_sequence=pages_per_sequence, dtype=cache_dtype)
         self.calls = 0
 
-    def arrays(self, rows, T: int, *, lengths_of, R: int | None = None):
+    def arrays(self, rows, T: int, *, lengths_of, ahead: int = 0, R: int | None = None):
         """The arrays of one call over ``rows``, padded to a bucket of rows (or to ``R``) whose
         table is all trash page: ``(tokens [R, T], num_new [R], page table [R, N], lengths [R])``
-        and the sampling of each row ``(seeds, counters, temperature, top_k, top_p)``."""
+        and the sampling of each row ``(seeds, counters, temperature, top_k, top_p)``; with
+        ``ahead``, as they will be once a call in flight has added that many tokens to each row."""
         R, N = bucket(len(rows), self.slots) if R is None else R, self.pages_per_sequence
         tokens, num_new = np.zeros((R, T), np.int32), np.zeros(R, np.int32)
         table, lengths = np.full((R, N), TRASH_PAGE, np.int32), np.zeros(R, np.int32)
@@ -186,8 +212,8 @@ class ModelRunner:
         for row, (sequence, new) in enumerate(rows):
             tokens[row, : len(new)], num_new[row] = new, len(new)
             table[row, : len(sequence.pages)] = sequence.pages
-            lengths[row] = lengths_of(sequence)
-            seeds[row], counters[row] = sequence.seed, len(sequence.generated)
+            lengths[row] = lengths_of(sequence) + ahead
+            seeds[row], counters[row] = sequence.seed, len(sequence.generated) + ahead
             sampling = sequence.sampling
             temperature[row] = sampling.temperature
             top_k[row] = sampling.top_k or 0
@@ -203,14 +229,23 @@ class ModelRunner:
         self.calls += 1
         return np.asarray(sampled), None if greedy is None else np.asarray(greedy)
 
-    def steps(self, rows, n: int, *, lengths_of, R: int | None = None) -> np.ndarray:
-        """n decode steps over ``rows`` (one new token each) in one call: ``[R, n]`` sampled
-        tokens as NumPy, row i for ``rows[i]``."""
-        written, sampling = self.arrays(rows, 1, lengths_of=lengths_of, R=R)
-        forward = self.forward_steps[written[0].size > UNSPLIT_MAX_TOKENS]  # tokens [R, 1]
-        sampled, self.cache = forward(self.leaves, self.cache, *written, *sampling, n=n)
+    def steps(self, rows, n: int, *, count: int, stopping: Stopping, lengths_of, after: StepsInFlight | None = None,
+              R: int | None = None) -> StepsInFlight:
+        """Starts up to n decode steps over ``rows`` (one new token each) in one call and
+        returns without waiting for it: ``count`` steps, fewer once every row has sampled an
+        end token of ``stopping``. ``after``, a call still in flight over the same rows, that
+        will have run ``ahead`` steps: this call goes on from its last tokens and ended rows
+        (the arrays are as they will be then), so that it can be queued before that one's
+        tokens are read."""
+        ahead = 0 if after is None else after.count
+        written, sampling = self.arrays(rows, 1, lengths_of=lengths_of, ahead=ahead, R=R)
+        tokens, num_new, table, lengths = written
+        tokens, ended = (tokens, num_new == 0) if after is None else (after.last, after.ended)
+        forward = self.forward_steps[tokens.size > UNSPLIT_MAX_TOKENS]  # tokens [R, 1]
+        sampled, taken, ended, last, self.cache = forward(self.leaves, self.cache, tokens, num_new, table, lengths,
+                                                          *sampling, np.int32(count), stopping, ended, n=n)
         self.calls += 1
-        return np.asarray(sampled)
+        return StepsInFlight(count, sampled, taken, ended, last)
 
     def draft(self, rows, k: int, *, lengths_of, R: int | None = None) -> np.ndarray:
         """k greedy tokens after each row's new tokens (at most 2 a row): ``[R, k]`` as NumPy."""

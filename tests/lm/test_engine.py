@@ -128,6 +128,18 @@ def test_warmed_up_serving_compiles_nothing_more(model, requests_and_references)
     results = serve(engine, requests[:4])
     assert [results[index].tokens for index in range(4)] == references[:4]
     assert sum(forward._cache_size() for forward in engine.runner.forward.values()) == compiled
+    # one slot, several decode steps a call, calls queued behind calls in flight: one program each
+    engine = Engine(model, slots=1, page_size=4, prefill_chunk=4, stopping=stopping, decode_steps=8)
+    assert engine.warm_up() == 1 * 3  # rows 1 x (tokens 4, 1, and 8 steps)
+
+    def programs():
+        return sum(forward._cache_size() for calls in (engine.runner.forward, engine.runner.forward_steps)
+                   for forward in calls.values())
+
+    compiled = programs()
+    results = serve(engine, requests[:4])
+    assert [results[index].tokens for index in range(4)] == references[:4]
+    assert programs() == compiled
 
 
 def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, requests_and_references):
@@ -423,19 +435,45 @@ def test_a_row_preempted_by_an_earlier_row_of_its_step_takes_no_page(model, requ
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_several_decode_steps_per_call_change_no_token(model, requests_and_references, temperature):
-    # one slot, nothing waiting: calls of 8 steps; the tokens are those of single steps
+    # one slot, nothing waiting: calls of up to 8 steps, each queued behind the last; the tokens
+    # are those of single steps
     requests, _, stopping = requests_and_references
     sampling = Sampling(temperature=temperature, top_k=20 if temperature else None)
 
     def run(decode_steps):
         engine = Engine(model, slots=1, page_size=4, prefill_chunk=16, stopping=stopping, decode_steps=decode_steps)
+        calls, steps = [], engine.runner.steps
+
+        def recorded_steps(rows, n, *, after=None, **options):  # each call, and whether it went on from one in flight
+            launched = steps(rows, n, after=after, **options)
+            calls.append((launched, after is not None))
+            return launched
+
+        engine.runner.steps = recorded_steps
         results = []
         for index, (prompt, _) in enumerate(requests[:4]):
             engine.submit(prompt, max_new_tokens=21, sampling=sampling, seed=index)
             results += list(engine.run())
-        return [(result.tokens, result.finish_reason) for result in results], engine
+        return [(result.tokens, result.finish_reason) for result in results], engine, calls
 
-    single, one_by_one = run(1)
-    several, eight_by_eight = run(8)
-    assert several == single
-    assert eight_by_eight.stats.calls < one_by_one.stats.calls and eight_by_eight.pool.in_use == 0  # (end tokens come early)
+    single, one_by_one, _ = run(1)
+    several, eight_by_eight, calls = run(8)
+    assert several == single and eight_by_eight.pool.in_use == 0
+    assert any(stopping.ids[0] in tokens for tokens, _ in several)  # (some requests end early)
+    assert any(went_on for _, went_on in calls)  # calls were queued behind calls in flight
+    # A call runs its count of steps, or up to the first end token; one that went on from a call
+    # whose row ended there runs none.
+    ran = []
+    for (launched, went_on), (before, _) in zip(calls, [(None, False)] + calls[:-1]):
+        sampled, taken = launched.read()
+        tokens = list(sampled[0, :taken])
+        ends = [i for i, token in enumerate(tokens) if token in stopping.ids]
+        ended_before = went_on and any(token in stopping.ids for token in before.read()[0][0, : before.read()[1]])
+        assert len(tokens) == (0 if ended_before else ends[0] + 1 if ends else launched.count), (tokens, launched.count)
+        assert ends in ([], [len(tokens) - 1])
+        ran.append(taken)
+    # After the prompt's call, a request of g tokens takes ceil((g - 1) / 8) calls that run: as
+    # many steps as its limit leaves (never a single step at its end).
+    prefills = sum(-(-len(prompt) // 16) for prompt, _ in requests[:4])
+    assert eight_by_eight.stats.calls == prefills + sum(-(-(len(tokens) - 1) // 8) for tokens, _ in several) + \
+        ran.count(0)
