@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slots", type=int, default=8, help="requests decoded together")
     serve.add_argument("--page-size", dest="page_size", type=int, default=16, help="tokens per page of the KV pool")
     serve.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"], help="int8 keys and values")
-    serve.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=128,
+    serve.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=256,
                        help="the most prompt tokens a step prefills per request")
     serve.add_argument("--speculative", type=int, default=0, help="draft tokens per greedy step (prompt lookup)")
     serve.add_argument("--api-key", dest="api_key", default=None, help="require Authorization: Bearer KEY")
