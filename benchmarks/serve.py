@@ -402,7 +402,8 @@ def in_process(model, trace, *, slots, page_size, stopping, max_length, say) -> 
 
 def one_slot(model, requests, *, page_size, stopping, max_length, say) -> dict:
     """The engine at one slot against generate, batch 1, the requests one after another; the
-    median of 3 timed runs of each (after one untimed), and whether their tokens agree."""
+    median of 3 timed runs of each (after one untimed; the two in turn), and whether their
+    tokens agree."""
     engine = Engine(model, slots=1, page_size=page_size, stopping=stopping, max_length=max_length)
     engine.warm_up()  # once, as a server does before it takes requests: not timed
 
@@ -420,17 +421,19 @@ def one_slot(model, requests, *, page_size, stopping, max_length, say) -> dict:
             outputs.append(cut(tokens[0], limit, stopping.ids[0] if stopping.ids else None))
         return outputs
 
-    timings = {}
-    for name, run in (("engine", by_engine), ("generate", by_generate)):
-        outputs = run()
-        times = []
-        for _ in range(3):
+    runs = {"engine": by_engine, "generate": by_generate}
+    outputs = {name: run() for name, run in runs.items()}  # untimed: each once
+    times = {name: [] for name in runs}
+    for _ in range(3):  # in turn, so that the machine's drift reaches both alike
+        for name, run in runs.items():
             start = time.perf_counter()
             run()
-            times.append(time.perf_counter() - start)
-        tokens = sum(len(t) for t in outputs)
-        timings[name] = dict(tokens=tokens, tokens_per_s=[tokens / t for t in times],
-                             median_tokens_per_s=tokens / float(np.median(times)), outputs=outputs)
+            times[name].append(time.perf_counter() - start)
+    timings = {}
+    for name in runs:
+        tokens = sum(len(t) for t in outputs[name])
+        timings[name] = dict(tokens=tokens, tokens_per_s=[tokens / t for t in times[name]],
+                             median_tokens_per_s=tokens / float(np.median(times[name])), outputs=outputs[name])
     same = timings["engine"].pop("outputs") == timings["generate"].pop("outputs")
     ratio = timings["engine"]["median_tokens_per_s"] / timings["generate"]["median_tokens_per_s"]
     say(f"  one slot: engine {timings['engine']['median_tokens_per_s']:.1f} tokens/s, generate "
