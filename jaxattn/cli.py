@@ -291,7 +291,7 @@ def _serve(args) -> int:
     from jaxattn.serve import Engine, Request
     from jaxattn.serve.http import Server, serve
 
-    for name in ("port", "slots", "page_size", "max_waiting", "prefill_chunk"):
+    for name in ("port", "slots", "page_size", "max_waiting", "prefill_chunk", "prefill_tokens"):
         if getattr(args, name) < (0 if name in ("port", "max_waiting") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name in ('port', 'max_waiting') else 1}, "
                              f"got {getattr(args, name)}")
@@ -300,7 +300,8 @@ def _serve(args) -> int:
     defaults = Request("", 16, Sampling(generation.get("temperature", 1.0), generation.get("top_k"),
                                         generation.get("top_p")))
     engine = Engine(model, slots=args.slots, page_size=args.page_size, stopping=Stopping.for_tokenizer(tokenizer),
-                    speculative=args.speculative, cache_dtype=args.kv_cache, prefill_chunk=args.prefill_chunk)
+                    speculative=args.speculative, cache_dtype=args.kv_cache, prefill_chunk=args.prefill_chunk,
+                    prefill_tokens=args.prefill_tokens)
     server = Server(engine, tokenizer, model_name=args.served_model_name or args.model, defaults=defaults,
                     api_key=args.api_key, max_waiting=args.max_waiting)
     print(f"Serving {description} as {server.model_name!r} on http://{args.host}:{args.port}/v1 "
@@ -495,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache", dest="kv_cache", default=None, choices=["int8"], help="int8 keys and values")
     serve.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=256,
                        help="the most prompt tokens a step prefills per request")
+    serve.add_argument("--prefill-tokens", dest="prefill_tokens", type=int, default=8192,
+                       help="the most tokens one prefill call computes (smaller chunks when many prompts come at once)")
     serve.add_argument("--speculative", type=int, default=0, help="draft tokens per greedy step (prompt lookup)")
     serve.add_argument("--api-key", dest="api_key", default=None, help="require Authorization: Bearer KEY")
     serve.add_argument("--max-waiting", dest="max_waiting", type=int, default=64,

@@ -48,7 +48,7 @@ class PromptLookup:
     def prefill(self, rows, T: int) -> None:
         pass
 
-    def warm_up(self, rows: list[int], chunks: list[int]) -> int:
+    def warm_up(self, chunks: dict[int, list[int]]) -> int:
         return 0
 
     def propose(self, sequences, room: Callable) -> dict[int, list[int]]:
@@ -86,12 +86,13 @@ class DraftModel:
             sequence.draft_cached = len(sequence.tokens) + self.k - 1
         return {sequence.slot: drafts[row, : room(sequence)].tolist() for row, sequence in enumerate(drafting)}
 
-    def warm_up(self, rows: list[int], chunks: list[int]) -> int:
-        """Compiles every shape the draft model is called with; returns their number."""
-        for R in rows:
-            for T in chunks:
+    def warm_up(self, chunks: dict[int, list[int]]) -> int:
+        """Compiles every shape the draft model is called with (``chunks``: the prefill chunks
+        of each bucket of rows); returns their number."""
+        for R, tokens in chunks.items():
+            for T in tokens:
                 self.runner.call([], T, lengths_of=self.length_of, R=R)
             self.runner.draft([], self.k, lengths_of=self.length_of, R=R)
-        return len(rows) * (len(chunks) + 1)
+        return sum(len(tokens) + 1 for tokens in chunks.values())
 
 

@@ -12,8 +12,9 @@ continuous batching) works one *step* at a time instead:
   takes a slot as soon as one is free and the pool has pages for its prompt; when the pool
   runs out mid-way, the latest-admitted other sequence is *preempted*: its pages are freed
   and it waits again, to be prefilled anew;
-- a long prompt is prefilled in chunks of ``prefill_chunk`` tokens, read through the pages
-  by the same kernel as a decode step, so decoding sequences wait at most one chunk;
+- a long prompt is prefilled in chunks of ``prefill_chunk`` tokens (smaller ones when many
+  prompts are prefilled at once: a call computes at most ``prefill_tokens``), read through the
+  pages by the same kernel as a decode step, so decoding sequences wait at most one chunk;
 - requests whose prompts begin with the same pages share them (reference counts and a
   prefix table): the prefix is computed once, and a sharer writes only into pages of its
   own; released, those pages stay cached until the pool needs them;
@@ -142,8 +143,12 @@ class Engine:
         the model's context).
       prefill_chunk: the most prompt tokens one step prefills per sequence (a chunk is padded to
         a power of two). 256: on a CPU, benchmarks/serve.py's 8 prompts of one slot prefill in
-        0.13-0.14 s in chunks of 256, 0.17 s in chunks of 128 or 512, and its 16-slot trace is
-        no slower.
+        0.13-0.14 s in chunks of 256, 0.17 s in chunks of 128 or 512.
+      prefill_tokens: the most tokens one prefill call computes, padding included (its bucket
+        of rows x its chunk): with many rows prefilling at once each row's chunk is halved
+        (not below 16) until the call fits, so that a request arriving meanwhile, and the rows
+        decoding, wait for no more. 8192: at 64 slots, chunks of 256 (16k tokens a call) put
+        the HTTP trace's median first token at 2.25 s, chunks of 128 at 1.62 s.
       stopping: when a sequence ends (``Stopping.for_tokenizer(tokenizer)``).
       speculative: k, the draft tokens proposed per greedy step (0: off), by prompt lookup
         or by ``draft_model``.
@@ -166,11 +171,12 @@ class Engine:
     def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
                  max_length: int | None = None, prefill_chunk: int = 256, stopping: Stopping = Stopping(),
                  speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None,
-                 cache_dtype=None, decode_steps: int = 8):
+                 cache_dtype=None, decode_steps: int = 8, prefill_tokens: int = 8192):
         config = model.config
         max_length = config.max_length if max_length is None else max_length
         for name, value in (("slots", slots), ("page_size", page_size), ("max_length", max_length),
-                            ("prefill_chunk", prefill_chunk), ("ngram", ngram), ("decode_steps", decode_steps)):
+                            ("prefill_chunk", prefill_chunk), ("ngram", ngram), ("decode_steps", decode_steps),
+                            ("prefill_tokens", prefill_tokens)):
             check_int(name, value)
         check_int("speculative", speculative, minimum=0)
         if max_length > config.max_length:
@@ -190,7 +196,7 @@ class Engine:
         pages = slots * self.pages_per_sequence + 1 if pages is None else pages
         check_int("pages", pages, minimum=2)
         self.pool = PagePool(pages)
-        self.prefill_chunk, self.stopping = prefill_chunk, stopping
+        self.prefill_chunk, self.prefill_tokens, self.stopping = prefill_chunk, prefill_tokens, stopping
         self.speculative, self.prefix_sharing, self.decode_steps = speculative, prefix_sharing, decode_steps
         layout = dict(slots=slots, pages=pages, page_size=page_size, pages_per_sequence=self.pages_per_sequence,
                       cache_dtype=cache_dtype)
@@ -306,19 +312,21 @@ class Engine:
         requests, so that no request waits for a compiler. Every row is padding: nothing is
         written but the trash page. Returns the number of shapes."""
         rows = sorted({bucket(n, self.slots) for n in range(1, self.slots + 1)})
-        chunks = sorted({bucket(n, self.prefill_chunk, smallest=16) for n in range(1, self.prefill_chunk + 1)})
+        chunks = {R: sorted({bucket(n, self._chunk(R), smallest=16) for n in range(1, self._chunk(R) + 1)})
+                  for R in rows}  # the prefill chunks of each bucket of rows
         verify = sorted({bucket(n, 1 + self.speculative, smallest=2) for n in range(2, 2 + self.speculative)})
-        calls = [(T, False) for T in chunks + [1]] + [(T, True) for T in verify]  # (tokens, all positions)
+        calls = {R: [(T, False) for T in chunks[R] + [1]] + [(T, True) for T in verify]  # (tokens, all positions)
+                 for R in rows}
         for R in rows:
-            for T, all_positions in calls:
+            for T, all_positions in calls[R]:
                 self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
         if self.decode_steps > 1 and not self.speculative:
             for R in rows:
                 options = dict(count=self.decode_steps, stopping=self.stopping, lengths_of=_cached_length, R=R)
                 self.runner.steps([], self.decode_steps, after=self.runner.steps([], self.decode_steps, **options),
                                   **options)  # a first call, and one queued behind it
-        shapes = len(rows) * (len(calls) + (self.decode_steps > 1 and not self.speculative)) + \
-            self.drafts.warm_up(rows, chunks)
+        shapes = sum(len(calls[R]) for R in rows) + len(rows) * (self.decode_steps > 1 and not self.speculative) + \
+            self.drafts.warm_up(chunks)
         jax.block_until_ready(self.runner.cache)
         return shapes
 
@@ -392,10 +400,11 @@ class Engine:
 
     def _prefill(self) -> None:
         chunks = {}
+        chunk = self._chunk(sum(s is not None and s.in_prefill for s in self.running))
         for sequence in list(self.running):
             if sequence is None or sequence.slot < 0 or not sequence.in_prefill:  # slot -1: preempted by an earlier row
                 continue
-            todo = sequence.tokens[sequence.cached : sequence.cached + self.prefill_chunk]
+            todo = sequence.tokens[sequence.cached : sequence.cached + chunk]
             while not self._ensure_pages(sequence, sequence.cached + len(todo)):
                 if not self._preempt(sequence):
                     raise RuntimeError("the page pool cannot hold one sequence's prompt")
@@ -403,7 +412,7 @@ class Engine:
         rows = [(sequence, todo) for sequence, todo in chunks.values() if sequence.slot >= 0]  # not preempted since
         if not rows:
             return
-        T = bucket(max(len(todo) for _, todo in rows), self.prefill_chunk, smallest=16)
+        T = bucket(max(len(todo) for _, todo in rows), chunk, smallest=16)
         sampled, _ = self.runner.call(rows, T, lengths_of=_cached_length)
         self.drafts.prefill(rows, T)  # a draft model reads the same prompt into its own pools
         for row, (sequence, todo) in enumerate(rows):
@@ -412,6 +421,14 @@ class Engine:
             self._register_prefix(sequence)
             if sequence.cached == len(sequence.tokens):  # the prompt is in: its last logits give a token
                 self._accept(sequence, [int(sampled[row])])
+
+    def _chunk(self, rows: int) -> int:
+        """The most prompt tokens a row prefills in a call over ``rows`` rows: ``prefill_chunk``,
+        halved (not below 16) until the call's bucket of rows times it is ``prefill_tokens`` or less."""
+        R, chunk = bucket(rows, self.slots), self.prefill_chunk
+        while chunk > 16 and R * chunk > self.prefill_tokens:
+            chunk = max(16, chunk // 2)
+        return chunk
 
     def _register_prefix(self, sequence: Sequence) -> None:
         keys = self._prefix_keys(sequence.tokens[: sequence.prompt_length])

@@ -19,6 +19,7 @@ from jaxattn.lm.sampling import filter_logits
 from jaxattn.serve import PagePool
 from jaxattn.lm.sampling import sample_rows
 from jaxattn.serve import Engine
+from jaxattn.serve.runner import bucket
 from jaxattn.lm.generate import Sampling, Stopping, generate, sample_token
 from jaxattn.nn import TransformerConfig, TransformerLM
 
@@ -140,6 +141,26 @@ def test_warmed_up_serving_compiles_nothing_more(model, requests_and_references)
     results = serve(engine, requests[:4])
     assert [results[index].tokens for index in range(4)] == references[:4]
     assert programs() == compiled
+
+
+def test_many_prompts_at_once_are_prefilled_in_smaller_chunks_with_the_same_tokens(model, requests_and_references):
+    # chunks of 32, but a call computes at most 64 tokens: rows 1 and 2 take chunks of 32, rows 3-4 of 16
+    requests, references, stopping = requests_and_references
+    engine = Engine(model, slots=4, page_size=4, prefill_chunk=32, prefill_tokens=64, stopping=stopping)
+    assert engine.warm_up() == (2 + 1 + 1) * 2 + (1 + 1 + 1)  # (chunks, a step, several steps) of rows 1, 2; 4
+    compiled = sum(forward._cache_size() for forward in engine.runner.forward.values())
+    calls, call = [], engine.runner.call
+
+    def recorded_call(rows, T, **options):
+        calls.append((bucket(len(rows), engine.slots), T))
+        return call(rows, T, **options)
+
+    engine.runner.call = recorded_call
+    results = serve(engine, requests[:12])
+    assert [results[index].tokens for index in range(12)] == references[:12]
+    prefills = {(R, T) for R, T in calls if T > 1}
+    assert max(R * T for R, T in prefills) <= 64 and (4, 16) in prefills and (1, 32) in prefills
+    assert sum(forward._cache_size() for forward in engine.runner.forward.values()) == compiled
 
 
 def test_a_draft_model_drafts_and_the_output_is_still_plain_greedy(model, requests_and_references):
