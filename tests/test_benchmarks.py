@@ -73,6 +73,16 @@ def test_serve_trace_helpers():
     assert sum(n < 128 for n in lengths) > 90  # log-uniform: 60% below 128 (uniform lengths: 23%)
 
 
+def test_serve_calls_times_the_engines_decode_call_both_ways_with_the_same_tokens():
+    from benchmarks.serve_calls import main as serve_calls
+    from jaxattn.serve.runner import UNSPLIT_MAX_TOKENS
+
+    (row,) = serve_calls(["--quick"])["rows"]  # one row, 2 steps a call
+    assert row["rows"] == 1 and row["engine_uses"] == ("unsplit" if 1 <= UNSPLIT_MAX_TOKENS else "split")
+    assert row["same_tokens"]  # the two compiled programs sample the same tokens
+    assert min(row["split_ms"], row["unsplit_ms"], row["queued_ms"], row["read_each_ms"]) > 0
+
+
 def test_decode_profile_attributes_ops_to_their_named_scope():
     """Every instruction of a compiled loop gets the scope it was traced in, and its category;
     an instruction without metadata takes the one scheduled before it."""

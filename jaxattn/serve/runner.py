@@ -108,13 +108,15 @@ def decode_steps(graphdef, params, cache, tokens, num_new, page_table, lengths, 
 
 
 # XLA's CPU compiler splits some fused loops of a program over its threads (the pass
-# "cpu-parallel-task-assigner"), judging each op alone. In a call of a few tokens every op is
-# small (one row's block of keys is 128 KB) and the split costs more than it saves; from 8 rows
-# on it pays. Measured on benchmarks/serve.py's model, 8 decode steps in one call, 300 tokens
-# held, with the split and without: 1 row 8.55 and 7.96 ms, 2 rows 12.1 and 12.1, 4 rows 18.2 and
-# 17.4, 8 rows 27.3 and 30.1, 16 rows 44.8 and 77.9. So on a CPU a call of at most this many
-# tokens (rows x tokens a row) is compiled without the split.
-UNSPLIT_MAX_TOKENS = 4
+# "cpu-parallel-task-assigner"), judging each op alone. In a call of one token every op is small
+# (one row's block of keys is 128 KB) and the split costs more than it saves; from 8 rows on it
+# pays. `python -m benchmarks.serve_calls` times both programs: 8 decode steps in one call, 300
+# tokens held a row, ms with the split / without, four runs: 1 row 9.07 / 8.19, 9.27 / 8.24,
+# 8.81 / 8.11, 8.81 / 7.89; 2 rows 12.25 / 12.48, 12.18 / 12.60, 12.13 / 11.97, 12.42 / 12.76;
+# 4 rows 17.52 / 18.02, 18.64 / 18.90, 17.18 / 17.23, 18.27 / 18.91; 8 rows 29-32 / 33-37; 16 rows
+# 52-60 / 69-75. So on a CPU a call of this many tokens (rows x tokens a row) is compiled without
+# the split.
+UNSPLIT_MAX_TOKENS = 1
 UNSPLIT = {"xla_disable_hlo_passes": "cpu-parallel-task-assigner"}
 
 
