@@ -164,19 +164,22 @@ class Engine:
         returns to Python once per n tokens instead of every token. A call runs fewer when a
         request is nearer its limit, and stops once every row has written its end token. The
         next such call is queued before this one's tokens are read, so a request that arrives
-        waits for at most two calls (2n steps) before its prefill. The tokens are those of
-        single steps. 1: one step per call.
+        waits for at most two calls before its prefill. The tokens are those of single steps.
+        1: one step per call.
+      decode_tokens: the most tokens such a call decodes (its bucket of rows x its steps): a
+        call of many rows runs fewer steps, so that it holds an arriving request no longer, and
+        a streamed chunk carries fewer tokens (up to 16 rows: 8 steps; 32 rows: 4; 64 rows: 2).
     """
 
     def __init__(self, model, *, slots: int = 8, page_size: int = 16, pages: int | None = None,
                  max_length: int | None = None, prefill_chunk: int = 256, stopping: Stopping = Stopping(),
                  speculative: int = 0, ngram: int = 3, prefix_sharing: bool = True, draft_model=None,
-                 cache_dtype=None, decode_steps: int = 8, prefill_tokens: int = 8192):
+                 cache_dtype=None, decode_steps: int = 8, decode_tokens: int = 128, prefill_tokens: int = 8192):
         config = model.config
         max_length = config.max_length if max_length is None else max_length
         for name, value in (("slots", slots), ("page_size", page_size), ("max_length", max_length),
                             ("prefill_chunk", prefill_chunk), ("ngram", ngram), ("decode_steps", decode_steps),
-                            ("prefill_tokens", prefill_tokens)):
+                            ("decode_tokens", decode_tokens), ("prefill_tokens", prefill_tokens)):
             check_int(name, value)
         check_int("speculative", speculative, minimum=0)
         if max_length > config.max_length:
@@ -198,6 +201,7 @@ class Engine:
         self.pool = PagePool(pages)
         self.prefill_chunk, self.prefill_tokens, self.stopping = prefill_chunk, prefill_tokens, stopping
         self.speculative, self.prefix_sharing, self.decode_steps = speculative, prefix_sharing, decode_steps
+        self.decode_tokens = decode_tokens
         layout = dict(slots=slots, pages=pages, page_size=page_size, pages_per_sequence=self.pages_per_sequence,
                       cache_dtype=cache_dtype)
         self.runner = ModelRunner(model, **layout)
@@ -320,12 +324,12 @@ class Engine:
         for R in rows:
             for T, all_positions in calls[R]:
                 self.runner.call([], T, lengths_of=_cached_length, all_positions=all_positions, R=R)
-        if self.decode_steps > 1 and not self.speculative:
-            for R in rows:
-                options = dict(count=self.decode_steps, stopping=self.stopping, lengths_of=_cached_length, R=R)
-                self.runner.steps([], self.decode_steps, after=self.runner.steps([], self.decode_steps, **options),
-                                  **options)  # a first call, and one queued behind it
-        shapes = sum(len(calls[R]) for R in rows) + len(rows) * (self.decode_steps > 1 and not self.speculative) + \
+        several = [R for R in rows if self._most_steps(R) > 1 and not self.speculative]  # calls of several steps
+        for R in several:
+            options = dict(count=self.decode_steps, stopping=self.stopping, lengths_of=_cached_length, R=R)
+            self.runner.steps([], self.decode_steps, after=self.runner.steps([], self.decode_steps, **options),
+                              **options)  # a first call, and one queued behind it
+        shapes = sum(len(calls[R]) for R in rows) + len(several) + \
             self.drafts.warm_up(chunks)
         jax.block_until_ready(self.runner.cache)
         return shapes
@@ -492,21 +496,26 @@ class Engine:
         return True
 
     def _launch(self, decoding: list[Sequence], *, after: StepsInFlight | None = None) -> StepsInFlight | None:
-        """Queues up to ``decode_steps`` steps over ``decoding`` in one call (after the call
+        """Queues up to ``_most_steps`` steps over ``decoding`` in one call (after the call
         ``after``, over the same rows), when no request waits, none is in its prefill, and no
         drafts: as many as the nearest limit allows (at least 2), with the pages for all of them
         taken now. None, and no call, otherwise."""
         ahead = 0 if after is None else after.count  # the tokens each row will have gained by then
-        if self.decode_steps < 2 or self.speculative or self.waiting or len(decoding) != len(self._running()):
+        if self.speculative or self.waiting or len(decoding) != len(self._running()):
             return None
-        count = min(self.decode_steps, *(sequence.max_new_tokens - len(sequence.generated) - ahead
-                                         for sequence in decoding))
+        count = min(self._most_steps(len(decoding)), *(sequence.max_new_tokens - len(sequence.generated) - ahead
+                                                        for sequence in decoding))
         if count < 2:
             return None
         if not all(self._ensure_pages(sequence, sequence.cached + ahead + count) for sequence in decoding):
             return None  # pages taken stay with their sequence: its next tokens use them
         return self.runner.steps([(sequence, [sequence.tokens[-1]]) for sequence in decoding], self.decode_steps,
                                  count=count, stopping=self.stopping, lengths_of=_cached_length, after=after)
+
+    def _most_steps(self, rows: int) -> int:
+        """The most decode steps one call over ``rows`` rows may run: ``decode_steps``, fewer when
+        its bucket of rows times them would pass ``decode_tokens``."""
+        return min(self.decode_steps, self.decode_tokens // bucket(rows, self.slots))
 
     def _land(self, decoding: list[Sequence], launched: StepsInFlight) -> None:
         """Reads a call of several steps and gives each row its tokens, unless it has finished

@@ -454,6 +454,30 @@ def test_a_row_preempted_by_an_earlier_row_of_its_step_takes_no_page(model, requ
     assert len(results) == 16 and engine.stats.preempted > 0 and engine.pool.in_use == 0
 
 
+def test_a_call_of_many_rows_runs_fewer_decode_steps(model, requests_and_references):
+    # at most 16 tokens a call: 4 rows run up to 4 steps, 2 rows or 1 up to 8; the tokens are those of single steps
+    requests, _, _ = requests_and_references
+
+    def run(**options):  # no end token: every request runs to its limit
+        engine = Engine(model, slots=4, page_size=4, prefill_chunk=16, **options)
+        counts, steps = [], engine.runner.steps
+
+        def recorded_steps(rows, n, *, count, **options):
+            counts.append((bucket(len(rows), engine.slots), count))
+            return steps(rows, n, count=count, **options)
+
+        engine.runner.steps = recorded_steps
+        for index, (prompt, _) in enumerate(requests[:8]):
+            engine.submit(prompt, max_new_tokens=8 + 4 * index, id=index)  # they end apart
+        return {result.id: result.tokens for result in engine.run()}, counts
+
+    single, _ = run(decode_steps=1)
+    several, counts = run(decode_steps=8, decode_tokens=16)
+    assert several == single
+    assert all(R * count <= 16 for R, count in counts)
+    assert (4, 4) in counts and any(R <= 2 and count > 4 for R, count in counts)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_several_decode_steps_per_call_change_no_token(model, requests_and_references, temperature):
     # one slot, nothing waiting: calls of up to 8 steps, each queued behind the last; the tokens
@@ -477,7 +501,7 @@ def test_several_decode_steps_per_call_change_no_token(model, requests_and_refer
             results += list(engine.run())
         return [(result.tokens, result.finish_reason) for result in results], engine, calls
 
-    single, one_by_one, _ = run(1)
+    single, _, _ = run(1)
     several, eight_by_eight, calls = run(8)
     assert several == single and eight_by_eight.pool.in_use == 0
     assert any(stopping.ids[0] in tokens for tokens, _ in several)  # (some requests end early)
