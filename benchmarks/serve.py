@@ -41,7 +41,8 @@ the trace; tokens/s against slots).
 127.0.0.1): the trace sent by concurrent streaming clients (one asyncio process, prompts as
 token ids) against the same trace through the in-process engine, in one run: tokens/s, time to
 first token and inter-token latency (p50, p99); and the engine at one slot against ``generate``
-(batch 1, greedy, the same requests one after another: tokens/s, median of 3 runs, same tokens).
+(batch 1, greedy, the same requests one after another: tokens/s, median of 3 runs of each, in turn,
+same tokens). ``python -m benchmarks.serve_calls`` times the engine's decode call alone.
 Writes benchmarks/results/serve-http-<device>-<date>.json.
 """
 
