@@ -235,10 +235,10 @@ class ModelRunner:
               R: int | None = None) -> StepsInFlight:
         """Starts up to n decode steps over ``rows`` (one new token each) in one call and
         returns without waiting for it: ``count`` steps, fewer once every row has sampled an
-        end token of ``stopping``. ``after``, a call still in flight over the same rows, that
-        will have run ``ahead`` steps: this call goes on from its last tokens and ended rows
-        (the arrays are as they will be then), so that it can be queued before that one's
-        tokens are read."""
+        end token of ``stopping``. ``after``: a call still in flight over the same rows; this
+        one goes on from its last tokens and ended rows, with the arrays as they will be once
+        it has run its ``count`` steps (if it stops sooner, every row has ended and this one
+        runs none), so that it can be queued before that one's tokens are read."""
         ahead = 0 if after is None else after.count
         written, sampling = self.arrays(rows, 1, lengths_of=lengths_of, ahead=ahead, R=R)
         tokens, num_new, table, lengths = written
