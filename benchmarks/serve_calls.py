@@ -37,15 +37,12 @@ from jaxattn.serve import Engine
 from jaxattn.serve.runner import UNSPLIT_MAX_TOKENS
 
 
-def call_arrays(runner, rows: int, held: int, steps: int):
-    """The arguments of one call after the parameters and the cache: ``rows`` rows of one new
-    token each, row r's table its own pages in order, every row holding ``held`` tokens, greedy."""
+def held_rows(runner, rows: int) -> list:
+    """``rows`` sequences for ``ModelRunner.arrays``: row r's table its own pages in order,
+    greedy, one new token each."""
     N = runner.pages_per_sequence
-    table = (1 + np.arange(rows)[:, None] * N + np.arange(N)[None]).astype(np.int32)  # [R, N]
-    zeros = np.zeros(rows, np.int32)
-    return (np.ones((rows, 1), np.int32), np.ones(rows, np.int32), table, np.full(rows, held, np.int32),
-            zeros, zeros, np.zeros(rows, np.float32), zeros, np.ones(rows, np.float32), np.int32(steps), Stopping(),
-            np.zeros(rows, bool))
+    return [(SimpleNamespace(pages=list(1 + r * N + np.arange(N)), seed=0, generated=[], sampling=Sampling()), [1])
+            for r in range(rows)]
 
 
 def time_blocks(run, *, blocks: int, calls: int) -> float:
@@ -60,7 +57,10 @@ def time_blocks(run, *, blocks: int, calls: int) -> float:
 
 
 def measure_rows(runner, rows: int, *, held: int, steps: int, blocks: int, calls: int, say) -> dict:
-    arrays = call_arrays(runner, rows, held, steps)
+    sequences = held_rows(runner, rows)
+    options = dict(count=steps, stopping=Stopping(), lengths_of=lambda sequence: held)
+    written, sampling = runner.arrays(sequences, 1, lengths_of=options["lengths_of"])
+    arrays = (*written, *sampling, np.int32(steps), options["stopping"], np.zeros(rows, bool))  # nothing ended
     sampled = {}
 
     def program(split: bool):  # one of the two compiled programs, called directly, its calls queued
@@ -73,16 +73,11 @@ def measure_rows(runner, rows: int, *, held: int, steps: int, blocks: int, calls
 
         return run
 
-    sequences = [SimpleNamespace(pages=list(table), seed=0, generated=[], sampling=Sampling())
-                 for table in arrays[2]]
-    options = dict(count=steps, stopping=Stopping(), lengths_of=lambda sequence: held)
-
     def engine_calls(queued: bool):  # as the engine makes them: ModelRunner.steps, then StepsInFlight.read
         def run(count):
             before = None
             for _ in range(count):
-                launched = runner.steps([(sequence, [1]) for sequence in sequences], steps,
-                                        after=before if queued else None, **options)
+                launched = runner.steps(sequences, steps, after=before if queued else None, **options)
                 if queued:  # the next call is made before the last one is read
                     if before is not None:
                         before.read()

@@ -167,7 +167,8 @@ class StepsInFlight(NamedTuple):
 
     def read(self) -> tuple[np.ndarray, int]:
         """Waits for the call: ``(sampled [R, n], taken)`` as NumPy; the first ``taken`` columns ran."""
-        return np.asarray(self.sampled), int(self.taken)
+        sampled, taken = jax.device_get((self.sampled, self.taken))  # one wait for both
+        return sampled, int(taken)
 
 
 def bucket(n: int, largest: int, smallest: int = 1) -> int:
